@@ -1,0 +1,1 @@
+"""Declarative task specs (JSON data, not code), shipped as `lorahub_compeft.tasks`."""
