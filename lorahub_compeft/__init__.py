@@ -1,0 +1,11 @@
+"""lorahub-compeft: few-shot adaptation by composing ComPEFT-compressed LoRA experts."""
+from . import coding
+from .adapters import Adapter, AdapterError, load_adapter, save_adapter
+from .codec import CompressionError, calibrate, prune, sparsify
+from .expert import CompressedExpert, ExpertFileError, compress, load_expert
+from .library import ExpertLibrary, LibraryError
+
+__version__ = "0.1.0"
+__all__ = ["Adapter", "AdapterError", "load_adapter", "save_adapter", "CompressionError",
+           "calibrate", "prune", "sparsify", "CompressedExpert", "ExpertFileError", "compress",
+           "load_expert", "ExpertLibrary", "LibraryError"]

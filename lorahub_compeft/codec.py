@@ -1,0 +1,204 @@
+"""ComPEFT (Yadav et al., 2023): a task vector as a sparse ternary vector times one scale.
+
+Given the task vector tau of an adapter (fine-tuned minus init, tensor by tensor), keep the
+top-k fraction of entries by |tau|, keep their signs, and give every kept entry the same
+magnitude alpha * std(tau). Selection is over the whole adapter by default, as the paper's code
+does, or per tensor with one scale per tensor. `magnitude="stc"` uses the mean kept |tau|
+instead (Sparse Ternary Compression, an ablation); `prune` keeps the original values.
+
+Everything here is tensor math; files live in expert.py, bits in coding.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+SCALE_DTYPE = torch.float32  # holds fp16/bf16/fp32 scales exactly
+PAPER_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
+PAPER_ALPHAS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10)
+
+
+class CompressionError(ValueError):
+    """Bad input to compression: the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class TernaryVector:
+    """Sparse ternary form of a task vector over tensors laid end to end in `names` order.
+
+    positions: sorted flat indices of kept entries (int64); signs: +1/-1 (int8);
+    scales: one value (global) or one per tensor, already rounded to each tensor's dtype.
+    """
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+    positions: np.ndarray
+    signs: np.ndarray
+    scales: torch.Tensor
+    sigma: float
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def density(self) -> float:
+        return len(self.positions) / max(self.numel, 1)
+
+    def offsets(self) -> np.ndarray:
+        sizes = [math.prod(s) for s in self.shapes]
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def tensor_scales(self) -> torch.Tensor:
+        """The scale of each tensor, in float32 (one per tensor even in global mode)."""
+        if len(self.scales) == 1:
+            return self.scales.expand(len(self.names)).clone()
+        return self.scales
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Dense tau-hat per tensor: every entry is exactly sign * scale (in its dtype) or 0."""
+        offsets, scales = self.offsets(), self.tensor_scales()
+        positions = torch.from_numpy(self.positions)
+        signs = torch.from_numpy(self.signs)
+        bounds = torch.from_numpy(np.searchsorted(self.positions, offsets))
+        out = {}
+        for i, (name, shape, dtype) in enumerate(zip(self.names, self.shapes, self.dtypes)):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            flat = torch.zeros(math.prod(shape), dtype=dtype)
+            value = scales[i].to(dtype)
+            flat[positions[lo:hi] - int(offsets[i])] = signs[lo:hi].to(dtype) * value
+            out[name] = flat.view(shape)
+        return out
+
+
+def _check_arguments(density: float, alpha: float) -> None:
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise CompressionError(f"density must be in (0, 1], got {density!r}; "
+                               "e.g. 0.1 keeps the 10% largest entries")
+    if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+        raise CompressionError(f"alpha must be a positive number, got {alpha!r}")
+
+
+def check_task_vector(tensors: dict[str, torch.Tensor]) -> None:
+    if not tensors:
+        raise CompressionError("the adapter has no task-vector tensors (LoRA A/B or (IA)^3 "
+                               "vectors) to compress")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CompressionError(f"tensor {name} has dtype {t.dtype}; only floating-point "
+                                   "adapter tensors can be compressed")
+        if t.numel() == 0:
+            raise CompressionError(f"tensor {name} is empty")
+        if not torch.isfinite(t).all():
+            raise CompressionError(f"tensor {name} holds NaN or Inf; the adapter is damaged "
+                                   "(retrain or re-export it)")
+
+
+def _topk_flat(flat_abs: torch.Tensor, density: float) -> torch.Tensor:
+    keep = max(1, round(density * flat_abs.numel()))
+    if keep >= flat_abs.numel():
+        return torch.arange(flat_abs.numel())
+    return torch.topk(flat_abs, keep, sorted=False).indices
+
+
+def sparsify(tensors: dict[str, torch.Tensor], density: float, alpha: float = 1.0,
+             per_tensor: bool = False, magnitude: str = "compeft") -> TernaryVector:
+    """ComPEFT-compress a task vector given as {name: tau}. `magnitude` is compeft or stc."""
+    _check_arguments(density, alpha)
+    check_task_vector(tensors)
+    if magnitude not in ("compeft", "stc"):
+        raise CompressionError(f"magnitude must be 'compeft' or 'stc', got {magnitude!r}")
+    names = list(tensors)
+    flats = [tensors[n].detach().reshape(-1).float() for n in names]
+    sizes = [f.numel() for f in flats]
+    flat = torch.cat(flats)
+    sigma = float(flat.double().std()) if flat.numel() > 1 else 0.0
+
+    if per_tensor:
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        kept = [_topk_flat(f.abs(), density) + int(s) for f, s in zip(flats, starts)]
+        groups = [(f, k - int(s)) for f, k, s in zip(flats, kept, starts)]
+        index = torch.cat(kept)
+    else:
+        index = _topk_flat(flat.abs(), density)
+        groups = [(flat, index)]
+    index = torch.sort(index).values
+
+    def scale_of(values: torch.Tensor, kept: torch.Tensor) -> float:
+        if magnitude == "stc":
+            return float(values[kept].abs().double().mean())
+        return alpha * (float(values.double().std()) if values.numel() > 1 else 0.0)
+
+    raw_scales = [scale_of(v, k) for v, k in groups]
+    dtypes = [tensors[n].dtype for n in names]
+    signs = torch.where(flat[index] >= 0, 1, -1).to(torch.int8)
+    return TernaryVector(names=names, shapes=[tuple(tensors[n].shape) for n in names],
+                         dtypes=dtypes, positions=index.numpy().astype(np.int64),
+                         signs=signs.numpy(), scales=_rounded_scales(raw_scales, dtypes, per_tensor),
+                         sigma=sigma)
+
+
+def _rounded_scales(values: list[float], dtypes: list[torch.dtype], per_tensor: bool) -> torch.Tensor:
+    """Round each scale to the dtype it will be applied in, so decoding is bit-exact."""
+    if not per_tensor:  # one shared scale: round it to the narrowest dtype present
+        dtypes = [min(dtypes, key=lambda d: torch.finfo(d).bits)]
+    return torch.tensor([torch.tensor(v, dtype=d).item() for v, d in zip(values, dtypes)],
+                        dtype=SCALE_DTYPE)
+
+
+def prune(tensors: dict[str, torch.Tensor], density: float, per_tensor: bool = False
+          ) -> dict[str, torch.Tensor]:
+    """Plain magnitude pruning (an ablation): keep the top-k entries with their own values."""
+    ternary = sparsify(tensors, density, 1.0, per_tensor)
+    flat = torch.cat([tensors[n].detach().reshape(-1) for n in ternary.names])
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[torch.from_numpy(ternary.positions)] = True
+    kept = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype))
+    offsets = ternary.offsets()
+    return {n: kept[offsets[i]:offsets[i + 1]].view(tensors[n].shape).to(tensors[n].dtype)
+            for i, n in enumerate(ternary.names)}
+
+
+@dataclass
+class Calibration:
+    best_density: float
+    best_alpha: float
+    best_score: float
+    grid: dict[tuple[float, float], float]
+
+
+def calibrate(tensors: dict[str, torch.Tensor], metric: Callable[[dict[str, torch.Tensor]], float],
+              densities=PAPER_DENSITIES, alphas=PAPER_ALPHAS, per_tensor: bool = False,
+              progress: bool = False) -> Calibration:
+    """Sweep (density, alpha) and score each compressed task vector with `metric` (higher is
+    better), as ComPEFT picks k and alpha on validation data. The top-k selection is done once
+    per density; alpha only rescales."""
+    from tqdm.auto import tqdm
+    grid: dict[tuple[float, float], float] = {}
+    cells = [(k, a) for k in densities for a in alphas]
+    for k, a in cells:
+        _check_arguments(k, a)
+    bar = tqdm(total=len(cells), desc="calibrate", disable=not progress)
+    for k in densities:
+        base = sparsify(tensors, k, 1.0, per_tensor)
+        for a in alphas:
+            scaled = sparsify_rescaled(base, tensors, a, per_tensor)
+            grid[(k, a)] = float(metric(scaled.to_tensors()))
+            bar.update()
+    bar.close()
+    (k, a), score = max(grid.items(), key=lambda kv: kv[1])
+    return Calibration(best_density=k, best_alpha=a, best_score=score, grid=grid)
+
+
+def sparsify_rescaled(base: TernaryVector, tensors: dict[str, torch.Tensor], alpha: float,
+                      per_tensor: bool) -> TernaryVector:
+    """The same selection and signs as `base` (made with alpha=1), scaled by another alpha."""
+    stds = ([float(tensors[n].double().std()) if tensors[n].numel() > 1 else 0.0 for n in base.names]
+            if per_tensor else [base.sigma])
+    scales = _rounded_scales([alpha * s for s in stds], base.dtypes, per_tensor)
+    return TernaryVector(base.names, base.shapes, base.dtypes, base.positions, base.signs,
+                         scales, base.sigma)

@@ -1,0 +1,99 @@
+"""Real, tiny models and adapters for the tests: built from configs, trained for a few steps.
+
+Nothing is faked: the base is a T5ForConditionalGeneration saved with save_pretrained, its
+tokenizer a word-level `tokenizers` model saved as a PreTrainedTokenizerFast, and experts are
+trained with peft and saved the way peft saves them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import IA3Config, LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config,
+                          T5ForConditionalGeneration)
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+         "rho sigma tau upsilon red green blue cyan pink gray answer say the word echo").split()
+SPECIALS = ["<pad>", "</s>", "<unk>"]
+
+
+def build_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + [":", "?", "."])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation()])
+    from tokenizers import processors
+    core.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                        special_tokens=[("</s>", 1)])
+    from tokenizers import decoders
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.save_pretrained(directory)
+    return tok
+
+
+def build_tiny_t5(directory: Path, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=4,
+                      num_layers=2, num_decoder_layers=2, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_gpt2(directory: Path, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=1, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def constant_task(word: str, n: int = 8) -> list[dict]:
+    """A task whose answer is always `word`: trivially learnable, distinct per expert."""
+    return [{"input": f"say the word : {WORDS[i % 20]} ?", "target": word} for i in range(n)]
+
+
+def train_expert(base_dir: Path, out_dir: Path, examples: list[dict], kind: str = "lora",
+                 steps: int = 60, seed: int = 0, causal: bool = False, r: int = 4,
+                 modules_to_save=None) -> Path:
+    """Fine-tune a peft adapter on `examples` for a few Adam steps and save it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM).from_pretrained(base_dir)
+    task_type = "CAUSAL_LM" if causal else "SEQ_2_SEQ_LM"
+    targets = ["c_attn"] if causal else ["q", "v"]
+    if kind == "lora":
+        config = LoraConfig(task_type=task_type, r=r, lora_alpha=2 * r, target_modules=targets,
+                            lora_dropout=0.0, modules_to_save=modules_to_save)
+    else:
+        config = IA3Config(task_type=task_type, target_modules=["k", "v", "wo"],
+                           feedforward_modules=["wo"])
+    model = get_peft_model(model, config)
+    if causal:
+        texts = [e["input"] + " " + e["target"] for e in examples]
+        batch = tok(texts, return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    else:
+        batch = tok([e["input"] for e in examples], return_tensors="pt", padding=True)
+        labels = tok([e["target"] for e in examples], return_tensors="pt", padding=True)["input_ids"]
+        labels = labels.masked_fill(labels == tok.pad_token_id, -100)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(out_dir)
+    return out_dir

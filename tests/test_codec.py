@@ -1,0 +1,104 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lorahub_compeft.codec import CompressionError, calibrate, prune, sparsify
+
+
+def _tv(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    # Two tensors of different scales, like LoRA's A (larger) and B (smaller).
+    return {"a": (torch.randn(16, 40, generator=g) * 1.0).to(dtype),
+            "b": (torch.randn(40, 16, generator=g) * 0.05).to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_values_are_exactly_sign_times_alpha_sigma(dtype):
+    tv = _tv(dtype=dtype)
+    ternary = sparsify(tv, density=0.1, alpha=2.0)
+    flat = torch.cat([t.reshape(-1).double() for t in tv.values()])
+    sigma = flat.std().item()
+    assert ternary.sigma == pytest.approx(sigma)
+    expected_scale = torch.tensor(2.0 * sigma, dtype=dtype)
+    out = ternary.to_tensors()
+    for name, t in out.items():
+        assert t.dtype == dtype and t.shape == tv[name].shape
+        nz = t[t != 0]
+        assert torch.equal(nz.abs(), expected_scale.expand_as(nz))
+        # signs agree with the original entries that were kept
+        assert torch.equal(torch.sign(nz), torch.sign(tv[name][t != 0]))
+    kept = sum(int((t != 0).sum()) for t in out.values())
+    assert kept == round(0.1 * flat.numel())
+
+
+def test_global_selection_keeps_the_largest_magnitudes():
+    tv = _tv()
+    out = sparsify(tv, density=0.2).to_tensors()
+    flat = torch.cat([t.reshape(-1) for t in tv.values()]).abs()
+    kept = torch.cat([t.reshape(-1) for t in out.values()]) != 0
+    assert flat[kept].min() >= flat[~kept].max()
+    # B is 20x smaller: a global top-k leaves it almost empty.
+    assert (out["b"] != 0).float().mean() < 0.02
+
+
+def test_per_tensor_selection_has_one_scale_per_tensor():
+    tv = _tv()
+    ternary = sparsify(tv, density=0.2, alpha=1.0, per_tensor=True)
+    out = ternary.to_tensors()
+    for name, t in out.items():
+        assert (t != 0).float().mean().item() == pytest.approx(0.2, abs=1 / t.numel())
+        assert t[t != 0].abs().unique().item() == pytest.approx(tv[name].double().std().item(), rel=1e-6)
+
+
+def test_stc_uses_mean_kept_magnitude_and_prune_keeps_values():
+    tv = _tv()
+    stc = sparsify(tv, density=0.1, magnitude="stc")
+    flat = torch.cat([t.reshape(-1) for t in tv.values()])
+    kept = flat[torch.from_numpy(stc.positions)].abs().double().mean().item()
+    assert stc.scales.item() == pytest.approx(kept, rel=1e-6)
+    pruned = prune(tv, density=0.1)
+    for name in tv:
+        mask = pruned[name] != 0
+        assert torch.equal(pruned[name][mask], tv[name][mask])
+
+
+@pytest.mark.parametrize("density,alpha,match", [
+    (0.0, 1.0, "density"), (1.5, 1.0, "density"), (-0.1, 1.0, "density"),
+    (0.1, 0.0, "alpha"), (0.1, -2.0, "alpha"), (0.1, float("nan"), "alpha")])
+def test_bad_arguments(density, alpha, match):
+    with pytest.raises(CompressionError, match=match):
+        sparsify(_tv(), density, alpha)
+
+
+def test_bad_tensors():
+    with pytest.raises(CompressionError, match="no task-vector"):
+        sparsify({}, 0.1)
+    with pytest.raises(CompressionError, match="dtype"):
+        sparsify({"x": torch.ones(4, dtype=torch.int64)}, 0.1)
+    with pytest.raises(CompressionError, match="NaN or Inf"):
+        sparsify({"x": torch.tensor([1.0, float("inf"), 0.5])}, 0.5)
+
+
+def test_density_one_keeps_everything():
+    tv = _tv()
+    out = sparsify(tv, 1.0).to_tensors()
+    assert all(bool((t != 0).all()) for t in out.values())
+
+
+def test_calibrate_finds_the_pair_closest_to_the_original():
+    tv = _tv()
+    flat = torch.cat([t.reshape(-1) for t in tv.values()])
+
+    def metric(tensors):  # negative reconstruction error: a real, checkable objective
+        rec = torch.cat([tensors[n].reshape(-1) for n in tv])
+        return -float((rec - flat).norm())
+
+    result = calibrate(tv, metric, densities=(0.05, 0.3), alphas=(0.5, 1.0, 8.0))
+    assert len(result.grid) == 6
+    assert result.best_score == max(result.grid.values())
+    assert (result.best_density, result.best_alpha) == max(result.grid, key=result.grid.get)
+    assert result.best_alpha != 8.0  # a huge scale overshoots every kept value
+    with pytest.raises(CompressionError):
+        calibrate(tv, metric, densities=(0.0,), alphas=(1.0,))
