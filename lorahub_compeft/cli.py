@@ -1,0 +1,249 @@
+"""The `lorahub-compeft` command: compress, inspect and export experts, keep a library of them,
+and compose them for a new task from a few examples."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  lorahub-compeft compress path/to/peft_adapter_dir -o expert.safetensors --density 0.1 --alpha 1
+  lorahub-compeft inspect expert.safetensors
+  lorahub-compeft export expert.safetensors -o adapter_dir/
+  lorahub-compeft library add ./experts lorahub/flan_t5_large-ag_news_subset path/to/dir
+  lorahub-compeft library list ./experts
+  lorahub-compeft compose --library ./experts --examples task.jsonl -n 20 --out my_adapter/
+"""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _add_compression_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--density", "-k", type=float, default=0.1,
+                   help="fraction of task-vector entries kept, in (0, 1] (default 0.1)")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="kept entries become sign * alpha * std(tau) (default 1)")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="select the top-k and scale within each tensor, not over the whole adapter")
+    p.add_argument("--encoding", choices=("golomb", "bitmask"), default="golomb",
+                   help="golomb: near the entropy bound (default); bitmask: two bit masks")
+    p.add_argument("--revision", help="Hub revision when the source is a Hub id")
+
+
+def cmd_compress(args) -> int:
+    from .expert import compress
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise SystemExit(f"error: {out} already exists; choose another path or pass --force")
+    expert = compress(args.source, args.density, args.alpha, args.per_tensor, args.encoding,
+                      name=args.name, revision=args.revision)
+    expert.save(out, force=args.force)
+    s = expert.sizes
+    print(f"{out}: {_human(s['payload_bytes'])} payload, {s['fp16_bytes'] / s['payload_bytes']:.1f}x "
+          f"smaller than fp16 ({_human(s['fp16_bytes'])}), {s['fp32_bytes'] / s['payload_bytes']:.1f}x "
+          f"than fp32")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from . import coding
+    from .expert import load_expert
+    expert = load_expert(args.path)
+    info = expert.summary()
+    if args.json:
+        print(json.dumps(dict(info, meta_tensors=len(expert.meta["tensors"])), indent=2))
+        return 0
+    s, numel = expert.sizes, expert.meta["numel"]
+    bound = coding.ternary_entropy_bits(expert.density, numel) / 8
+    stream = s["payload_bytes"] - s["carried_bytes"]
+    print(f"expert       {info['name']}")
+    print(f"source       {json.dumps(info['source'])}")
+    print(f"base model   {info['base_model']}")
+    print(f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
+          f"{len(expert.meta['tensors'])} tensors, {numel:,} parameters")
+    print(f"compression  density {expert.density}, alpha {expert.alpha}, sigma "
+          f"{expert.meta['sigma']:.4g}, {info['selection']} selection, {info['encoding']} encoding")
+    print(f"size         {_human(s['payload_bytes'])} payload ({8 * stream / numel:.3f} bits/param; "
+          f"entropy bound {_human(bound)}, {100 * (stream / bound - 1):+.1f}%)")
+    print(f"             dense: {_human(s['fp16_bytes'])} fp16 ({s['fp16_bytes'] / s['payload_bytes']:.1f}x), "
+          f"{_human(s['fp32_bytes'])} fp32 ({s['fp32_bytes'] / s['payload_bytes']:.1f}x)")
+    if s["carried_bytes"]:
+        print(f"carried      {_human(s['carried_bytes'])} of full tensors "
+              f"({', '.join(e['name'] for e in expert.meta['carried'])})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .expert import load_expert
+    out = load_expert(args.path).export(args.output, force=args.force)
+    print(f"wrote PEFT adapter {out} (load it with PeftModel.from_pretrained)")
+    return 0
+
+
+def cmd_library(args) -> int:
+    from .library import ExpertLibrary
+    if args.action == "add":
+        lib = ExpertLibrary(args.root)
+        if args.name and len(args.sources) > 1:
+            raise SystemExit("error: --name works with one source only")
+        entries = lib.add_many(args.sources, name=args.name, density=args.density,
+                               alpha=args.alpha, per_tensor=args.per_tensor,
+                               encoding=args.encoding, force=args.force, revision=args.revision)
+        for e in entries:
+            print(f"added {e['name']} ({_human(e['sizes']['payload_bytes'])})")
+        return 0
+    lib = ExpertLibrary(args.root, create=False)
+    if args.action == "remove":
+        for name in args.names:
+            lib.remove(name)
+            print(f"removed {name}")
+        return 0
+    if args.action == "rebuild":
+        print(f"indexed {len(lib.rebuild_index())} experts")
+        return 0
+    rows = lib.entries()
+    if not rows:
+        print(f"{args.root}: empty library")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'k':>5} {'alpha':>5} {'size':>10} {'vs fp16':>8}")
+    total = 0
+    for r in rows:
+        s = r["sizes"]
+        total += s["payload_bytes"]
+        print(f"{r['name']:<{width}}  {r['peft_type']:<5} {r['r'] or '-':>3} {r['density']:>5} "
+              f"{r['alpha']:>5} {_human(s['payload_bytes']):>10} "
+              f"{s['fp16_bytes'] / s['payload_bytes']:>7.1f}x")
+    print(f"{len(rows)} experts, {_human(total)} in all")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorahub-compeft", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="compress a PEFT adapter (dir or Hub id) with ComPEFT",
+                       description="Keep the top-k of the task vector, as signs times one scale, "
+                                   "and store it near its entropy bound in one .safetensors file.")
+    p.add_argument("source", help="PEFT adapter directory or Hub id (owner/name)")
+    p.add_argument("-o", "--output", required=True, help="the expert file to write (.safetensors)")
+    p.add_argument("--name", help="the expert's name (default: the Hub id or directory name)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _add_compression_options(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("inspect", help="show what an expert file holds and how small it is",
+                       description="Reads the header only; the payload is not decoded.")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="decode an expert file back into a standard PEFT directory")
+    p.add_argument("path")
+    p.add_argument("-o", "--output", required=True, help="directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("library", help="manage a local library of compressed experts",
+                       description="A folder of expert files plus index.json. `add` compresses "
+                                   "PEFT dirs or Hub ids on ingest.")
+    lib = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = lib.add_parser("add", help="compress adapters into the library")
+    a.add_argument("root", help="library folder (created if missing)")
+    a.add_argument("sources", nargs="+", help="PEFT dirs or Hub ids")
+    a.add_argument("--name", help="name for a single source")
+    a.add_argument("--force", action="store_true", help="replace experts of the same name")
+    _add_compression_options(a)
+    a = lib.add_parser("list", help="list experts with sizes and ratios")
+    a.add_argument("root")
+    a = lib.add_parser("remove", help="remove experts by name")
+    a.add_argument("root")
+    a.add_argument("names", nargs="+")
+    a = lib.add_parser("rebuild", help="rebuild index.json from the expert files")
+    a.add_argument("root")
+    p.set_defaults(func=cmd_library)
+
+    _add_compose_parser(sub)
+    return parser
+
+
+def _add_compose_parser(sub) -> None:
+    p = sub.add_parser("compose", help="learn a mix of experts for a new task from a few examples",
+                       description="LoraHub: sample N experts, mix them per module as A=sum w_i A_i, "
+                                   "B=sum w_i B_i, and learn w with a gradient-free optimizer "
+                                   "(nevergrad Shiwa) on the examples' loss + 0.05*mean|w|.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--library", help="an expert library folder to sample from")
+    src.add_argument("--experts", nargs="+", help="expert files, PEFT dirs or Hub ids")
+    p.add_argument("--examples", required=True,
+                   help='JSON lines file, one {"input": ..., "target": ...} per line')
+    p.add_argument("--model", help="base model name or path (default: the experts' base model)")
+    p.add_argument("-n", "--n-experts", type=int, default=20, help="experts to sample (default 20)")
+    p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--optimizer", default=None, help="any nevergrad optimizer (default Shiwa)")
+    p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
+                   help="lorahub: the released code's loss scaling and NGOpt")
+    p.add_argument("--out", required=True, help="directory for the composed PEFT adapter")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compose)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise SystemExit(f"error: {path}:{number}: not valid JSON ({err})")
+    return rows
+
+
+def cmd_compose(args) -> int:
+    from .compose import compose
+    from .library import ExpertLibrary
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SystemExit(f"error: {out} already exists; choose another path or pass --force")
+    experts = ExpertLibrary(args.library, create=False) if args.library else args.experts
+    options = {"optimizer": args.optimizer} if args.optimizer else {}
+    result = compose(experts, read_jsonl(args.examples), model=args.model,
+                     n_experts=args.n_experts, seed=args.seed, budget=args.budget,
+                     objective=args.objective, progress=not args.quiet, **options)
+    result.save_adapter(out, force=args.force)
+    print(f"best loss {result.best_loss:.4f} (no composition: {result.zero_loss:.4f})")
+    for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
+        print(f"  {w:+.3f}  {name}")
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        # Our errors are ValueErrors that already say what is wrong and how to fix it.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
