@@ -175,7 +175,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_library)
 
     _add_compose_parser(sub)
+    _add_bbh_parsers(sub)
     return parser
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-5' or '1,3,7' -> a list of seeds."""
+    seeds = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad seeds {text!r}; use e.g. 1-5 or 1,2,3") from None
+    return seeds
+
+
+def _add_bbh_parsers(sub) -> None:
+    from .runner import METHODS
+    p = sub.add_parser("bbh", help="evaluate zero-shot, ICL, LoraHub and ComPEFT on Big-Bench Hard",
+                       description="Per task and seed: 5 seeded few-shot examples, the rest "
+                                   "evaluated by exact match. Results go to OUT/results.jsonl, "
+                                   "one line per (task, seed, method); a rerun resumes.")
+    p.add_argument("--model", required=True, help="base model, e.g. google/flan-t5-large")
+    p.add_argument("--experts-file", help="file with one expert (Hub id or PEFT dir) per line")
+    p.add_argument("--experts", nargs="*", default=[], help="experts (Hub ids or PEFT dirs)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
+    p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
+    p.add_argument("-n", "--n-experts", type=int, default=20)
+    p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--budget", type=int, default=40)
+    p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
+                                     "else the Hub's lukaemon/bbh)")
+    p.add_argument("--max-eval", type=int, help="evaluate at most this many examples per cell")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes, one model each")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="Ray cluster address with --backend ray")
+    p.add_argument("--out", required=True, help="results folder")
+    p.set_defaults(func=cmd_bbh)
+
+    p = sub.add_parser("report", help="print the Table-7-style report of saved BBH results")
+    p.add_argument("out", help="results folder written by `bbh`")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_bbh(args) -> int:
+    from .bbh import BBH_TASKS
+    from .report import report
+    from .runner import RunConfig, run
+    experts = list(args.experts)
+    if args.experts_file:
+        experts += [line.strip() for line in Path(args.experts_file).read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    cfg = RunConfig(model=args.model, out=Path(args.out),
+                    tasks=list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
+                    methods=args.methods.split(","), seeds=args.seeds, experts=experts,
+                    n_experts=args.n_experts, density=args.density, alpha=args.alpha,
+                    budget=args.budget, bbh_dir=args.bbh_dir, max_eval=args.max_eval)
+    run(cfg, workers=args.workers, backend=args.backend, address=args.address)
+    print(report(args.out))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+    print(report(args.out))
+    return 0
 
 
 def _add_compose_parser(sub) -> None:

@@ -1,0 +1,36 @@
+"""Batched greedy generation and exact-match scoring, for seq2seq and causal LMs alike."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
+             batch_size: int = 32, max_length: int | None = None) -> list[str]:
+    """Greedy answers to `prompts`, decoded without special tokens and stripped."""
+    model.eval()
+    device = next(model.parameters()).device
+    is_causal = not getattr(model.config, "is_encoder_decoder", False)
+    if is_causal:
+        tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          truncation=max_length is not None, max_length=max_length).to(device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=tokenizer.pad_token_id)
+        if is_causal:
+            out = out[:, batch["input_ids"].shape[1]:]
+        answers += [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return answers
+
+
+def accuracy(predictions: list[str], targets: list[str],
+             match: Callable[[str, str], bool]) -> float:
+    if not targets:
+        raise ValueError("no examples to score")
+    return sum(match(p, t) for p, t in zip(predictions, targets, strict=True)) / len(targets)
