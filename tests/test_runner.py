@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+import support  # noqa: F401  (tests/ is on sys.path via conftest)
+from conftest import SHARED_DATA
+from lorahub_compeft import runner
+from lorahub_compeft.report import markdown, report
+from lorahub_compeft.runner import RunConfig, read_jsonl, run, sample_experts
+
+BBH = SHARED_DATA / "bbh" / "tasks"
+pytestmark = pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_t5, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bbh-experts")
+    return [str(support.train_expert(tiny_t5, root / w, support.constant_task(w), steps=15))
+            for w in ("red", "green", "blue")]
+
+
+def _config(tiny_t5, experts, out):
+    return RunConfig(model=str(tiny_t5), out=out, tasks=["boolean_expressions", "navigate"],
+                     methods=["zeroshot", "icl", "lorahub", "compeft"], seeds=[1, 2],
+                     experts=experts, n_experts=2, density=0.3, budget=3, bbh_dir=str(BBH),
+                     max_eval=4)
+
+
+def test_end_to_end_resume_and_report(tiny_t5, experts, tmp_path, monkeypatch):
+    cfg = _config(tiny_t5, experts, tmp_path / "out")
+    rows = run(cfg, progress=False)
+    assert len(rows) == 2 * 2 * 4
+    for r in rows:
+        assert 0 <= r["em"] <= 100 and r["n_eval"] == 4 and r["seconds"] > 0
+    composed = [r for r in rows if r["method"] in ("lorahub", "compeft")]
+    assert all(len(r["weights"]) == 2 and r["bytes_read"] > 0 for r in composed)
+    # same seed: same expert sample for both composition methods, and smaller files for compeft
+    for task in cfg.tasks:
+        for seed in cfg.seeds:
+            dense, small = (next(r for r in rows if (r["task"], r["seed"], r["method"]) == (task, seed, m))
+                            for m in ("lorahub", "compeft"))
+            assert dense["experts"] == small["experts"] == sample_experts(experts, 2, seed)
+            assert small["bytes_read"] < dense["bytes_read"]
+    preds = read_jsonl(cfg.out / "predictions.jsonl")
+    assert len(preds) == 16 and all(len(p["predictions"]) == 4 for p in preds)
+
+    # Interrupt: drop two finished cells and leave a half-written line behind.
+    results = cfg.out / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines[:-2]) + lines[-2][:25])
+    calls = []
+    real = runner.run_cell
+    monkeypatch.setattr(runner, "run_cell", lambda *a: calls.append(a[1:]) or real(*a))
+    rows = run(cfg, progress=False)
+    assert len(calls) == 2  # only the lost cells were recomputed
+    assert len(rows) == 16 and len(read_jsonl(results)) == 16
+    assert all(line.endswith("}") for line in results.read_text().splitlines())
+    calls.clear()
+    run(cfg, progress=False)
+    assert calls == []
+
+    text = report(cfg.out)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = table[0].split("|")[1:-1]
+    assert [h.strip() for h in header] == ["Task", "Zero-shot", "ICL", "LoraHub (avg)", "ComPEFT (avg)",
+                                           "LoraHub (best)", "ComPEFT (best)"]
+    assert sum(1 for line in table if line.startswith("| boolean_expressions") or
+               line.startswith("| navigate")) == 2 * 2  # EM table + bytes table
+    assert any("**Average**" in line for line in table)
+    assert (cfg.out / "report.md").exists()
+
+
+def test_report_math_on_hand_written_rows():
+    rows = [{"task": "t", "seed": s, "method": m, "em": em}
+            for s, m, em in [(1, "lorahub", 10.0), (2, "lorahub", 30.0), (1, "zeroshot", 5.0),
+                             (2, "zeroshot", 5.0)]]
+    text = markdown(rows)
+    assert "| t | 5.0 | 20.0 | 30.0 |" in text
+
+
+def test_bad_configuration_is_refused(tiny_t5, experts, tmp_path):
+    cfg = _config(tiny_t5, experts, tmp_path / "o")
+    cfg.methods = ["zeroshot", "magic"]
+    with pytest.raises(ValueError, match="unknown method"):
+        run(cfg, progress=False)
+    cfg = _config(tiny_t5, experts, tmp_path / "o")
+    cfg.n_experts = 5
+    with pytest.raises(ValueError, match="3 experts given"):
+        run(cfg, progress=False)
+    cfg = _config(tiny_t5, experts, tmp_path / "o")
+    cfg.tasks = ["no_such_task"]
+    with pytest.raises(ValueError, match="no_such_task"):
+        run(cfg, progress=False)
