@@ -19,15 +19,6 @@ WORDS = ("red", "green", "blue", "pink")
 PROMPTS = ["say the word : alpha ?", "say the word : kappa ?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread is several times faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def experts(tiny_t5, tmp_path_factory):
     root = tmp_path_factory.mktemp("compose-experts")
