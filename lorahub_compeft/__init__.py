@@ -1,6 +1,7 @@
 """lorahub-compeft: few-shot adaptation by composing ComPEFT-compressed LoRA experts."""
 from . import coding
 from .adapters import Adapter, AdapterError, load_adapter, save_adapter
+from .compose import CompositionResult, compose
 from .codec import CompressionError, calibrate, prune, sparsify
 from .expert import CompressedExpert, ExpertFileError, compress, load_expert
 from .library import ExpertLibrary, LibraryError
@@ -8,4 +9,4 @@ from .library import ExpertLibrary, LibraryError
 __version__ = "0.1.0"
 __all__ = ["Adapter", "AdapterError", "load_adapter", "save_adapter", "CompressionError",
            "calibrate", "prune", "sparsify", "CompressedExpert", "ExpertFileError", "compress",
-           "load_expert", "ExpertLibrary", "LibraryError"]
+           "load_expert", "ExpertLibrary", "LibraryError", "compose", "CompositionResult"]

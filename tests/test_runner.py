@@ -91,3 +91,18 @@ def test_bad_configuration_is_refused(tiny_t5, experts, tmp_path):
     cfg.tasks = ["no_such_task"]
     with pytest.raises(ValueError, match="no_such_task"):
         run(cfg, progress=False)
+
+
+def test_worker_processes_give_the_same_results(tiny_t5, experts, tmp_path):
+    cfg = _config(tiny_t5, experts, tmp_path / "serial")
+    cfg.methods, cfg.tasks = ["zeroshot", "compeft"], ["navigate"]
+    serial = run(cfg, progress=False)
+    cfg.out = tmp_path / "parallel"
+    parallel = run(cfg, workers=2, progress=False)
+    key = lambda r: (r["task"], r["seed"], r["method"])
+    assert sorted(map(key, serial)) == sorted(map(key, parallel))
+    by_key = {key(r): r for r in serial}
+    for r in parallel:
+        assert r["em"] == by_key[key(r)]["em"]
+        assert r.get("weights") == by_key[key(r)].get("weights")
+    assert len(read_jsonl(cfg.out / "predictions.jsonl")) == len(parallel)
