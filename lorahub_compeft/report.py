@@ -78,6 +78,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     values = [mean(v[c[:2]] for v in table.values() if c[:2] in v) for c in columns]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar([c[2] for c in columns], values, color="#4878a8")
+    ax.set_ylim(0, max(values + [1.0]) * 1.15)  # a zero row must still show an axis from 0
+    for x, v in enumerate(values):
+        ax.text(x, v, f"{v:.1f}", ha="center", va="bottom")
     ax.set_ylabel("BBH exact match (%)")
     ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()

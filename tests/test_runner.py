@@ -106,3 +106,11 @@ def test_worker_processes_give_the_same_results(tiny_t5, experts, tmp_path):
         assert r["em"] == by_key[key(r)]["em"]
         assert r.get("weights") == by_key[key(r)].get("weights")
     assert len(read_jsonl(cfg.out / "predictions.jsonl")) == len(parallel)
+
+
+def test_report_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lorahub_compeft.report import plot
+    rows = [{"task": "t", "seed": 1, "method": m, "em": em} for m, em in [("zeroshot", 0.0), ("icl", 40.0)]]
+    path = plot(rows, tmp_path / "r.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
