@@ -197,7 +197,7 @@ def sample_options(rng: random.Random) -> dict:
     words = [rng.choice(pools[k]) for k in kinds]
     text = " ".join(f"({OPTION_LETTERS[i]}) {w}" for i, w in enumerate(words))
     letter = {k: f"({OPTION_LETTERS[i]})" for i, k in enumerate(kinds)}
-    return {"text": text, "letter": letter, "word": dict(zip(kinds, words))}
+    return {"text": text, "letter": letter}
 
 
 def _yes(flag: bool) -> str:
@@ -226,6 +226,12 @@ def _(rng):
     return e, str(v)
 
 
+@_task("bool_negation")
+def _(rng):
+    e, v = sample_boolean(rng)
+    return e, str(not v)
+
+
 @_task("bool_yes_no")
 def _(rng):
     e, v = sample_boolean(rng)
@@ -250,22 +256,22 @@ def _(rng):
     return f"{c['text']} Is {c['names'][-1]} honest?", _yes(c["honest"][-1])
 
 
+@_task("liars_last_lies")
+def _(rng):
+    c = sample_liars(rng)
+    return f"{c['text']} Is {c['names'][-1]} lying?", _yes(not c["honest"][-1])
+
+
+@_task("liars_first_honest")
+def _(rng):
+    c = sample_liars(rng)
+    return f"{c['text']} Is {c['names'][0]} honest?", _yes(c["honest"][0])
+
+
 @_task("liars_count_people")
 def _(rng):
     c = sample_liars(rng)
     return c["text"], str(len(c["names"]))
-
-
-@_task("liars_first_name")
-def _(rng):
-    c = sample_liars(rng)
-    return c["text"], c["names"][0]
-
-
-@_task("liars_last_true")
-def _(rng):
-    c = sample_liars(rng)
-    return f"{c['text']} Is {c['names'][-1]} honest?", str(c["honest"][-1])
 
 
 @_task("bbh_web_of_lies")
@@ -281,16 +287,16 @@ def _(rng):
     return w["text"], _yes(w["back"])
 
 
+@_task("walk_leaves")
+def _(rng):
+    w = sample_walk(rng)
+    return w["text"], _yes(not w["back"])
+
+
 @_task("walk_total_steps")
 def _(rng):
     w = sample_walk(rng)
     return w["text"], str(w["total"])
-
-
-@_task("walk_returns_true")
-def _(rng):
-    w = sample_walk(rng)
-    return w["text"], str(w["back"])
 
 
 @_task("bbh_navigate")
@@ -331,22 +337,28 @@ def _(rng):
     return " ".join(ws), ws[0]
 
 
+@_task("list_last")
+def _(rng):
+    ws = sample_list(rng)
+    return " ".join(ws), ws[-1]
+
+
 @_task("list_count")
 def _(rng):
     ws = sample_list(rng)
     return " ".join(ws), str(len(ws))
 
 
-@_task("list_has_animal")
+@_task("list_alphabetical_first")
 def _(rng):
     ws = sample_list(rng)
-    return " ".join(ws), _yes(any(w in ANIMALS for w in ws))
+    return " ".join(ws), min(ws)
 
 
-@_task("heldout_list_opening")
+@_task("heldout_list_final")
 def _(rng):
     ws = sample_list(rng)
-    return " ".join(ws), ws[0]
+    return " ".join(ws), ws[-1]
 
 
 @_task("pair_sum")
@@ -367,6 +379,12 @@ def _(rng):
     return f"{a} and {b}", str(min(a, b))
 
 
+@_task("pair_difference")
+def _(rng):
+    a, b = sample_pair(rng)
+    return f"{a} and {b}", str(abs(a - b))
+
+
 @_task("heldout_pair_total")
 def _(rng):
     a, b = sample_pair(rng)
@@ -379,16 +397,16 @@ def _(rng):
     return o["text"], o["letter"]["animal"]
 
 
-@_task("option_name_animal")
+@_task("option_color")
 def _(rng):
     o = sample_options(rng)
-    return o["text"], o["word"]["animal"]
+    return o["text"], o["letter"]["color"]
 
 
-@_task("option_name_color")
+@_task("option_food")
 def _(rng):
     o = sample_options(rng)
-    return o["text"], o["word"]["color"]
+    return o["text"], o["letter"]["food"]
 
 
 @_task("heldout_option_creature")
