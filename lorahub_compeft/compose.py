@@ -77,10 +77,7 @@ def _select(experts, names, n_experts: int, seed: int) -> list[_Source]:
     from .library import ExpertLibrary
     if isinstance(experts, ExpertLibrary):
         if names is None:
-            if n_experts > len(experts):
-                raise ValueError(f"cannot sample {n_experts} experts from a library of "
-                                 f"{len(experts)} ({experts.root}); lower n_experts or add experts")
-            names = experts.sample(n_experts, seed)
+            names = experts.sample(n_experts, seed)  # checks n against the library's size
         return [_source(experts.get(n), i) for i, n in enumerate(names)]
     if names is not None:
         raise ValueError("names= picks experts from an ExpertLibrary; pass the experts themselves "
@@ -218,19 +215,17 @@ def _resolve_dtype(dtype):
 
 
 def _load_base(model, tokenizer, sources: list[_Source], dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .evaluate import load_model
     if model is None:
         model = sources[0].config.get("base_model_name_or_path")
         if not model:
             raise ValueError(f"{sources[0].name}: adapter_config has no base_model_name_or_path; "
                              "pass model=")
     if isinstance(model, (str, os.PathLike)):
-        name = str(model)
-        config = AutoConfig.from_pretrained(name)
-        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        base = cls.from_pretrained(name, **kwargs)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
+        base, loaded_tokenizer = load_model(str(model), dtype)
+        tokenizer = tokenizer or loaded_tokenizer
     else:
         base = copy.deepcopy(model)  # LoRA layers are injected: leave the caller's model alone
         if tokenizer is None:

@@ -6,6 +6,16 @@ from typing import Callable
 import torch
 
 
+def load_model(name: str, dtype: torch.dtype | None = None):
+    """A base model and its tokenizer by name or path: seq2seq when the config says
+    encoder-decoder (T5, Flan-T5), a causal LM otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    config = AutoConfig.from_pretrained(name)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(name, **kwargs), AutoTokenizer.from_pretrained(name)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
              batch_size: int = 32, max_length: int | None = None) -> list[str]:

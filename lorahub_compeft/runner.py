@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import bbh
-from .evaluate import accuracy, generate
+from .evaluate import accuracy, generate, load_model
 from .files import atomic_write_text
 
 METHODS = ("zeroshot", "icl", "lorahub", "compeft")
@@ -124,11 +124,8 @@ _MODELS: dict[str, tuple] = {}
 def _base(model_name: str):
     """One base model per worker process, loaded once."""
     if model_name not in _MODELS:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-        config = AutoConfig.from_pretrained(model_name)
-        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        _MODELS[model_name] = (cls.from_pretrained(model_name).eval(),
-                               AutoTokenizer.from_pretrained(model_name))
+        model, tokenizer = load_model(model_name)
+        _MODELS[model_name] = (model.eval(), tokenizer)
     return _MODELS[model_name]
 
 
