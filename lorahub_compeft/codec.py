@@ -98,6 +98,11 @@ def check_task_vector(tensors: dict[str, torch.Tensor]) -> None:
                                    "(retrain or re-export it)")
 
 
+def _std(values: torch.Tensor) -> float:
+    """Sample standard deviation in float64 (0 for a single value)."""
+    return float(values.double().std()) if values.numel() > 1 else 0.0
+
+
 def _topk_flat(flat_abs: torch.Tensor, density: float) -> torch.Tensor:
     keep = max(1, round(density * flat_abs.numel()))
     if keep >= flat_abs.numel():
@@ -116,7 +121,7 @@ def sparsify(tensors: dict[str, torch.Tensor], density: float, alpha: float = 1.
     flats = [tensors[n].detach().reshape(-1).float() for n in names]
     sizes = [f.numel() for f in flats]
     flat = torch.cat(flats)
-    sigma = float(flat.double().std()) if flat.numel() > 1 else 0.0
+    sigma = _std(flat)
 
     if per_tensor:
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -131,7 +136,7 @@ def sparsify(tensors: dict[str, torch.Tensor], density: float, alpha: float = 1.
     def scale_of(values: torch.Tensor, kept: torch.Tensor) -> float:
         if magnitude == "stc":
             return float(values[kept].abs().double().mean())
-        return alpha * (float(values.double().std()) if values.numel() > 1 else 0.0)
+        return alpha * _std(values)
 
     raw_scales = [scale_of(v, k) for v, k in groups]
     dtypes = [tensors[n].dtype for n in names]
@@ -197,8 +202,7 @@ def calibrate(tensors: dict[str, torch.Tensor], metric: Callable[[dict[str, torc
 def sparsify_rescaled(base: TernaryVector, tensors: dict[str, torch.Tensor], alpha: float,
                       per_tensor: bool) -> TernaryVector:
     """The same selection and signs as `base` (made with alpha=1), scaled by another alpha."""
-    stds = ([float(tensors[n].double().std()) if tensors[n].numel() > 1 else 0.0 for n in base.names]
-            if per_tensor else [base.sigma])
+    stds = [_std(tensors[n]) for n in base.names] if per_tensor else [base.sigma]
     scales = _rounded_scales([alpha * s for s in stds], base.dtypes, per_tensor)
     return TernaryVector(base.names, base.shapes, base.dtypes, base.positions, base.signs,
                          scales, base.sigma)

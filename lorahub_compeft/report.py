@@ -60,8 +60,8 @@ def markdown(rows: list[dict]) -> str:
             dense = mean(moved[task]["lorahub"]) if moved[task]["lorahub"] else None
             small = mean(moved[task]["compeft"]) if moved[task]["compeft"] else None
             ratio = f"{dense / small:.1f}x" if dense and small else "–"
-            lines.append(f"| {task} | {dense or '–'} | {small or '–'} | {ratio} |"
-                         .replace(".0 |", " |"))
+            cells = [f"{b:.0f}" if b else "–" for b in (dense, small)]
+            lines.append(f"| {task} | {cells[0]} | {cells[1]} | {ratio} |")
     return "\n".join(lines)
 
 
