@@ -136,9 +136,14 @@ def save_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
     try:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS_NAME)
-        if target.exists():
-            shutil.rmtree(target)
+        # Move the old dir aside rather than deleting it first: a crash in between leaves it intact.
+        old = target.with_name(f".{target.name}.old") if target.exists() else None
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
         os.replace(staging, target)
+        if old:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -249,3 +249,13 @@ def test_indices_out_of_range_are_refused(lora_dir, tmp_path):
     _rewrite_header(path, shrink)
     with pytest.raises(ExpertFileError, match="out of range"):
         load_expert(path).state_dict()
+
+
+def test_export_with_force_replaces_the_old_dir_and_leaves_no_backup(lora_dir, tmp_path):
+    out = tmp_path / "adapter"
+    compress(lora_dir, density=0.1).export(out)
+    compress(lora_dir, density=0.3).export(out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    reloaded = load_adapter(out).tensors
+    kept = sum(int((t != 0).sum()) for t in reloaded.values())
+    assert kept == round(0.3 * sum(t.numel() for t in reloaded.values()))
