@@ -35,26 +35,26 @@ def build_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tiny_t5(directory: Path, seed: int = 0) -> Path:
+def _save_tiny(directory: Path, seed: int, make_model) -> Path:
+    """Tokenizer first (the model's vocab size comes from it), then a seeded random model."""
     directory.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(directory)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=4,
-                      num_layers=2, num_decoder_layers=2, decoder_start_token_id=0,
-                      pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
-    T5ForConditionalGeneration(config).save_pretrained(directory)
+    make_model(len(tok)).save_pretrained(directory)
     return directory
+
+
+def build_tiny_t5(directory: Path, seed: int = 0) -> Path:
+    return _save_tiny(directory, seed, lambda vocab: T5ForConditionalGeneration(T5Config(
+        vocab_size=vocab, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+        num_decoder_layers=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        dropout_rate=0.0)))
 
 
 def build_tiny_gpt2(directory: Path, seed: int = 0) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(directory)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                        pad_token_id=0, eos_token_id=1, bos_token_id=1, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    return directory
+    return _save_tiny(directory, seed, lambda vocab: GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+        eos_token_id=1, bos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)))
 
 
 def constant_task(word: str, n: int = 8) -> list[dict]:
