@@ -31,7 +31,7 @@ def quick_spec(seed: int, bbh_dir: str | None) -> BuildSpec:
         base=BaseSpec(d_model=32, d_ff=64, num_layers=1, num_heads=2, steps=10,
                       batch_size=16, warmup=2, examples_per_task=40),
         expert=ExpertSpec(r=2, alpha=4, steps=3, batch_size=8, examples=32),
-        upstream=("bool_value", "list_last", "pair_sum"))
+        upstream=("bool_value", "list_name_food", "pair_sum"))
 
 
 def parse_args(argv=None):

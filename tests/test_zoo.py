@@ -137,7 +137,7 @@ def test_quick_build_end_to_end(tmp_path):
     paths = _load_script().main(["--out", str(tmp_path), "--quick", "--threads", "1"])
     base = T5ForConditionalGeneration.from_pretrained(paths["base"])
     tok = AutoTokenizer.from_pretrained(paths["base"])
-    assert set(paths["experts"]) == {"bool_value", "list_last", "pair_sum"}
+    assert set(paths["experts"]) == {"bool_value", "list_name_food", "pair_sum"}
     expert_dir = paths["experts"]["bool_value"]
     config = json.loads((expert_dir / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]) == Path(paths["base"])

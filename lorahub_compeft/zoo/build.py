@@ -33,25 +33,30 @@ class BaseSpec:
     d_ff: int = 512
     num_layers: int = 3
     num_heads: int = 4
-    steps: int = 4000
+    steps: int = 6000
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 200
     examples_per_task: int = 12_000
 
 
 @dataclass
 class ExpertSpec:
-    """One LoRA expert per upstream task. `drop_instruction` is the share of training
-    prompts whose instruction line is removed, so the expert carries its task by itself
-    rather than leaning on the instruction (Flan also trains some tasks without one)."""
+    """One LoRA expert per upstream task.
+
+    The expert should carry its task by itself rather than lean on the instruction, so
+    that adding it to the base means "do this task" whatever the prompt says: a share
+    `drop_instruction` of its training prompts has no instruction line and a share
+    `swap_instruction` has another upstream task's instruction (never a held-out one).
+    """
     r: int = 8
     alpha: int = 16
-    targets: tuple[str, ...] = ("q", "v")
-    steps: int = 300
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "wi", "wo")
+    steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
-    drop_instruction: float = 0.5
+    drop_instruction: float = 0.3
+    swap_instruction: float = 0.3
     examples: int = 4_000
 
 
@@ -187,12 +192,17 @@ def load_base(base_dir: Path) -> T5ForConditionalGeneration:
 
 
 def expert_data(task: str, spec: BuildSpec) -> list[dict]:
-    """The expert's training prompts: its own instruction, or none at all."""
+    """The expert's training prompts: its own instruction, none, or another task's."""
     e = spec.expert
     n_drop = int(round(e.examples * e.drop_instruction))
+    n_swap = int(round(e.examples * e.swap_instruction))
     seed = TRAIN_SEED + 100 + spec.seed
-    data = generate(task, e.examples - n_drop, seed=seed)
+    data = generate(task, e.examples - n_drop - n_swap, seed=seed)
     data += generate(task, n_drop, seed=seed + 1, instruction="")
+    others = [t for t in upstream_tasks(spec) if t != task]
+    for i, other in enumerate(others):  # n_swap examples spread over the other tasks
+        n = n_swap * (i + 1) // len(others) - n_swap * i // len(others)
+        data += generate(task, n, seed=seed + 2 + i, instruction=get_task(other).instruction)
     return data
 
 

@@ -33,7 +33,6 @@ LIST_WORDS = ANIMALS + COLORS + FOODS + OBJECTS
 NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack",
          "Karen", "Leo", "Maria", "Nora", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tina",
          "Umar", "Vera", "Walter", "Xena", "Yusuf", "Zoe", "Hugo", "Ida", "Kofi", "Lena"]
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 OPTION_LETTERS = "ABCDE"
 
@@ -88,7 +87,7 @@ def _bool_term(rng, depth):
 def sample_liars(rng: random.Random, people: int | None = None) -> dict:
     """A web-of-lies chain: the first person's honesty is stated, each next person comments
     on the previous one. Returns the sentences, the names and each person's honesty."""
-    people = people or rng.randint(3, 5)
+    people = people or rng.randint(1, 5)
     names = rng.sample(NAMES, people)
     honest = [rng.random() < 0.5]
     sentences = [f"{names[0]} {'tells the truth' if honest[0] else 'lies'}."]
@@ -182,6 +181,13 @@ def sample_list(rng: random.Random) -> list[str]:
     return rng.sample(LIST_WORDS, rng.randint(3, 5))
 
 
+def sample_list_with_one(rng: random.Random, pool: list[str]) -> list[str]:
+    """A word list holding exactly one word of `pool`, at a random place."""
+    ws = rng.sample([w for w in LIST_WORDS if w not in pool], rng.randint(2, 4))
+    ws.insert(rng.randint(0, len(ws)), rng.choice(pool))
+    return ws
+
+
 def sample_pair(rng: random.Random) -> tuple[int, int]:
     while True:
         a, b = rng.randint(0, 20), rng.randint(0, 20)
@@ -196,8 +202,7 @@ def sample_options(rng: random.Random) -> dict:
     pools = {"animal": ANIMALS, "color": COLORS, "food": FOODS}
     words = [rng.choice(pools[k]) for k in kinds]
     text = " ".join(f"({OPTION_LETTERS[i]}) {w}" for i, w in enumerate(words))
-    letter = {k: f"({OPTION_LETTERS[i]})" for i, k in enumerate(kinds)}
-    return {"text": text, "letter": letter}
+    return {"text": text, "word": dict(zip(kinds, words))}
 
 
 def _yes(flag: bool) -> str:
@@ -226,12 +231,6 @@ def _(rng):
     return e, str(v)
 
 
-@_task("bool_negation")
-def _(rng):
-    e, v = sample_boolean(rng)
-    return e, str(not v)
-
-
 @_task("bool_yes_no")
 def _(rng):
     e, v = sample_boolean(rng)
@@ -256,22 +255,22 @@ def _(rng):
     return f"{c['text']} Is {c['names'][-1]} honest?", _yes(c["honest"][-1])
 
 
-@_task("liars_last_lies")
-def _(rng):
-    c = sample_liars(rng)
-    return f"{c['text']} Is {c['names'][-1]} lying?", _yes(not c["honest"][-1])
-
-
-@_task("liars_first_honest")
-def _(rng):
-    c = sample_liars(rng)
-    return f"{c['text']} Is {c['names'][0]} honest?", _yes(c["honest"][0])
-
-
 @_task("liars_count_people")
 def _(rng):
     c = sample_liars(rng)
     return c["text"], str(len(c["names"]))
+
+
+@_task("liars_count_lies")
+def _(rng):
+    c = sample_liars(rng)
+    return c["text"], str(c["text"].split().count("lies."))
+
+
+@_task("liars_last_true")
+def _(rng):
+    c = sample_liars(rng)
+    return f"{c['text']} Is {c['names'][-1]} honest?", str(c["honest"][-1])
 
 
 @_task("bbh_web_of_lies")
@@ -287,16 +286,16 @@ def _(rng):
     return w["text"], _yes(w["back"])
 
 
-@_task("walk_leaves")
-def _(rng):
-    w = sample_walk(rng)
-    return w["text"], _yes(not w["back"])
-
-
 @_task("walk_total_steps")
 def _(rng):
     w = sample_walk(rng)
     return w["text"], str(w["total"])
+
+
+@_task("walk_returns_true")
+def _(rng):
+    w = sample_walk(rng)
+    return w["text"], str(w["back"])
 
 
 @_task("bbh_navigate")
@@ -331,34 +330,31 @@ def _(rng):
             f"properly. Input: {d['text']}"), _closing(d["stack"])
 
 
-@_task("list_first")
-def _(rng):
-    ws = sample_list(rng)
-    return " ".join(ws), ws[0]
-
-
-@_task("list_last")
-def _(rng):
-    ws = sample_list(rng)
-    return " ".join(ws), ws[-1]
-
-
 @_task("list_count")
 def _(rng):
     ws = sample_list(rng)
     return " ".join(ws), str(len(ws))
 
 
-@_task("list_alphabetical_first")
+@_task("list_has_animal")
 def _(rng):
     ws = sample_list(rng)
-    return " ".join(ws), min(ws)
+    if rng.random() < 0.5:  # half the lists hold no animal, so Yes and No are balanced
+        others = [w for w in LIST_WORDS if w not in ANIMALS]
+        ws = rng.sample(others, len(ws))
+    return " ".join(ws), _yes(any(w in ANIMALS for w in ws))
 
 
-@_task("heldout_list_final")
+@_task("list_name_food")
 def _(rng):
-    ws = sample_list(rng)
-    return " ".join(ws), ws[-1]
+    ws = sample_list_with_one(rng, FOODS)
+    return " ".join(ws), next(w for w in ws if w in FOODS)
+
+
+@_task("heldout_list_edible")
+def _(rng):
+    ws = sample_list_with_one(rng, FOODS)
+    return " ".join(ws), next(w for w in ws if w in FOODS)
 
 
 @_task("pair_sum")
@@ -379,40 +375,34 @@ def _(rng):
     return f"{a} and {b}", str(min(a, b))
 
 
-@_task("pair_difference")
-def _(rng):
-    a, b = sample_pair(rng)
-    return f"{a} and {b}", str(abs(a - b))
-
-
 @_task("heldout_pair_total")
 def _(rng):
     a, b = sample_pair(rng)
     return f"{a} and {b}", str(a + b)
 
 
-@_task("option_animal")
+@_task("option_name_animal")
 def _(rng):
     o = sample_options(rng)
-    return o["text"], o["letter"]["animal"]
+    return o["text"], o["word"]["animal"]
 
 
-@_task("option_color")
+@_task("option_name_color")
 def _(rng):
     o = sample_options(rng)
-    return o["text"], o["letter"]["color"]
+    return o["text"], o["word"]["color"]
 
 
-@_task("option_food")
+@_task("option_name_food")
 def _(rng):
     o = sample_options(rng)
-    return o["text"], o["letter"]["food"]
+    return o["text"], o["word"]["food"]
 
 
 @_task("heldout_option_creature")
 def _(rng):
     o = sample_options(rng)
-    return o["text"], o["letter"]["animal"]
+    return o["text"], o["word"]["animal"]
 
 
 # ---------------------------------------------------------------------------- specs
@@ -423,7 +413,7 @@ class ZooTask:
     split: str                      # "upstream" or "heldout"
     family: str
     instruction: str
-    answer: str                     # "label", "option", "word", "number" or "brackets"
+    answer: str                     # "label", "word", "number" or "brackets"
     labels: tuple[str, ...] = ()    # the closed answer set, when there is one
     skills: tuple[str, ...] = ()    # held-out: the upstream task(s) whose skill it needs
     bbh_task: str | None = None     # held-out: the real BBH task it mirrors, if any
