@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Build the project's zoo: a word-level tokenizer, a tiny T5 instruction-tuned on the
-upstream tasks, one LoRA expert per upstream task, and an exact-match report.
+upstream tasks, one LoRA expert per upstream task, an exact-match report, and then the
+shipped artifacts (base, fp16 dense experts, the ComPEFT library calibrated on validation
+data, calibration.json, manifest.json with every file's sha256).
 
-    python scripts/build_zoo.py --out zoo_build            # full build (~40 min, 2 cores)
+    python scripts/build_zoo.py --out zoo_build            # full build, ships into the package
+    python scripts/build_zoo.py --out zoo_build --ship-only  # recalibrate and ship an old build
     python scripts/build_zoo.py --out /tmp/zoo --quick     # smoke build in seconds
 
 Layout of --out: base/ (config.json, model.safetensors, tokenizer files), experts/<task>/
@@ -20,8 +23,9 @@ from pathlib import Path
 import torch
 
 from lorahub_compeft.zoo.build import BaseSpec, BuildSpec, ExpertSpec, build
+from lorahub_compeft.zoo.ship import ARTIFACTS, ship
 
-DEFAULT_BBH = Path(__file__).resolve().parents[1] / "data" / "bbh"
+DEFAULT_BBH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbh"
 
 
 def quick_spec(seed: int, bbh_dir: str | None) -> BuildSpec:
@@ -43,6 +47,11 @@ def parse_args(argv=None):
                    help="BBH data (tasks/, cot-prompts/) whose vocabulary the tokenizer "
                         "should cover; default: data/bbh next to scripts/ if present")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--ship-to", default=None,
+                   help=f"where the shipped artifacts go (default {ARTIFACTS}; with --quick, "
+                        "OUT/artifacts)")
+    p.add_argument("--ship-only", action="store_true",
+                   help="skip training: calibrate, compress and ship the build already in --out")
     return p.parse_args(argv)
 
 
@@ -54,15 +63,22 @@ def main(argv=None) -> dict:
     bbh = args.bbh_dir or (str(DEFAULT_BBH) if DEFAULT_BBH.exists() else None)
     spec = quick_spec(args.seed, bbh) if args.quick else BuildSpec(seed=args.seed, bbh_dir=bbh)
     start = time.time()
-    paths = build(args.out, spec)
-    # The lead's compression step (ComPEFT into the expert library + manifest) goes here,
-    # on paths["experts"], a {task: PEFT dir} mapping.
-    em = json.loads(Path(paths["report"]).read_text())["em"]
-    for task, row in em.items():
+    out = Path(args.out)
+    if not args.ship_only:
+        build(out, spec)
+    report = json.loads((out / "report.json").read_text())
+    for task, row in report["em"].items():
         cells = "  ".join(f"{k}={v:.2f}" for k, v in row.items() if isinstance(v, float))
         print(f"{row['split']:8s} {task:26s} {cells}")
-    print(f"total build time: {(time.time() - start) / 60:.1f} min")
-    return paths
+    ship_to = Path(args.ship_to) if args.ship_to else (out / "artifacts" if args.quick else ARTIFACTS)
+    grid = {"densities": (0.1, 0.3), "alphas": (1, 2), "min_ratio": 1.0, "n_val": 8} if args.quick else {}
+    manifest = ship(out, ship_to, seed=args.seed, build_info=report["timing"], **grid)
+    print(f"shipped {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.2f} MB, to "
+          f"{ship_to} (density {manifest['density']}, alpha {manifest['alpha']})")
+    print(f"this run: {(time.time() - start) / 60:.1f} min (training {report['timing']['total_s'] / 60:.1f} "
+          f"min, shipping {manifest['ship_s'] / 60:.1f} min)")
+    return {"base": out / "base", "experts": {p.name: p for p in sorted((out / "experts").iterdir())},
+            "report": out / "report.json", "artifacts": ship_to, "manifest": manifest}
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_format_prompt():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    bbh = ROOT / "data" / "bbh"
+    bbh = ROOT.parent / "shared" / "data" / "bbh"
     return build_zoo_tokenizer(bbh_dir=bbh if bbh.exists() else None)
 
 
@@ -130,11 +130,17 @@ def _load_script():
     return module
 
 
-def test_quick_build_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    return _load_script().main(["--out", str(out), "--quick", "--threads", "1"])
+
+
+def test_quick_build_end_to_end(quick_build):
     from peft import PeftModel
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    paths = _load_script().main(["--out", str(tmp_path), "--quick", "--threads", "1"])
+    paths = quick_build
     base = T5ForConditionalGeneration.from_pretrained(paths["base"])
     tok = AutoTokenizer.from_pretrained(paths["base"])
     assert set(paths["experts"]) == {"bool_value", "list_name_food", "pair_sum"}
@@ -148,3 +154,52 @@ def test_quick_build_end_to_end(tmp_path):
     assert out.shape[0] == 1
     report = json.loads(Path(paths["report"]).read_text())
     assert set(report["em"]) >= set(HELDOUT)
+
+
+def test_quick_ship_calibrates_and_manifests(quick_build):
+    from lorahub_compeft.library import ExpertLibrary
+    from lorahub_compeft.zoo.ship import verify
+    root = quick_build["artifacts"]
+    manifest = verify(root)
+    assert (manifest["density"], manifest["alpha"]) in {(k, a) for k in (0.1, 0.3) for a in (1, 2)}
+    library = ExpertLibrary(root / "experts", create=False)
+    assert library.names() == ["bool_value", "list_name_food", "pair_sum"]
+    assert all(library.get(n).density == manifest["density"] for n in library.names())
+    calibration = json.loads((root / "calibration.json").read_text())
+    methods = {r["method"] for r in calibration["rows"]}
+    assert methods == {"dense", "compeft", "compeft_per_tensor", "stc", "prune"}
+    # 3 experts x (dense + 2 densities x (2 alphas x 2 selections + stc + prune))
+    assert len(calibration["rows"]) == 3 * (1 + 2 * 6)
+    # a changed byte is caught, naming the file
+    victim = root / "dense" / "pair_sum" / "adapter_model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="pair_sum/adapter_model.safetensors"):
+        verify(root)
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    verify(root)
+
+
+def test_demo_runs_on_quick_zoo(quick_build, tmp_path, capsys):
+    from lorahub_compeft.cli import main
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--zoo", str(quick_build["artifacts"]), "--tasks", "heldout_pair_total",
+               "--seeds", "1", "-n", "2", "--budget", "3", "--eval", "10", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["task"] == "heldout_pair_total" and rows[0]["n_eval"] == 10
+    assert set(rows[0]["dense_weights"]) == set(rows[0]["compeft_weights"])
+    assert len(rows[0]["dense_weights"]) == 2
+    for method in ("zeroshot", "dense", "compeft"):
+        assert 0 <= rows[0][method] <= 100
+    table = capsys.readouterr().out
+    assert "| heldout_pair_total |" in table and "mean of 1 zoo held-out tasks" in table
+
+
+def test_demo_rejects_upstream_tasks_and_too_many_experts(quick_build):
+    from lorahub_compeft.cli import main
+    zoo = str(quick_build["artifacts"])
+    assert main(["demo", "--zoo", zoo, "--tasks", "pair_sum", "--seeds", "1"]) == 2
+    assert main(["demo", "--zoo", zoo, "--tasks", "heldout_pair_total", "-n", "9"]) == 2

@@ -1,0 +1,193 @@
+"""From a zoo build to the artifacts the package ships: the base, the dense experts in fp16,
+the ComPEFT library at a (density, alpha) chosen on validation data, and a manifest.
+
+The calibration sweeps the ComPEFT paper's grid on every expert, scoring each compressed
+expert by exact match on its own task's validation examples (a seed range no evaluation
+uses). Besides ComPEFT with a global top-k it scores the ablations: STC (the kept values'
+mean magnitude instead of alpha*sigma), plain pruning (kept values unchanged) and a
+per-tensor top-k and scale. The chosen setting is the global ComPEFT cell with the best mean
+validation EM among those whose files are at least `min_ratio` times smaller than fp16.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from transformers import AutoTokenizer
+
+from ..adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from ..codec import PAPER_ALPHAS, PAPER_DENSITIES, prune, sparsify, sparsify_rescaled
+from ..expert import compress
+from ..files import atomic_write_text
+from ..library import ExpertLibrary
+from .build import exact_match, load_base
+from .tasks import generate
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+MANIFEST = "manifest.json"
+VAL_SEED = 3_000        # validation examples for calibration; the demo never draws from it
+BASE_NAME = "lorahub_compeft/zoo/artifacts/base"  # base_model_name_or_path of shipped experts
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_files(root: Path) -> dict[str, dict]:
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def verify(root: Path = ARTIFACTS) -> dict:
+    """Check every shipped file against the manifest; returns the manifest."""
+    path = root / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no zoo manifest; build the zoo with "
+                                "`python scripts/build_zoo.py` first")
+    manifest = json.loads(path.read_text())
+    found = manifest_files(root)
+    if found != manifest["files"]:
+        missing = sorted(set(manifest["files"]) - set(found))
+        extra = sorted(set(found) - set(manifest["files"]))
+        changed = sorted(k for k in set(found) & set(manifest["files"])
+                         if found[k] != manifest["files"][k])
+        raise ValueError(f"{root}: zoo artifacts differ from {MANIFEST} (missing {missing}, "
+                         f"unexpected {extra}, changed {changed}); rebuild with "
+                         "`python scripts/build_zoo.py`")
+    return manifest
+
+
+def write_dense_fp16(src: Path, dst: Path) -> Path:
+    """A PEFT dir as shipped: fp16 tensors, the base named by its shipped path."""
+    adapter = load_adapter(src)
+    config = dict(adapter.config, base_model_name_or_path=BASE_NAME)
+    return save_adapter(dst, {k: v.half() for k, v in adapter.tensors.items()}, config)
+
+
+# ---------------------------------------------------------------------------- calibration
+def _variants(tau: dict[str, torch.Tensor], densities, alphas):
+    """(method, density, alpha, compressed tau) for every cell of the sweep."""
+    for k in densities:
+        for per_tensor, method in ((False, "compeft"), (True, "compeft_per_tensor")):
+            base = sparsify(tau, k, 1.0, per_tensor)
+            for a in alphas:
+                yield method, k, a, sparsify_rescaled(base, tau, a, per_tensor).to_tensors()
+        yield "stc", k, None, sparsify(tau, k, 1.0, magnitude="stc").to_tensors()
+        yield "prune", k, None, prune(tau, k)
+
+
+def calibrate_experts(base_dir: Path, dense_dirs: dict[str, Path], n_val: int, seed: int,
+                      densities=PAPER_DENSITIES, alphas=PAPER_ALPHAS) -> list[dict]:
+    """One row per (expert, method, density, alpha): validation EM of that compressed expert,
+    plus a "dense" row per expert."""
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    rows = []
+    for task, path in dense_dirs.items():
+        start = time.time()
+        model = PeftModel.from_pretrained(load_base(base_dir), path).eval()
+        tau = {k: v.float() for k, v in load_adapter(path).tensors.items()}  # LoRA init is 0
+        val = generate(task, n_val, seed=VAL_SEED + seed)
+        dense_em = 100 * exact_match(model, tok, val)
+        rows.append({"expert": task, "method": "dense", "density": 1.0, "alpha": None,
+                     "em": dense_em})
+        for method, k, a, tensors in _variants(tau, densities, alphas):
+            result = set_peft_model_state_dict(model, tensors)
+            if result.unexpected_keys:
+                raise RuntimeError(f"{path}: keys the model lacks: {result.unexpected_keys[:3]}")
+            rows.append({"expert": task, "method": method, "density": k, "alpha": a,
+                         "em": 100 * exact_match(model, tok, val)})
+        log.info("calibrated %s in %.1fs (dense EM %.1f)", task, time.time() - start, dense_em)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict[tuple, float]:
+    """Mean EM over experts per (method, density, alpha)."""
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["density"], r["alpha"]), []).append(r["em"])
+    return {key: statistics.fmean(v) for key, v in cells.items()}
+
+
+def size_ratios(dense_dirs: dict[str, Path], densities, tmp: Path) -> dict[float, float]:
+    """Mean fp16 file bytes / compressed file bytes per density (files as written)."""
+    ratios = {}
+    for k in densities:
+        r = []
+        for task, path in dense_dirs.items():
+            out = compress(path, k, 1.0, name=task).save(tmp / f"{task}-{k}.safetensors", force=True)
+            r.append((path / WEIGHTS_NAME).stat().st_size / Path(out).stat().st_size)
+        ratios[k] = statistics.fmean(r)
+    return ratios
+
+
+def choose(summary: dict[tuple, float], ratios: dict[float, float], min_ratio: float
+           ) -> tuple[float, float]:
+    """Best mean validation EM over global ComPEFT cells small enough; ties: smaller k, alpha."""
+    cells = [(em, -k, -a, k, a) for (m, k, a), em in summary.items()
+             if m == "compeft" and ratios[k] >= min_ratio]
+    if not cells:
+        raise ValueError(f"no density reaches {min_ratio}x smaller than fp16; ratios {ratios}")
+    *_, k, a = max(cells)
+    return k, a
+
+
+# ---------------------------------------------------------------------------- ship
+def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
+         min_ratio: float = 8.0, densities=PAPER_DENSITIES, alphas=PAPER_ALPHAS,
+         build_info: dict | None = None) -> dict:
+    """Write the artifacts into `out` (replaced whole, atomically) and return the manifest."""
+    build_dir, out = Path(build_dir), Path(out)
+    start = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(build_dir / "base", staging / "base", dirs_exist_ok=True)
+        dense = {p.name: write_dense_fp16(p, staging / "dense" / p.name)
+                 for p in sorted((build_dir / "experts").iterdir()) if (p / CONFIG_NAME).exists()}
+        rows = calibrate_experts(staging / "base", dense, n_val, seed, densities, alphas)
+        summary = summarize(rows)
+        with tempfile.TemporaryDirectory() as tmp:
+            ratios = size_ratios(dense, densities, Path(tmp))
+        k, a = choose(summary, ratios, min_ratio)
+        log.info("chose density %s alpha %s (mean validation EM %.1f)", k, a,
+                 summary[("compeft", k, a)])
+        library = ExpertLibrary(staging / "experts")
+        for task, path in dense.items():
+            library.add(path, name=task, density=k, alpha=a)
+        calibration = {"density": k, "alpha": a, "min_ratio": min_ratio, "n_val": n_val,
+                       "val_seed": VAL_SEED + seed, "size_ratio_fp16": ratios,
+                       "mean_em": [{"method": m, "density": d, "alpha": al, "em": em}
+                                   for (m, d, al), em in summary.items()],
+                       "rows": rows}
+        atomic_write_text(staging / "calibration.json", json.dumps(calibration, indent=1) + "\n")
+        manifest = {"format": "lorahub-compeft-zoo", "version": 1, "seed": seed,
+                    "density": k, "alpha": a, "build": build_info or {},
+                    "ship_s": time.time() - start, "files": manifest_files(staging)}
+        manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        old = out.with_name(f".{out.name}.old") if out.exists() else None
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(staging, out)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
