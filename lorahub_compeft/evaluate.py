@@ -27,15 +27,19 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
         tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+    # Batch prompts of similar length together (less padding), answer in the caller's order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                           truncation=max_length is not None, max_length=max_length).to(device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=tokenizer.pad_token_id)
         if is_causal:
             out = out[:, batch["input_ids"].shape[1]:]
-        answers += [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            answers[i] = text.strip()
     return answers
 
 

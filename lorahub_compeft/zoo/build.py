@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
+from ..evaluate import accuracy, generate as generate_answers
 from .tasks import generate, get_task, task_names
 from .tokenizer import build_zoo_tokenizer
 
@@ -126,25 +127,11 @@ def _train(model, params, stream, steps: int, lr: float, warmup: int, desc: str)
 
 
 # ---------------------------------------------------------------------------- eval
-@torch.no_grad()
-def predict(model, tokenizer, inputs: list[str], batch_size: int = 100,
-            max_new_tokens: int = 8) -> list[str]:
-    """Greedy generations, decoded to text."""
-    model.eval()
-    out = [None] * len(inputs)
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([inputs[i] for i in idx], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        for i, text in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True)):
-            out[i] = text.strip()
-    return out
-
-
-def exact_match(model, tokenizer, examples: list[dict], **kw) -> float:
-    preds = predict(model, tokenizer, [e["input"] for e in examples], **kw)
-    return sum(p == e["target"] for p, e in zip(preds, examples)) / max(1, len(examples))
+def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 8) -> float:
+    """Fraction of examples whose greedy answer equals the target exactly."""
+    preds = generate_answers(model, tokenizer, [e["input"] for e in examples], max_new_tokens,
+                             batch_size=100)
+    return accuracy(preds, [e["target"] for e in examples], str.__eq__)
 
 
 def eval_set(task: str, n: int, seed: int) -> list[dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import bbh
 from ..adapters import WEIGHTS_NAME
 from ..compose import compose
-from ..evaluate import generate as generate_answers
+from ..evaluate import accuracy, generate as generate_answers
 from ..library import ExpertLibrary, file_name_for
 from ..runner import sample_experts
 from .ship import ARTIFACTS, verify
@@ -53,7 +53,7 @@ class Zoo:
 
 
 def exact_match(predictions: list[str], targets: list[str]) -> float:
-    return 100 * sum(p.strip() == t for p, t in zip(predictions, targets, strict=True)) / len(targets)
+    return 100 * accuracy(predictions, targets, str.__eq__)  # answers come stripped
 
 
 def task_data(task: str, seed: int, shots: int, n_eval: int) -> tuple[list[dict], list[dict]]:
