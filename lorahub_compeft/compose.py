@@ -1,6 +1,7 @@
 """The LoraHub composer: learn a weighted mix of N LoRA experts from a few examples.
 
-    experts ──► decode the N once ──► E: one [N, P] matrix (every lora_A/lora_B value, flat)
+    experts ──► decode the N once ──► E: one [N, P] matrix (every lora_A/lora_B value, flat),
+                                      or for ComPEFT experts their kept positions and signs
     each step:  w (nevergrad) ──► flat.copy_(w @ E) ──► forward on the examples ──► loss + L1
 
 The model's LoRA parameters are views into one flat buffer, so a step's mixing is one
@@ -26,6 +27,7 @@ import torch
 
 from .adapters import CONFIG_NAME, Adapter, _looks_like_hub_id, _read_config, load_adapter
 from .adapters import save_adapter as _save_adapter_dir
+from .codec import TernaryVector
 from .expert import CompressedExpert, load_expert
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,28 @@ class _Source:
     name: str
     config: dict
     load: Callable[[], dict[str, torch.Tensor]]
+    ternary: Callable[[], TernaryVector] | None = None  # ComPEFT experts: the sparse form
+
+
+def _ternary_once(expert: CompressedExpert) -> Callable[[], TernaryVector]:
+    """Decode for the stack without leaving the decoded arrays cached in the expert (a
+    library's cache), so that the stack holds the only copy."""
+    def load():
+        cached = expert.is_decoded
+        ternary = expert.ternary()
+        if not cached and expert.path is not None:
+            expert.release()
+        return ternary
+    return load
+
+
+def _compressed_source(expert: CompressedExpert) -> _Source:
+    return _Source(expert.name, expert.config, expert.state_dict, _ternary_once(expert))
 
 
 def _source(item, index: int) -> _Source:
     if isinstance(item, CompressedExpert):
-        return _Source(item.name, item.config, item.state_dict)
+        return _compressed_source(item)
     if isinstance(item, Adapter):
         src = item.source or {}
         name = src.get("hub_id") or (Path(src["path"]).name if src.get("path") else f"adapter{index}")
@@ -59,8 +78,7 @@ def _source(item, index: int) -> _Source:
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_file() and path.suffix == ".safetensors":
-            expert = load_expert(path)
-            return _Source(expert.name, expert.config, expert.state_dict)
+            return _compressed_source(load_expert(path))
         if path.is_dir():
             return _Source(path.name, _read_config(path / CONFIG_NAME),
                            lambda: load_adapter(path).tensors)
@@ -136,6 +154,10 @@ class ExpertStack:
     shapes: list[tuple[int, ...]]
     offsets: list[int]
 
+    @property
+    def numel(self) -> int:
+        return self.matrix.shape[1]
+
     def mix(self, w: torch.Tensor | np.ndarray) -> torch.Tensor:
         """The flat mixed vector sum_i w_i E_i (one matrix-vector product)."""
         return mix_weights(self.matrix, w)
@@ -143,6 +165,34 @@ class ExpertStack:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: flat[o:o + math.prod(s)].view(s)
                 for k, s, o in zip(self.keys, self.shapes, self.offsets)}
+
+
+@dataclass
+class TernaryStack(ExpertStack):
+    """N ComPEFT experts kept sparse: every kept position (in the flat LoRA order) and its sign,
+    all experts concatenated, cut into segments that share one scale (one per expert, or one
+    per expert and tensor with per-tensor scales). At density k this holds 5k bytes per
+    parameter and expert (int32 position + int8 sign) against 4 for a dense fp32 row; a step
+    scatters sum_i w_i * scale * sign into a zero vector."""
+    positions: torch.Tensor = None       # int32 (int64 past 2**31 parameters)
+    signs: torch.Tensor = None           # int8, +1/-1
+    segment_expert: torch.Tensor = None  # int64 [S]: which expert a segment belongs to
+    segment_scale: torch.Tensor = None   # float32 [S]
+    segment_length: torch.Tensor = None  # int64 [S]
+    size: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.size
+
+    def mix(self, w: torch.Tensor | np.ndarray) -> torch.Tensor:
+        w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w,
+                            dtype=torch.float32, device=self.signs.device)
+        coef = (w[self.segment_expert] * self.segment_scale).repeat_interleave(
+            self.segment_length, output_size=self.signs.numel())
+        coef *= self.signs
+        return torch.zeros(self.size, dtype=torch.float32, device=coef.device).index_add_(
+            0, self.positions, coef)
 
 
 def mix_weights(stack: torch.Tensor, w) -> torch.Tensor:
@@ -163,12 +213,32 @@ def _lora_params(model) -> list[tuple[str, torch.nn.Parameter]]:
                                                         "lora_embedding_B"))]
 
 
+def _check_tensors(source: _Source, found: dict[str, tuple], keys, shapes) -> None:
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise ValueError(f"{source.name}: lacks {len(missing)} LoRA tensors the model has, "
+                         f"e.g. {missing[0]}")
+    for key, shape in zip(keys, shapes):
+        if tuple(found[key]) != shape:
+            raise ValueError(f"{source.name}: {key} has shape {tuple(found[key])}, the model "
+                             f"expects {shape}")
+
+
+def _warn_ignored(ignored: set[str]) -> None:
+    if ignored:
+        warnings.warn(f"ignoring {len(ignored)} non-LoRA tensors of the experts (e.g. "
+                      f"{sorted(ignored)[0]}); only lora_A/lora_B are composed", stacklevel=4)
+
+
 def build_stack(sources: list[_Source], params: list[tuple[str, torch.nn.Parameter]],
                 device) -> tuple[ExpertStack, float]:
-    """Decode each expert once into a row of E; returns the stack and the seconds decoding took."""
+    """Decode each expert once into the stack; returns it and the seconds decoding took.
+    ComPEFT experts (all of them) stay sparse in a TernaryStack; otherwise E is dense."""
     keys = [saved_key(n) for n, _ in params]
     shapes = [tuple(p.shape) for _, p in params]
     offsets = np.cumsum([0] + [math.prod(s) for s in shapes]).tolist()
+    if all(s.ternary is not None for s in sources):
+        return _build_ternary_stack(sources, keys, shapes, offsets, device)
     matrix = torch.empty(len(sources), offsets[-1], dtype=torch.float32, device=device)
     decode = 0.0
     ignored: set[str] = set()
@@ -176,21 +246,49 @@ def build_stack(sources: list[_Source], params: list[tuple[str, torch.nn.Paramet
         start = time.perf_counter()
         tensors = source.load()
         decode += time.perf_counter() - start
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            raise ValueError(f"{source.name}: lacks {len(missing)} LoRA tensors the model has, "
-                             f"e.g. {missing[0]}")
-        for key, shape, off in zip(keys, shapes, offsets):
+        _check_tensors(source, {k: v.shape for k, v in tensors.items()}, keys, shapes)
+        for key, off in zip(keys, offsets):
             value = tensors[key]
-            if tuple(value.shape) != shape:
-                raise ValueError(f"{source.name}: {key} has shape {tuple(value.shape)}, the model "
-                                 f"expects {shape}")
             matrix[row, off:off + value.numel()] = value.reshape(-1).to(device, torch.float32)
         ignored |= set(tensors) - set(keys)
-    if ignored:
-        warnings.warn(f"ignoring {len(ignored)} non-LoRA tensors of the experts (e.g. "
-                      f"{sorted(ignored)[0]}); only lora_A/lora_B are composed", stacklevel=3)
+    _warn_ignored(ignored)
     return ExpertStack(matrix, keys, shapes, offsets[:-1]), decode
+
+
+def _build_ternary_stack(sources, keys, shapes, offsets, device) -> tuple[TernaryStack, float]:
+    where = dict(zip(keys, offsets))
+    index_dtype = torch.int32 if offsets[-1] < 2 ** 31 else torch.int64
+    positions, signs, seg_expert, seg_scale, seg_length = [], [], [], [], []
+    decode, ignored = 0.0, set()
+    for row, source in enumerate(sources):
+        start = time.perf_counter()
+        t = source.ternary()
+        decode += time.perf_counter() - start
+        _check_tensors(source, dict(zip(t.names, t.shapes)), keys, shapes)
+        ignored |= set(t.names) - set(keys)
+        own = t.offsets()  # the expert's own flat order: tensor j spans own[j]:own[j+1]
+        bounds = np.searchsorted(t.positions, own)
+        scales = t.tensor_scales()
+        for j, name in enumerate(t.names):
+            lo, hi = int(bounds[j]), int(bounds[j + 1])
+            if name not in where or hi == lo:
+                continue
+            shift = where[name] - int(own[j])  # to the stack's flat order
+            positions.append(torch.from_numpy(t.positions[lo:hi] + shift).to(index_dtype))
+            signs.append(torch.from_numpy(t.signs[lo:hi]))
+            seg_expert.append(row)
+            seg_scale.append(float(scales[j]))
+            seg_length.append(hi - lo)
+    _warn_ignored(ignored)
+    cat = lambda xs, dtype: (torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)).to(device)
+    stack = TernaryStack(
+        matrix=None, keys=keys, shapes=shapes, offsets=offsets[:-1],
+        positions=cat(positions, index_dtype), signs=cat(signs, torch.int8),
+        segment_expert=torch.tensor(seg_expert, dtype=torch.int64, device=device),
+        segment_scale=torch.tensor(seg_scale, dtype=torch.float32, device=device),
+        segment_length=torch.tensor(seg_length, dtype=torch.int64, device=device),
+        size=offsets[-1])
+    return stack, decode
 
 
 def _flatten_params(params: list[tuple[str, torch.nn.Parameter]], stack: ExpertStack,
@@ -199,7 +297,7 @@ def _flatten_params(params: list[tuple[str, torch.nn.Parameter]], stack: ExpertS
     dtypes = {p.dtype for _, p in params}
     if len(dtypes) != 1:
         raise ValueError(f"LoRA parameters have mixed dtypes {dtypes}")
-    flat = torch.zeros(stack.matrix.shape[1], dtype=dtypes.pop(), device=device)
+    flat = torch.zeros(stack.numel, dtype=dtypes.pop(), device=device)
     for (_, p), shape, off in zip(params, stack.shapes, stack.offsets):
         p.data = flat[off:off + math.prod(shape)].view(shape)
     return flat

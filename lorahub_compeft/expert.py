@@ -106,6 +106,12 @@ class CompressedExpert:
             self._ternary, self._carried = _read_payload(self.path, self.meta)
         return self._ternary
 
+    def release(self) -> None:
+        """Drop the decoded weights (the file is read again when they are next asked for)."""
+        if self.path is None:
+            raise ExpertFileError("this expert has no file to decode again; save it first")
+        self._ternary = self._carried = None
+
     def task_vector(self) -> dict[str, torch.Tensor]:
         """tau-hat per compressed tensor: exactly sign * scale or 0."""
         return self.ternary().to_tensors()

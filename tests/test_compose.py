@@ -103,18 +103,37 @@ def test_only_the_sampled_experts_are_decoded(experts, tmp_path, monkeypatch):
         source.meta["name"] = f"e{i}"
         library.add(source)
     decoded = []
-    original = CompressedExpert.state_dict
+    original = CompressedExpert.ternary
 
     def counting(self):
         decoded.append(self.name)
         return original(self)
 
-    monkeypatch.setattr(CompressedExpert, "state_dict", counting)
+    monkeypatch.setattr(CompressedExpert, "ternary", counting)
     result = compose(library, support.constant_task("red"), n_experts=5, budget=2, seed=7,
                      progress=False)
     assert sorted(decoded) == sorted(result.experts) == library.sample(5, 7)
     assert len(set(decoded)) == 5 and expert
     assert result.timings["decode"] > 0
+    # the stack holds the only decoded copy: the library's cached experts were released
+    assert not any(library.get(n).is_decoded for n in result.experts)
+
+
+def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path):
+    from lorahub_compeft.compose import TernaryStack
+    library = ExpertLibrary(tmp_path / "lib")
+    for w in WORDS:
+        library.add(experts[w], name=w, density=0.2, per_tensor=(w == "red"))
+    result = compose(library, support.constant_task("red"), n_experts=4, budget=2, progress=False)
+    stack = result.stack
+    assert isinstance(stack, TernaryStack) and stack.matrix is None
+    assert stack.positions.dtype == torch.int32 and stack.signs.dtype == torch.int8
+    dense_rows = torch.stack([torch.cat([library.get(n).state_dict()[k].reshape(-1)
+                                         for k in stack.keys]) for n in result.experts])
+    w = np.array([0.7, -1.2, 0.3, 2.0])
+    torch.testing.assert_close(stack.mix(w), mix_weights(dense_rows, w))
+    held = stack.positions.nbytes + stack.signs.nbytes
+    assert held < dense_rows.nbytes / 3  # 5 bytes per kept value at k=0.2 vs 4 per parameter
 
 
 def test_a_longer_list_is_sampled_reproducibly(experts):
