@@ -176,9 +176,9 @@ class TernaryStack(ExpertStack):
     scatters sum_i w_i * scale * sign into a zero vector."""
     positions: torch.Tensor = None       # int32 (int64 past 2**31 parameters)
     signs: torch.Tensor = None           # int8, +1/-1
-    segment_expert: torch.Tensor = None  # int64 [S]: which expert a segment belongs to
-    segment_scale: torch.Tensor = None   # float32 [S]
-    segment_length: torch.Tensor = None  # int64 [S]
+    segment_expert: np.ndarray = None    # [S]: which expert a segment belongs to
+    segment_scale: np.ndarray = None     # [S]
+    segment_start: list[int] = None      # [S + 1]: segment s is positions[start[s]:start[s+1]]
     size: int = 0
 
     @property
@@ -186,13 +186,14 @@ class TernaryStack(ExpertStack):
         return self.size
 
     def mix(self, w: torch.Tensor | np.ndarray) -> torch.Tensor:
-        w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w,
-                            dtype=torch.float32, device=self.signs.device)
-        coef = (w[self.segment_expert] * self.segment_scale).repeat_interleave(
-            self.segment_length, output_size=self.signs.numel())
-        coef *= self.signs
-        return torch.zeros(self.size, dtype=torch.float32, device=coef.device).index_add_(
-            0, self.positions, coef)
+        coef = (np.asarray(w.cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
+                [self.segment_expert] * self.segment_scale).tolist()
+        out = torch.zeros(self.size, dtype=torch.float32, device=self.signs.device)
+        # A loop over segments (one per expert with a global scale): int8 sign * scalar makes
+        # float32 in one pass, far cheaper than expanding a scale per kept value.
+        for c, lo, hi in zip(coef, self.segment_start[:-1], self.segment_start[1:]):
+            out.index_add_(0, self.positions[lo:hi], self.signs[lo:hi] * c)
+        return out
 
 
 def mix_weights(stack: torch.Tensor, w) -> torch.Tensor:
@@ -284,10 +285,8 @@ def _build_ternary_stack(sources, keys, shapes, offsets, device) -> tuple[Ternar
     stack = TernaryStack(
         matrix=None, keys=keys, shapes=shapes, offsets=offsets[:-1],
         positions=cat(positions, index_dtype), signs=cat(signs, torch.int8),
-        segment_expert=torch.tensor(seg_expert, dtype=torch.int64, device=device),
-        segment_scale=torch.tensor(seg_scale, dtype=torch.float32, device=device),
-        segment_length=torch.tensor(seg_length, dtype=torch.int64, device=device),
-        size=offsets[-1])
+        segment_expert=np.array(seg_expert, dtype=np.int64), segment_scale=np.array(seg_scale),
+        segment_start=np.cumsum([0] + seg_length).tolist(), size=offsets[-1])
     return stack, decode
 
 

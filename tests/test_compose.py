@@ -86,8 +86,9 @@ def test_compressed_experts_compose_like_their_decoded_dense_weights(experts, tm
     dense = compose([str(d) for d in dense_dirs], examples, n_experts=4, budget=8, seed=3,
                     progress=False)
     assert list(compressed.weights) == list(dense.weights) == sorted(WORDS)
-    assert compressed.weights == dense.weights
-    assert compressed.losses == dense.losses
+    # sparse scatter vs dense product: the same sums, rounded in another order
+    assert compressed.weights == pytest.approx(dense.weights, rel=1e-5, abs=1e-7)
+    assert compressed.losses == pytest.approx(dense.losses, rel=1e-5)
     by_object = compose([library.get(n) for n in library.names()], examples, budget=8, seed=3,
                         progress=False)
     assert by_object.weights == compressed.weights

@@ -203,3 +203,37 @@ def test_demo_rejects_upstream_tasks_and_too_many_experts(quick_build):
     zoo = str(quick_build["artifacts"])
     assert main(["demo", "--zoo", zoo, "--tasks", "pair_sum", "--seeds", "1"]) == 2
     assert main(["demo", "--zoo", zoo, "--tasks", "heldout_pair_total", "-n", "9"]) == 2
+
+
+# ---------------------------------------------------------------------------- shipped zoo
+def test_shipped_artifacts_match_manifest_and_load():
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from lorahub_compeft.library import ExpertLibrary
+    from lorahub_compeft.zoo.ship import ARTIFACTS, verify
+
+    manifest = verify(ARTIFACTS)
+    assert manifest["total_bytes"] < 16e6
+    base = T5ForConditionalGeneration.from_pretrained(ARTIFACTS / "base").eval()
+    tok = AutoTokenizer.from_pretrained(ARTIFACTS / "base")
+    library = ExpertLibrary(ARTIFACTS / "experts", create=False)
+    assert sorted(library.names()) == sorted(UPSTREAM)
+    example = generate("pair_sum", 1, seed=0)[0]
+    enc = tok([example["input"]], return_tensors="pt")
+    for name in ("pair_sum", "bool_value"):
+        model = PeftModel.from_pretrained(base, ARTIFACTS / "dense" / name).eval()
+        with torch.no_grad():
+            assert model.generate(**enc, max_new_tokens=4).shape[0] == 1
+        expert = library.get(name)
+        assert expert.density == manifest["density"] and expert.alpha == manifest["alpha"]
+        dense = load_file(ARTIFACTS / "dense" / name / "adapter_model.safetensors")
+        assert set(expert.state_dict()) == set(dense)
+        base = model.unload()
+
+
+def test_demo_on_shipped_zoo(capsys):
+    from lorahub_compeft.cli import main
+    assert main(["demo", "--tasks", "heldout_pair_total", "--seeds", "2", "-n", "4",
+                 "--budget", "5", "--eval", "20"]) == 0
+    assert "| heldout_pair_total |" in capsys.readouterr().out
