@@ -50,9 +50,10 @@ def test_bench_compose_quick(tmp_path):
         assert set(r["library"]) == {str(s) for s in sizes}
         assert all(v["held_bytes"] > 0 and v["disk_bytes"] > 0 for v in r["library"].values())
         assert math.isfinite(r["best_loss"])
-    # ComPEFT experts are smaller where they are stored: a library of compressed files against
-    # the same number of PEFT dirs (what the composer holds in RAM is reported, not asserted).
+    # ComPEFT experts are smaller where they are stored (a library of compressed files against
+    # the same number of PEFT dirs) and where they are composed (sparse stack vs dense rows).
     dense, compeft = rows["ours-dense"]["library"], rows["ours-compeft"]["library"]
     assert all(compeft[s]["disk_bytes"] < dense[s]["disk_bytes"] for s in dense)
+    assert rows["ours-compeft"]["expert_bytes"] < rows["ours-dense"]["expert_bytes"] / 4
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 2 * 4  # two tables: a header and one row per method
