@@ -277,9 +277,13 @@ def _build_ternary_stack(sources, keys, shapes, offsets, device) -> tuple[Ternar
             shift = where[name] - int(own[j])  # to the stack's flat order
             positions.append(torch.from_numpy(t.positions[lo:hi] + shift).to(index_dtype))
             signs.append(torch.from_numpy(t.signs[lo:hi]))
-            seg_expert.append(row)
-            seg_scale.append(float(scales[j]))
-            seg_length.append(hi - lo)
+            scale = float(scales[j])
+            if seg_expert and seg_expert[-1] == row and seg_scale[-1] == scale:
+                seg_length[-1] += hi - lo  # one scale for the whole expert: one segment
+            else:
+                seg_expert.append(row)
+                seg_scale.append(scale)
+                seg_length.append(hi - lo)
     _warn_ignored(ignored)
     cat = lambda xs, dtype: (torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)).to(device)
     stack = TernaryStack(
