@@ -1,5 +1,5 @@
 """lorahub-compeft: few-shot adaptation by composing ComPEFT-compressed LoRA experts."""
-from . import coding
+from . import coding  # noqa: F401  (lorahub_compeft.coding, the entropy coder)
 from .adapters import Adapter, AdapterError, load_adapter, save_adapter
 from .compose import CompositionResult, compose
 from .codec import CompressionError, calibrate, prune, sparsify

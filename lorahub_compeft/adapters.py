@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .files import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -131,21 +131,8 @@ def save_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
     target = Path(directory)
     if target.exists() and not force:
         raise AdapterError(f"{target}: already exists; choose another path or pass force=True (--force)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as staging:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS_NAME)
-        # Move the old dir aside rather than deleting it first: a crash in between leaves it intact.
-        old = target.with_name(f".{target.name}.old") if target.exists() else None
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 

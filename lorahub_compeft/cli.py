@@ -283,7 +283,10 @@ def cmd_demo(args) -> int:
     rows = run_demo(tasks, args.seeds, args.n_experts, args.budget, n_eval=args.n_eval,
                     bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, root=root)
     manifest = json.loads((root / "manifest.json").read_text())
-    print(format_table(rows, manifest["density"], manifest["alpha"]))
+    setting = f"k={manifest['density']}, α={manifest['alpha']}"
+    if manifest.get("selection") == "per_tensor":
+        setting += ", per tensor"
+    print(format_table(rows, setting))
     print(f"\n{len(rows)} cells, N={args.n_experts} experts, budget {args.budget}, seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
     if args.json:

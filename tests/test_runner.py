@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 import support  # noqa: F401  (tests/ is on sys.path via conftest)

@@ -132,13 +132,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def format_table(rows: list[dict], density: float, alpha: float) -> str:
+def format_table(rows: list[dict], setting: str) -> str:
     """Per task: mean ± std over seeds; then the mean over the zoo's held-out tasks."""
     by_task: dict[str, list[dict]] = {}
     for r in rows:
         by_task.setdefault(r["task"], []).append(r)
     lines = [f"| task | zero-shot EM | dense LoRA composition EM | ComPEFT composition EM "
-             f"(k={density}, α={alpha}) | bytes/expert fp16 → ComPEFT | s/seed |",
+             f"({setting}) | bytes/expert fp16 → ComPEFT | s/seed |",
              "|---|---|---|---|---|---|"]
     for task, rs in by_task.items():
         d, c = statistics.fmean(r["dense_bytes"] for r in rs), statistics.fmean(r["compeft_bytes"] for r in rs)

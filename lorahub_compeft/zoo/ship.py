@@ -3,17 +3,19 @@ the ComPEFT library at a (density, alpha) chosen on validation data, and a manif
 
 The calibration sweeps the ComPEFT paper's grid on every expert, scoring each compressed
 expert by exact match on its own task's validation examples (a seed range no evaluation
-uses). Besides ComPEFT with a global top-k it scores the ablations: STC (the kept values'
-mean magnitude instead of alpha*sigma), plain pruning (kept values unchanged) and a
-per-tensor top-k and scale. The chosen setting is the global ComPEFT cell with the best mean
-validation EM among those whose files are at least `min_ratio` times smaller than fp16.
+uses) asked without the instruction: the base answers most upstream tasks from the
+instruction alone, so only instruction-less prompts measure what the expert itself carries,
+which is what composition needs. Besides ComPEFT with a global top-k and scale it scores a
+per-tensor top-k and scale, and the ablations STC (the kept values' mean magnitude instead
+of alpha*sigma) and plain pruning (kept values unchanged). The chosen setting is the ComPEFT
+cell (global or per tensor) with the best mean validation EM among those whose files are at
+least `min_ratio` times smaller than fp16.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import shutil
 import statistics
 import tempfile
@@ -27,7 +29,7 @@ from transformers import AutoTokenizer
 from ..adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from ..codec import PAPER_ALPHAS, PAPER_DENSITIES, prune, sparsify, sparsify_rescaled
 from ..expert import compress
-from ..files import atomic_write_text
+from ..files import atomic_dir, atomic_write_text
 from ..library import ExpertLibrary
 from .build import exact_match, load_base
 from .tasks import generate
@@ -101,7 +103,7 @@ def calibrate_experts(base_dir: Path, dense_dirs: dict[str, Path], n_val: int, s
         start = time.time()
         model = PeftModel.from_pretrained(load_base(base_dir), path).eval()
         tau = {k: v.float() for k, v in load_adapter(path).tensors.items()}  # LoRA init is 0
-        val = generate(task, n_val, seed=VAL_SEED + seed)
+        val = generate(task, n_val, seed=VAL_SEED + seed, instruction="")
         dense_em = 100 * exact_match(model, tok, val)
         rows.append({"expert": task, "method": "dense", "density": 1.0, "alpha": None,
                      "em": dense_em})
@@ -136,14 +138,15 @@ def size_ratios(dense_dirs: dict[str, Path], densities, tmp: Path) -> dict[float
 
 
 def choose(summary: dict[tuple, float], ratios: dict[float, float], min_ratio: float
-           ) -> tuple[float, float]:
-    """Best mean validation EM over global ComPEFT cells small enough; ties: smaller k, alpha."""
-    cells = [(em, -k, -a, k, a) for (m, k, a), em in summary.items()
-             if m == "compeft" and ratios[k] >= min_ratio]
+           ) -> tuple[str, float, float]:
+    """Best mean validation EM over ComPEFT cells small enough; ties: smaller k, then alpha,
+    then the global selection."""
+    cells = [(em, -k, -a, m == "compeft", m, k, a) for (m, k, a), em in summary.items()
+             if m in ("compeft", "compeft_per_tensor") and ratios[k] >= min_ratio]
     if not cells:
         raise ValueError(f"no density reaches {min_ratio}x smaller than fp16; ratios {ratios}")
-    *_, k, a = max(cells)
-    return k, a
+    *_, m, k, a = max(cells)
+    return m, k, a
 
 
 # ---------------------------------------------------------------------------- ship
@@ -153,9 +156,7 @@ def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
     """Write the artifacts into `out` (replaced whole, atomically) and return the manifest."""
     build_dir, out = Path(build_dir), Path(out)
     start = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as staging:
         shutil.copytree(build_dir / "base", staging / "base", dirs_exist_ok=True)
         dense = {p.name: write_dense_fp16(p, staging / "dense" / p.name)
                  for p in sorted((build_dir / "experts").iterdir()) if (p / CONFIG_NAME).exists()}
@@ -163,31 +164,24 @@ def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
         summary = summarize(rows)
         with tempfile.TemporaryDirectory() as tmp:
             ratios = size_ratios(dense, densities, Path(tmp))
-        k, a = choose(summary, ratios, min_ratio)
-        log.info("chose density %s alpha %s (mean validation EM %.1f)", k, a,
-                 summary[("compeft", k, a)])
+        method, k, a = choose(summary, ratios, min_ratio)
+        per_tensor = method == "compeft_per_tensor"
+        log.info("chose %s density %s alpha %s (mean validation EM %.1f)", method, k, a,
+                 summary[(method, k, a)])
         library = ExpertLibrary(staging / "experts")
         for task, path in dense.items():
-            library.add(path, name=task, density=k, alpha=a)
-        calibration = {"density": k, "alpha": a, "min_ratio": min_ratio, "n_val": n_val,
+            library.add(path, name=task, density=k, alpha=a, per_tensor=per_tensor)
+        calibration = {"method": method, "density": k, "alpha": a, "min_ratio": min_ratio,
+                       "n_val": n_val, "instruction": "",
                        "val_seed": VAL_SEED + seed, "size_ratio_fp16": ratios,
                        "mean_em": [{"method": m, "density": d, "alpha": al, "em": em}
                                    for (m, d, al), em in summary.items()],
                        "rows": rows}
         atomic_write_text(staging / "calibration.json", json.dumps(calibration, indent=1) + "\n")
         manifest = {"format": "lorahub-compeft-zoo", "version": 1, "seed": seed,
+                    "selection": "per_tensor" if per_tensor else "global",
                     "density": k, "alpha": a, "build": build_info or {},
                     "ship_s": time.time() - start, "files": manifest_files(staging)}
         manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(staging, out)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
