@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lorahub_compeft.zoo.build import BaseSpec, BuildSpec, ExpertSpec, build
-from lorahub_compeft.zoo.ship import ARTIFACTS, ship
+from lorahub_compeft.zoo.ship import ARTIFACTS, calibration_table, ship
 
 DEFAULT_BBH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbh"
 
@@ -73,6 +73,7 @@ def main(argv=None) -> dict:
     ship_to = Path(args.ship_to) if args.ship_to else (out / "artifacts" if args.quick else ARTIFACTS)
     grid = {"densities": (0.1, 0.3), "alphas": (1, 2), "min_ratio": 1.0, "n_val": 8} if args.quick else {}
     manifest = ship(out, ship_to, seed=args.seed, build_info=report["timing"], **grid)
+    print(calibration_table(json.loads((ship_to / "calibration.json").read_text())))
     print(f"shipped {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.2f} MB, to "
           f"{ship_to} (density {manifest['density']}, alpha {manifest['alpha']})")
     print(f"this run: {(time.time() - start) / 60:.1f} min (training {report['timing']['total_s'] / 60:.1f} "

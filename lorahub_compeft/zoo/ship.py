@@ -185,3 +185,30 @@ def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
         manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def calibration_table(calibration: dict) -> str:
+    """The density/alpha sweep as Markdown, as in ComPEFT's Figures 5-6: mean validation EM of
+    the compressed experts per k (rows) and alpha (columns), global and per tensor, with STC,
+    pruning, the dense experts and the size ratio to fp16."""
+    em = {(c["method"], c["density"], c["alpha"]): c["em"] for c in calibration["mean_em"]}
+    ks = sorted({k for m, k, _ in em if m == "compeft"})
+    alphas = sorted({a for m, _, a in em if m == "compeft"})
+    dense = em[("dense", 1.0, None)]
+    head = " | ".join(f"α={a:g}" for a in alphas)
+    lines = [f"| k | x fp16 | selection | {head} | STC | prune |",
+             "|---" * (len(alphas) + 5) + "|"]
+    for k in ks:
+        ratio = calibration["size_ratio_fp16"][str(k)]  # JSON keys are strings
+        for method, label in (("compeft", "global"), ("compeft_per_tensor", "per tensor")):
+            cells = []
+            for a in alphas:
+                text = f"{em[(method, k, a)]:.1f}"
+                chosen = (method, k, a) == (calibration["method"], calibration["density"],
+                                            calibration["alpha"])
+                cells.append(f"**{text}**" if chosen else text)
+            extra = (f"{em[('stc', k, None)]:.1f} | {em[('prune', k, None)]:.1f}"
+                     if method == "compeft" else " | ")
+            lines.append(f"| {k:g} | {ratio:.1f} | {label} | {' | '.join(cells)} | {extra} |")
+    lines.append(f"\nDense experts: {dense:.1f}. Bold: the setting chosen and shipped.")
+    return "\n".join(lines)
