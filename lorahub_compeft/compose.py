@@ -158,9 +158,14 @@ class ExpertStack:
     def numel(self) -> int:
         return self.matrix.shape[1]
 
-    def mix(self, w: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """The flat mixed vector sum_i w_i E_i (one matrix-vector product)."""
-        return mix_weights(self.matrix, w)
+    def mix(self, w: torch.Tensor | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat mixed vector sum_i w_i E_i (one matrix-vector product), into `out` if
+        given (writing in place spares a fresh P-sized buffer, and its page faults, per step)."""
+        if out is not None and out.dtype == self.matrix.dtype:
+            w = torch.as_tensor(np.asarray(w), dtype=out.dtype, device=out.device)
+            return torch.mv(self.matrix.T, w, out=out)
+        mixed = mix_weights(self.matrix, w)
+        return mixed if out is None else out.copy_(mixed)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: flat[o:o + math.prod(s)].view(s)
@@ -185,15 +190,17 @@ class TernaryStack(ExpertStack):
     def numel(self) -> int:
         return self.size
 
-    def mix(self, w: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def mix(self, w: torch.Tensor | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         coef = (np.asarray(w.cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
                 [self.segment_expert] * self.segment_scale).tolist()
-        out = torch.zeros(self.size, dtype=torch.float32, device=self.signs.device)
+        target = out if out is not None and out.dtype == torch.float32 else None
+        acc = torch.zeros(self.size, dtype=torch.float32, device=self.signs.device) \
+            if target is None else target.zero_()
         # A loop over segments (one per expert with a global scale): int8 sign * scalar makes
         # float32 in one pass, far cheaper than expanding a scale per kept value.
         for c, lo, hi in zip(coef, self.segment_start[:-1], self.segment_start[1:]):
-            out.index_add_(0, self.positions[lo:hi], self.signs[lo:hi] * c)
-        return out
+            acc.index_add_(0, self.positions[lo:hi], self.signs[lo:hi] * c)
+        return out.copy_(acc) if out is not None and target is None else acc
 
 
 def mix_weights(stack: torch.Tensor, w) -> torch.Tensor:
@@ -472,7 +479,7 @@ class CompositionResult:
 
     def _apply_best(self) -> None:
         w = np.array([self.weights[n] for n in self.experts])
-        self.flat.copy_(self.stack.mix(w))
+        self.stack.mix(w, out=self.flat)
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """The composed adapter's tensors under PEFT's saved key names (on the CPU)."""
@@ -587,7 +594,7 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
 
     def evaluate(w: np.ndarray) -> float:
         start = time.perf_counter()
-        flat.copy_(stack.mix(w))
+        stack.mix(w, out=flat)
         sync()
         timing["mix"] += time.perf_counter() - start
         start = time.perf_counter()

@@ -50,6 +50,8 @@ def test_mixing_is_the_weighted_sum_per_module(experts, green):
     from lorahub_compeft.adapters import load_adapter
     w = np.array([0.5, -1.0, 0.25, 1.5])
     mixed = green.stack.unflatten(green.stack.mix(w))
+    out = torch.full((green.stack.numel,), 7.0)
+    torch.testing.assert_close(green.stack.mix(w, out=out), green.stack.mix(w))
     tensors = [load_adapter(experts[n]).tensors for n in green.experts]
     assert set(mixed) == set(tensors[0])  # every q/v module's A and B, nothing else
     assert len(mixed) == 24  # 4 encoder + 8 decoder (self and cross attention) modules
@@ -133,6 +135,10 @@ def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path):
                                          for k in stack.keys]) for n in result.experts])
     w = np.array([0.7, -1.2, 0.3, 2.0])
     torch.testing.assert_close(stack.mix(w), mix_weights(dense_rows, w))
+    for dtype in (torch.float32, torch.bfloat16):  # in place, as each step does
+        out = torch.full((stack.numel,), 7.0, dtype=dtype)
+        assert stack.mix(w, out=out) is out
+        torch.testing.assert_close(out, mix_weights(dense_rows, w).to(dtype))
     held = stack.positions.nbytes + stack.signs.nbytes
     assert held < dense_rows.nbytes / 3  # 5 bytes per kept value at k=0.2 vs 4 per parameter
 
