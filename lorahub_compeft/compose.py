@@ -185,6 +185,7 @@ class TernaryStack(ExpertStack):
     segment_scale: np.ndarray = None     # [S]
     segment_start: list[int] = None      # [S + 1]: segment s is positions[start[s]:start[s+1]]
     size: int = 0
+    _split_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def numel(self) -> int:
@@ -196,11 +197,44 @@ class TernaryStack(ExpertStack):
         target = out if out is not None and out.dtype == torch.float32 else None
         acc = torch.zeros(self.size, dtype=torch.float32, device=self.signs.device) \
             if target is None else target.zero_()
-        # A loop over segments (one per expert with a global scale): int8 sign * scalar makes
-        # float32 in one pass, far cheaper than expanding a scale per kept value.
-        for c, lo, hi in zip(coef, self.segment_start[:-1], self.segment_start[1:]):
-            acc.index_add_(0, self.positions[lo:hi], self.signs[lo:hi] * c)
+        parts = self._parts()
+        if len(parts) == 1:
+            self._scatter(acc, coef, parts[0])
+        else:  # threads own disjoint ranges of acc; torch ops release the GIL
+            list(_pool(len(parts)).map(lambda part: self._scatter(acc, coef, part), parts))
         return out.copy_(acc) if out is not None and target is None else acc
+
+    def _scatter(self, acc: torch.Tensor, coef: list[float], part: list[tuple[int, int]]):
+        # int8 sign * scalar makes float32 in one pass, far cheaper than expanding a scale per
+        # kept value; segments are few (one per expert when its scale is global).
+        for c, (lo, hi) in zip(coef, part):
+            acc.index_add_(0, self.positions[lo:hi], self.signs[lo:hi] * c)
+
+    def _parts(self) -> list[list[tuple[int, int]]]:
+        """Per CPU thread, each segment's slice whose positions fall in that thread's share of
+        the output (positions ascend within a segment). One part on GPU or small stacks."""
+        threads = torch.get_num_threads() if self.signs.device.type == "cpu" else 1
+        if self.size < _PARALLEL_MIN or threads < 2:
+            threads = 1
+        if threads not in self._split_cache:
+            starts = self.segment_start
+            edges = [self.size * t // threads for t in range(threads + 1)]
+            cuts = [np.searchsorted(self.positions[lo:hi].numpy(), edges) + lo if threads > 1
+                    else np.array([lo, hi]) for lo, hi in zip(starts[:-1], starts[1:])]
+            self._split_cache[threads] = [[(int(c[t]), int(c[t + 1])) for c in cuts]
+                                          for t in range(threads)]
+        return self._split_cache[threads]
+
+
+_PARALLEL_MIN = 1 << 20  # below this many parameters a thread hand-off costs more than it saves
+_POOLS: dict = {}
+
+
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="lorahub-mix")
+    return _POOLS[workers]
 
 
 def mix_weights(stack: torch.Tensor, w) -> torch.Tensor:
@@ -277,9 +311,11 @@ def _build_ternary_stack(sources, keys, shapes, offsets, device) -> tuple[Ternar
         own = t.offsets()  # the expert's own flat order: tensor j spans own[j]:own[j+1]
         bounds = np.searchsorted(t.positions, own)
         scales = t.tensor_scales()
-        for j, name in enumerate(t.names):
+        column = {name: j for j, name in enumerate(t.names)}
+        for name in keys:  # the stack's order, so that positions ascend within a segment
+            j = column[name]
             lo, hi = int(bounds[j]), int(bounds[j + 1])
-            if name not in where or hi == lo:
+            if hi == lo:
                 continue
             shift = where[name] - int(own[j])  # to the stack's flat order
             positions.append(torch.from_numpy(t.positions[lo:hi] + shift).to(index_dtype))
