@@ -60,17 +60,8 @@ def build_tokenizer(directory: Path):
 
     No T5 sentencepiece model is available offline; word-level ids stay far below 32128, and for
     these simple words the token counts are close to what T5's tokenizer gives."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    words = sorted({w for e in EXAMPLES for text in e.values() for w in text.split()})
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                        special_tokens=[("</s>", 1)])
-    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>")
+    from lorahub_compeft.zoo.tokenizer import build_tokenizer as word_level
+    tokenizer = word_level([text for e in EXAMPLES for text in e.values()])
     tokenizer.save_pretrained(directory)
     return tokenizer
 

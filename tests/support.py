@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 from peft import IA3Config, LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config,
                           T5ForConditionalGeneration)
+
+from lorahub_compeft.zoo.tokenizer import build_tokenizer as word_level_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon red green blue cyan pink gray answer say the word echo").split()
@@ -20,17 +21,9 @@ SPECIALS = ["<pad>", "</s>", "<unk>"]
 
 
 def build_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + [":", "?", "."])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                  pre_tokenizers.Punctuation()])
-    from tokenizers import processors
-    core.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                        special_tokens=[("</s>", 1)])
-    from tokenizers import decoders
-    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                  unk_token="<unk>")
+    """The package's word-level tokenizer over the test vocabulary, each word with and
+    without a leading space (after a newline a word has none)."""
+    tok = word_level_tokenizer([" ".join(WORDS) + " : ? .", "\n".join(WORDS)])
     tok.save_pretrained(directory)
     return tok
 
