@@ -203,6 +203,7 @@ def test_demo_rejects_upstream_tasks_and_too_many_experts(quick_build):
     zoo = str(quick_build["artifacts"])
     assert main(["demo", "--zoo", zoo, "--tasks", "pair_sum", "--seeds", "1"]) == 2
     assert main(["demo", "--zoo", zoo, "--tasks", "heldout_pair_total", "-n", "9"]) == 2
+    assert main(["demo", "--zoo", zoo, "--tasks", "heldout_nonesuch"]) == 2
 
 
 # ---------------------------------------------------------------------------- shipped zoo

@@ -101,6 +101,9 @@ def run_demo(tasks: list[str] | None = None, seeds: list[int] = (1,), n_experts:
     from tqdm.auto import tqdm
     tasks = list(tasks or task_names("heldout"))
     for t in tasks:
+        if t not in task_names():
+            raise ValueError(f"unknown zoo task {t!r}; the held-out tasks are "
+                             f"{', '.join(task_names('heldout'))}")
         if get_task(t).split != "heldout":
             raise ValueError(f"{t} is an upstream task (the base and an expert were trained on "
                              f"it); choose held-out tasks: {', '.join(task_names('heldout'))}")
