@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import math
 import os
 from dataclasses import dataclass
@@ -143,9 +144,21 @@ class CompressedExpert:
         header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}
         tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v.contiguous()
                    for k, v in self._payload.items()}
-        atomic_write_bytes(path, safetensors_bytes(tensors, metadata=header))
+        atomic_write_bytes(path, _sorted_header(safetensors_bytes(tensors, metadata=header)))
         self.path = path
         return path
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its header's keys sorted. safetensors writes them in hash
+    order, which changes from process to process; sorted, the same expert gives the same bytes.
+    The header keeps its length (padded with spaces, as the format allows), so no offset moves."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # never expected; keep the file as safetensors wrote it
+        return data
+    return data[:8] + text + b" " * (length - len(text)) + data[8 + length:]
 
 
 def _as_list(value) -> list | None:

@@ -259,3 +259,13 @@ def test_export_with_force_replaces_the_old_dir_and_leaves_no_backup(lora_dir, t
     reloaded = load_adapter(out).tensors
     kept = sum(int((t != 0).sum()) for t in reloaded.values())
     assert kept == round(0.3 * sum(t.numel() for t in reloaded.values()))
+
+
+def test_saved_header_is_sorted_so_files_are_reproducible(lora_dir, tmp_path):
+    path = compress(lora_dir, 0.3).save(tmp_path / "e.safetensors")
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    parsed = json.loads(data[8:8 + length])
+    assert list(parsed) == sorted(parsed)
+    assert list(parsed["__metadata__"]) == sorted(parsed["__metadata__"])
+    assert load_expert(path).state_dict().keys() == compress(lora_dir, 0.3).state_dict().keys()

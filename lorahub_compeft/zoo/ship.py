@@ -26,7 +26,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from transformers import AutoTokenizer
 
-from ..adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from ..adapters import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, save_adapter
 from ..codec import PAPER_ALPHAS, PAPER_DENSITIES, prune, sparsify, sparsify_rescaled
 from ..expert import compress
 from ..files import atomic_dir, atomic_write_text
@@ -75,10 +75,20 @@ def verify(root: Path = ARTIFACTS) -> dict:
 
 
 def write_dense_fp16(src: Path, dst: Path) -> Path:
-    """A PEFT dir as shipped: fp16 tensors, the base named by its shipped path."""
+    """A PEFT dir as shipped: fp16 tensors, the base named by its shipped path, and
+    target_modules sorted (peft writes a set, in an order that changes from run to run)."""
     adapter = load_adapter(src)
-    config = dict(adapter.config, base_model_name_or_path=BASE_NAME)
+    config = dict(adapter.config, base_model_name_or_path=BASE_NAME,
+                  target_modules=sorted(adapter.config["target_modules"]))
     return save_adapter(dst, {k: v.half() for k, v in adapter.tensors.items()}, config)
+
+
+def shipped_adapter(dense_dir: Path) -> Adapter:
+    """A shipped dense expert, its source named relative to the zoo (not the staging folder's
+    random path), so that the compressed files are the same on every build."""
+    adapter = load_adapter(dense_dir)
+    adapter.source = {"path": f"dense/{dense_dir.name}"}
+    return adapter
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -131,7 +141,8 @@ def size_ratios(dense_dirs: dict[str, Path], densities, tmp: Path) -> dict[float
     for k in densities:
         r = []
         for task, path in dense_dirs.items():
-            out = compress(path, k, 1.0, name=task).save(tmp / f"{task}-{k}.safetensors", force=True)
+            out = compress(shipped_adapter(path), k, 1.0, name=task).save(
+                tmp / f"{task}-{k}.safetensors", force=True)
             r.append((path / WEIGHTS_NAME).stat().st_size / Path(out).stat().st_size)
         ratios[k] = statistics.fmean(r)
     return ratios
@@ -170,7 +181,8 @@ def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
                  summary[(method, k, a)])
         library = ExpertLibrary(staging / "experts")
         for task, path in dense.items():
-            library.add(path, name=task, density=k, alpha=a, per_tensor=per_tensor)
+            library.add(shipped_adapter(path), name=task, density=k, alpha=a,
+                        per_tensor=per_tensor)
         calibration = {"method": method, "density": k, "alpha": a, "min_ratio": min_ratio,
                        "n_val": n_val, "instruction": "",
                        "val_seed": VAL_SEED + seed, "size_ratio_fp16": ratios,
