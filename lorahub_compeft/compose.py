@@ -2,7 +2,7 @@
 
     experts ──► decode the N once ──► E: one [N, P] matrix (every lora_A/lora_B value, flat),
                                       or for ComPEFT experts their kept positions and signs
-    each step:  w (nevergrad) ──► flat.copy_(w @ E) ──► forward on the examples ──► loss + L1
+    each step:  w (nevergrad) ──► flat ← w @ E, in place ──► forward on the examples ──► loss + L1
 
 The model's LoRA parameters are views into one flat buffer, so a step's mixing is one
 matrix-vector product and one copy: per module A = sum_i w_i A_i and B = sum_i w_i B_i, as in
@@ -162,8 +162,7 @@ class ExpertStack:
         """The flat mixed vector sum_i w_i E_i (one matrix-vector product), into `out` if
         given (writing in place spares a fresh P-sized buffer, and its page faults, per step)."""
         if out is not None and out.dtype == self.matrix.dtype:
-            w = torch.as_tensor(np.asarray(w), dtype=out.dtype, device=out.device)
-            return torch.mv(self.matrix.T, w, out=out)
+            return torch.mv(self.matrix.T, _weights(w, out.dtype, out.device), out=out)
         mixed = mix_weights(self.matrix, w)
         return mixed if out is None else out.copy_(mixed)
 
@@ -194,15 +193,14 @@ class TernaryStack(ExpertStack):
     def mix(self, w: torch.Tensor | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         coef = (np.asarray(w.cpu() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
                 [self.segment_expert] * self.segment_scale).tolist()
-        target = out if out is not None and out.dtype == torch.float32 else None
-        acc = torch.zeros(self.size, dtype=torch.float32, device=self.signs.device) \
-            if target is None else target.zero_()
+        in_place = out is not None and out.dtype == torch.float32  # else accumulate in float32
+        acc = out.zero_() if in_place else torch.zeros(self.size, device=self.signs.device)
         parts = self._parts()
         if len(parts) == 1:
             self._scatter(acc, coef, parts[0])
         else:  # threads own disjoint ranges of acc; torch ops release the GIL
             list(_pool(len(parts)).map(lambda part: self._scatter(acc, coef, part), parts))
-        return out.copy_(acc) if out is not None and target is None else acc
+        return acc if out is None or in_place else out.copy_(acc)
 
     def _scatter(self, acc: torch.Tensor, coef: list[float], part: list[tuple[int, int]]):
         # int8 sign * scalar makes float32 in one pass, far cheaper than expanding a scale per
@@ -214,15 +212,18 @@ class TernaryStack(ExpertStack):
         """Per CPU thread, each segment's slice whose positions fall in that thread's share of
         the output (positions ascend within a segment). One part on GPU or small stacks."""
         threads = torch.get_num_threads() if self.signs.device.type == "cpu" else 1
-        if self.size < _PARALLEL_MIN or threads < 2:
+        if self.size < _PARALLEL_MIN:
             threads = 1
         if threads not in self._split_cache:
-            starts = self.segment_start
-            edges = [self.size * t // threads for t in range(threads + 1)]
-            cuts = [np.searchsorted(self.positions[lo:hi].numpy(), edges) + lo if threads > 1
-                    else np.array([lo, hi]) for lo, hi in zip(starts[:-1], starts[1:])]
-            self._split_cache[threads] = [[(int(c[t]), int(c[t + 1])) for c in cuts]
-                                          for t in range(threads)]
+            segments = list(zip(self.segment_start[:-1], self.segment_start[1:]))
+            if threads < 2:
+                self._split_cache[threads] = [segments]
+            else:
+                edges = [self.size * t // threads for t in range(threads + 1)]
+                cuts = [np.searchsorted(self.positions[lo:hi].numpy(), edges) + lo
+                        for lo, hi in segments]
+                self._split_cache[threads] = [[(int(c[t]), int(c[t + 1])) for c in cuts]
+                                              for t in range(threads)]
         return self._split_cache[threads]
 
 
@@ -237,11 +238,14 @@ def _pool(workers: int):
     return _POOLS[workers]
 
 
+def _weights(w, dtype, device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w,
+                           dtype=dtype, device=device)
+
+
 def mix_weights(stack: torch.Tensor, w) -> torch.Tensor:
     """sum_i w_i stack[i] for a stack of shape [N, ...]."""
-    w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w,
-                        dtype=stack.dtype, device=stack.device)
-    return torch.tensordot(w, stack, dims=1)
+    return torch.tensordot(_weights(w, stack.dtype, stack.device), stack, dims=1)
 
 
 def saved_key(param_name: str) -> str:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
