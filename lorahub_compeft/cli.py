@@ -276,14 +276,14 @@ def _add_demo_parser(sub) -> None:
 
 def cmd_demo(args) -> int:
     from .files import atomic_write_text
-    from .zoo.demo import format_table, run_demo
+    from .zoo.demo import Zoo, format_table, run_demo
     from .zoo.ship import ARTIFACTS
     start = time.perf_counter()
     tasks = None if args.tasks == "all" else args.tasks.split(",")
-    root = Path(args.zoo) if args.zoo else ARTIFACTS
-    rows = run_demo(tasks, args.seeds, args.n_experts, args.budget, n_eval=args.n_eval,
-                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, root=root)
-    manifest = json.loads((root / "manifest.json").read_text())
+    zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
+    rows = run_demo(zoo, tasks, args.seeds, args.n_experts, args.budget, n_eval=args.n_eval,
+                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval)
+    manifest = zoo.manifest
     setting = f"k={manifest['density']}, α={manifest['alpha']}"
     if manifest.get("selection") == "per_tensor":
         setting += ", per tensor"

@@ -236,8 +236,8 @@ def run_reference(spec: dict) -> dict:
 def run_ours(spec: dict, compressed: bool) -> dict:
     from lorahub_compeft import ExpertLibrary, compose, load_expert
     from lorahub_compeft.evaluate import load_model
-    # Expert files open lazily (header only); compose decodes each once, and the decoded
-    # experts stay referenced while it runs, so they count with the stack.
+    # Expert files open lazily (header only); compose decodes each once into its stack and
+    # releases the decoded copy. Whatever the expert objects still hold counts with the stack.
     experts = [load_expert(p) for p in spec["compeft"]] if compressed else spec["experts"]
     options = dict(n_experts=spec["n"], seed=spec["seed"], objective="lorahub", progress=False)
     start = time.perf_counter()

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny smoke build")
     p.add_argument("--bbh-dir", default=None,
                    help="BBH data (tasks/, cot-prompts/) whose vocabulary the tokenizer "
-                        "should cover; default: data/bbh next to scripts/ if present")
+                        "should cover; default: ../shared/data/bbh beside the repository, if present")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--ship-to", default=None,
                    help=f"where the shipped artifacts go (default {ARTIFACTS}; with --quick, "

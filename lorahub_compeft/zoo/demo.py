@@ -18,7 +18,6 @@ from ..adapters import WEIGHTS_NAME
 from ..compose import compose
 from ..evaluate import accuracy, generate as generate_answers
 from ..library import ExpertLibrary, file_name_for
-from ..runner import sample_experts
 from .ship import ARTIFACTS, verify
 from .tasks import generate, get_task, task_names
 
@@ -82,7 +81,7 @@ def run_cell(zoo: Zoo, label: str, few: list[dict], rest: list[dict], seed: int,
     row = {"task": label, "seed": seed, "n_eval": len(rest)}
     zero = generate_answers(zoo.model, zoo.tokenizer, inputs, max_new_tokens, batch_size=64)
     row["zeroshot"] = exact_match(zero, targets)
-    names = sample_experts(zoo.library.names(), n_experts, seed)
+    names = zoo.library.sample(n_experts, seed)
     for method, experts in (("dense", [zoo.dense_dir(n) for n in names]),
                             ("compeft", [zoo.library.get(n) for n in names])):
         result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer,
@@ -94,9 +93,9 @@ def run_cell(zoo: Zoo, label: str, few: list[dict], rest: list[dict], seed: int,
     return row
 
 
-def run_demo(tasks: list[str] | None = None, seeds: list[int] = (1,), n_experts: int = 20,
-             budget: int = 40, shots: int = 5, n_eval: int = 100, bbh_dir: str | None = None,
-             max_bbh_eval: int | None = None, root: str | Path = ARTIFACTS,
+def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
+             n_experts: int = 20, budget: int = 40, shots: int = 5, n_eval: int = 100,
+             bbh_dir: str | None = None, max_bbh_eval: int | None = None,
              progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
     tasks = list(tasks or task_names("heldout"))
@@ -107,7 +106,6 @@ def run_demo(tasks: list[str] | None = None, seeds: list[int] = (1,), n_experts:
         if get_task(t).split != "heldout":
             raise ValueError(f"{t} is an upstream task (the base and an expert were trained on "
                              f"it); choose held-out tasks: {', '.join(task_names('heldout'))}")
-    zoo = Zoo.load(root)
     if not 1 <= n_experts <= len(zoo.library):
         raise ValueError(f"--n-experts must be between 1 and {len(zoo.library)} (the zoo's "
                          f"experts), got {n_experts}")
