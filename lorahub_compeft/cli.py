@@ -193,51 +193,78 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def read_experts_file(path: str) -> list[str]:
+    """One expert (Hub id or PEFT dir) per line; blank lines and # comments skipped."""
+    return [line.strip() for line in Path(path).read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
 def _add_bbh_parsers(sub) -> None:
-    from .runner import METHODS
+    from .methods import METHODS
+    names = [m for m in METHODS if m in ("zeroshot", "icl", "lorahub", "compeft")]
     p = sub.add_parser("bbh", help="evaluate zero-shot, ICL, LoraHub and ComPEFT on Big-Bench Hard",
                        description="Per task and seed: 5 seeded few-shot examples, the rest "
                                    "evaluated by exact match. Results go to OUT/results.jsonl, "
-                                   "one line per (task, seed, method); a rerun resumes.")
+                                   "one line per cell keyed by its whole setting (method and its "
+                                   "parameters, model, experts, data, seed); a rerun computes only "
+                                   "the cells not there yet, so another --density or --alpha adds "
+                                   "new cells beside the old ones.")
     p.add_argument("--model", required=True, help="base model, e.g. google/flan-t5-large")
     p.add_argument("--experts-file", help="file with one expert (Hub id or PEFT dir) per line")
     p.add_argument("--experts", nargs="*", default=[], help="experts (Hub ids or PEFT dirs)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(names),
+                   help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(names)})")
     p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
     p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
-    p.add_argument("-n", "--n-experts", type=int, default=20)
-    p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--budget", type=int, default=40)
+    p.add_argument("-n", "--n-experts", type=int, default=20, help="experts per composition (default 20)")
+    p.add_argument("--density", type=float, default=0.1, help="compeft: fraction kept (default 0.1)")
+    p.add_argument("--alpha", type=float, default=1.0, help="compeft: scale factor (default 1)")
+    p.add_argument("--per-tensor", action="store_true", help="compeft: top-k and scale per tensor")
+    p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
+    p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
+                   help="composition objective (default paper)")
+    p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
+    p.add_argument("--shots", type=int, default=5, help="few-shot examples per cell (default 5)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
                                      "else the Hub's lukaemon/bbh)")
     p.add_argument("--max-eval", type=int, help="evaluate at most this many examples per cell")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes, one model each")
+    p.add_argument("--batch-size", type=int, default=16, help="generation batch (default 16)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="cells at once: processes (local) or actors (ray), one model each")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
-    p.add_argument("--address", help="Ray cluster address with --backend ray")
+    p.add_argument("--address", help="Ray cluster address with --backend ray (default: start "
+                                     "Ray on this machine)")
+    p.add_argument("--gpus-per-cell", type=float,
+                   help="GPUs each Ray actor asks for (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--out", required=True, help="results folder")
     p.set_defaults(func=cmd_bbh)
 
-    p = sub.add_parser("report", help="print the Table-7-style report of saved BBH results")
+    p = sub.add_parser("report", help="print the Table-7-style report of saved BBH results",
+                       description="One table per model and data source; a column per method "
+                                   "setting, with each setting's parameters listed below it.")
     p.add_argument("out", help="results folder written by `bbh`")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_bbh(args) -> int:
     from .bbh import BBH_TASKS
+    from .methods import ExpertPool, make_method, method_options
     from .report import report
-    from .runner import RunConfig, run
-    experts = list(args.experts)
-    if args.experts_file:
-        experts += [line.strip() for line in Path(args.experts_file).read_text().splitlines()
-                    if line.strip() and not line.startswith("#")]
-    cfg = RunConfig(model=args.model, out=Path(args.out),
-                    tasks=list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
-                    methods=args.methods.split(","), seeds=args.seeds, experts=experts,
-                    n_experts=args.n_experts, density=args.density, alpha=args.alpha,
-                    budget=args.budget, bbh_dir=args.bbh_dir, max_eval=args.max_eval)
-    run(cfg, workers=args.workers, backend=args.backend, address=args.address)
-    print(report(args.out))
+    from .runner import plan, run
+    from .sources import BBHSource
+    experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
+    options = {"n_experts": args.n_experts, "density": args.density, "alpha": args.alpha,
+               "per_tensor": args.per_tensor, "budget": args.budget,
+               "objective": args.objective, "optimizer": args.optimizer}
+    methods = [make_method(m, **method_options(m, options)) for m in args.methods.split(",")]
+    out = Path(args.out)
+    pool = ExpertPool.from_sources(experts, out / "compressed") if experts else None
+    cells = plan(BBHSource(args.bbh_dir, args.shots, args.max_eval),
+                 list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
+                 args.seeds, methods, args.model, pool)
+    run(cells, out, workers=args.workers, backend=args.backend, address=args.address,
+        gpus_per_cell=args.gpus_per_cell, batch_size=args.batch_size, command=args.argv)
+    print(report(out))
     return 0
 
 
@@ -276,17 +303,15 @@ def _add_demo_parser(sub) -> None:
 
 def cmd_demo(args) -> int:
     from .files import atomic_write_text
-    from .zoo.demo import Zoo, format_table, run_demo
-    from .zoo.ship import ARTIFACTS
+    from .zoo.artifacts import ARTIFACTS, Zoo
+    from .zoo.demo import format_table, run_demo
     start = time.perf_counter()
     tasks = None if args.tasks == "all" else args.tasks.split(",")
     zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
     rows = run_demo(zoo, tasks, args.seeds, args.n_experts, args.budget, n_eval=args.n_eval,
                     bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval)
-    manifest = zoo.manifest
-    setting = f"k={manifest['density']}, α={manifest['alpha']}"
-    if manifest.get("selection") == "per_tensor":
-        setting += ", per tensor"
+    c = zoo.compression
+    setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
     print(format_table(rows, setting))
     print(f"\n{len(rows)} cells, N={args.n_experts} experts, budget {args.budget}, seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
@@ -352,6 +377,7 @@ def cmd_compose(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv if argv is None else ["lorahub-compeft", *argv]  # for OUT/config.json
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
