@@ -19,8 +19,9 @@ ORDER = list(LABELS)
 
 def _setting(row: dict) -> dict:
     """The row's setting; rows written before settings were recorded get what they hold."""
-    return row.get("setting") or {"method": row["method"], "params": {}, "experts": None,
-                                  "model": row.get("model", ""), "data": {}}
+    composed = row["method"] in ("lorahub", "compeft")
+    return row.get("setting") or {"method": row["method"], "params": {}, "model": row.get("model", ""),
+                                  "experts": {} if composed else None, "data": {}}
 
 
 def _table_key(s: dict) -> str:
@@ -64,14 +65,14 @@ def _table(rows: list[dict]) -> list[str]:
         count[columns[k]["method"]] += 1
         m = columns[k]["method"]
         columns[k]["label"] = LABELS.get(m, m) + (f" [{count[m]}]" if count[m] > 1 else "")
-    shown = [(k, "avg") for k in order] + [(k, "best") for k in order if columns[k]["experts"]]
+    shown = [(k, "avg") for k in order] + [(k, "best") for k in order if columns[k]["experts"] is not None]
     tasks = sorted({r["task"] for r in rows})
 
     def value(k, kind, task):
         v = cells[k].get(task)
         return None if not v else (mean(v) if kind == "avg" else max(v))
 
-    heads = [columns[k]["label"] + (f" ({kind})" if columns[k]["experts"] else "") for k, kind in shown]
+    heads = [columns[k]["label"] + (f" ({kind})" if columns[k]["experts"] is not None else "") for k, kind in shown]
     lines = ["| Task | " + " | ".join(heads) + " |",
              "|---|" + "---|" * len(shown)]
     for task in tasks:
