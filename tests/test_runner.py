@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 import support  # noqa: F401  (tests/ is on sys.path via conftest)
-from conftest import SHARED_DATA
+from conftest import BBH, METHOD_NAMES, SEEDS, TASKS, bbh_argv
 from lorahub_compeft import runner
 from lorahub_compeft.cli import main
 from lorahub_compeft.methods import (METHODS, CompeftParams, Compeft, ExpertPool, make_method,
@@ -18,16 +18,7 @@ from lorahub_compeft.report import markdown, report
 from lorahub_compeft.runner import plan, read_jsonl, run, setting_key
 from lorahub_compeft.sources import BBHSource
 
-BBH = SHARED_DATA / "bbh" / "tasks"
 pytestmark = pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
-TASKS, SEEDS, METHOD_NAMES = ["boolean_expressions", "navigate"], [1, 2], ["zeroshot", "icl", "lorahub", "compeft"]
-
-
-@pytest.fixture(scope="module")
-def experts(tiny_t5, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bbh-experts")
-    return [str(support.train_expert(tiny_t5, root / w, support.constant_task(w), steps=15))
-            for w in ("red", "green", "blue")]
 
 
 def cells_for(tiny_t5, experts, out, density=0.3, methods=METHOD_NAMES, tasks=TASKS):
@@ -36,20 +27,6 @@ def cells_for(tiny_t5, experts, out, density=0.3, methods=METHOD_NAMES, tasks=TA
                               METHODS[m].Params.__dataclass_fields__}) for m in methods]
     return plan(BBHSource(str(BBH), 5, max_eval=4), tasks, SEEDS, made, str(tiny_t5),
                 ExpertPool.from_sources(experts, out / "compressed"))
-
-
-def bbh_argv(tiny_t5, experts, out, *extra):
-    return ["bbh", "--model", str(tiny_t5), "--experts", *experts, "--tasks", ",".join(TASKS),
-            "--seeds", "1-2", "-n", "2", "--density", "0.3", "--budget", "3", "--bbh-dir", str(BBH),
-            "--max-eval", "4", "--out", str(out), *extra]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_t5, experts, tmp_path_factory):
-    """The reference: one whole run through the command line, never interrupted."""
-    out = tmp_path_factory.mktemp("reference")
-    assert main(bbh_argv(tiny_t5, experts, out)) == 0
-    return out
 
 
 def by_key(out):
