@@ -325,11 +325,15 @@ def _add_compose_parser(sub) -> None:
                        description="LoraHub: sample N experts, mix them per module as A=sum w_i A_i, "
                                    "B=sum w_i B_i, and learn w with a gradient-free optimizer "
                                    "(nevergrad Shiwa) on the examples' loss + 0.05*mean|w|.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--library", help="an expert library folder to sample from")
-    src.add_argument("--experts", nargs="+", help="expert files, PEFT dirs or Hub ids")
+    p.add_argument("--library", help="an expert library folder to sample from")
+    p.add_argument("--experts", nargs="+", default=[], help="expert files, PEFT dirs or Hub ids")
+    p.add_argument("--experts-file", help="file with one expert (file, PEFT dir or Hub id) per line")
     p.add_argument("--examples", required=True,
                    help='JSON lines file, one {"input": ..., "target": ...} per line')
+    p.add_argument("--eval", dest="eval_file",
+                   help="held-out examples (same format): print the composed model's exact match")
+    p.add_argument("--max-new-tokens", type=int, default=16,
+                   help="answer length for --eval (default 16)")
     p.add_argument("--model", help="base model name or path (default: the experts' base model)")
     p.add_argument("-n", "--n-experts", type=int, default=20, help="experts to sample (default 20)")
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
@@ -356,12 +360,18 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def cmd_compose(args) -> int:
+    from .bbh import exact_match
     from .compose import compose
+    from .evaluate import accuracy
     from .library import ExpertLibrary
     out = Path(args.out)
     if out.exists() and not args.force:
         raise SystemExit(f"error: {out} already exists; choose another path or pass --force")
-    experts = ExpertLibrary(args.library, create=False) if args.library else args.experts
+    listed = args.experts + (read_experts_file(args.experts_file) if args.experts_file else [])
+    if bool(args.library) == bool(listed):
+        raise SystemExit("error: give experts with one of --library or --experts/--experts-file")
+    held_out = read_jsonl(args.eval_file) if args.eval_file else None  # checked before composing
+    experts = ExpertLibrary(args.library, create=False) if args.library else listed
     options = {"optimizer": args.optimizer} if args.optimizer else {}
     result = compose(experts, read_jsonl(args.examples), model=args.model,
                      n_experts=args.n_experts, seed=args.seed, budget=args.budget,
@@ -370,6 +380,10 @@ def cmd_compose(args) -> int:
     print(f"best loss {result.best_loss:.4f} (no composition: {result.zero_loss:.4f})")
     for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
         print(f"  {w:+.3f}  {name}")
+    if held_out is not None:
+        answers = result.generate([e["input"] for e in held_out], args.max_new_tokens)
+        em = 100 * accuracy(answers, [e["target"] for e in held_out], exact_match)
+        print(f"exact match on {len(held_out)} held-out examples ({args.eval_file}): {em:.1f}%")
     print(f"wrote {out}")
     return 0
 
