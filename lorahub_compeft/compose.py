@@ -25,7 +25,7 @@ from .objective import (OBJECTIVES, default_max_length, few_shot_loss, tokenize_
                         validate_examples)
 from .result import CompositionResult
 from .search import optimizer_class, search
-from .expert_sources import ExpertSource, choose_sources, validate_experts
+from .expert_sources import ExpertSource, base_model_of, choose_sources, validate_experts
 from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,7 @@ def _load_base(model, tokenizer, sources: list[ExpertSource], dtype):
 
     from .evaluate import load_model
     if model is None:
-        model = sources[0].config.get("base_model_name_or_path")
-        if not model:
-            raise ValueError(f"{sources[0].name}: adapter_config has no base_model_name_or_path; "
-                             "pass model=")
+        model = base_model_of(sources[0])
     if isinstance(model, (str, os.PathLike)):
         base, loaded_tokenizer = load_model(str(model), dtype)
         tokenizer = tokenizer or loaded_tokenizer

@@ -26,6 +26,25 @@ class ExpertSource:
     config: dict
     load: Callable[[], dict[str, torch.Tensor]]
     ternary: Callable[[], TernaryVector] | None = None  # ComPEFT experts: the sparse form
+    origin: Path | None = None  # the file or folder it was read from, if local
+
+
+def base_model_of(source: ExpertSource) -> str:
+    """The base model the expert records. A relative local path that does not exist from the
+    working directory is looked up from the expert's own folder upwards: the shipped zoo
+    records its base relative to the folder that holds the package, so that it works from
+    any working directory without re-shipping the experts."""
+    name = source.config.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{source.name}: adapter_config has no base_model_name_or_path; pass "
+                         "the base model (model= / --model)")
+    path = Path(name)
+    if path.is_absolute() or path.exists() or source.origin is None or _looks_like_hub_id(name):
+        return name
+    for folder in Path(source.origin).resolve().parents:
+        if (folder / path).is_dir():
+            return str(folder / path)
+    return name
 
 
 def _ternary_once(expert: CompressedExpert) -> Callable[[], TernaryVector]:
@@ -41,7 +60,8 @@ def _ternary_once(expert: CompressedExpert) -> Callable[[], TernaryVector]:
 
 
 def _compressed_source(expert: CompressedExpert) -> ExpertSource:
-    return ExpertSource(expert.name, expert.config, expert.state_dict, _ternary_once(expert))
+    return ExpertSource(expert.name, expert.config, expert.state_dict, _ternary_once(expert),
+                        expert.path)
 
 
 def to_source(item, index: int) -> ExpertSource:
@@ -58,7 +78,7 @@ def to_source(item, index: int) -> ExpertSource:
             return _compressed_source(load_expert(path))
         if path.is_dir():
             return ExpertSource(path.name, _read_config(path / CONFIG_NAME),
-                                lambda: load_adapter(path).tensors)
+                                lambda: load_adapter(path).tensors, origin=path)
         if _looks_like_hub_id(str(item)):
             adapter = load_adapter(str(item))
             return ExpertSource(str(item), adapter.config, lambda: adapter.tensors)

@@ -248,3 +248,16 @@ def test_demo_on_shipped_zoo_imports_no_training_code():
     loaded = proc.stdout.strip().splitlines()[-1]
     assert "lorahub_compeft.zoo.artifacts" in loaded
     assert "lorahub_compeft.zoo.build" not in loaded and "lorahub_compeft.zoo.ship" not in loaded
+
+
+def test_shipped_experts_compose_without_model_from_any_directory(tmp_path):
+    from lorahub_compeft.zoo.artifacts import ARTIFACTS
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text("".join(json.dumps(e) + "\n" for e in generate("heldout_pair_total", 3, seed=7)))
+    proc = subprocess.run([sys.executable, "-m", "lorahub_compeft.cli", "compose", "--library",
+                           str(ARTIFACTS / "experts"), "--examples", str(examples), "-n", "2",
+                           "--budget", "2", "--quiet", "--out", str(tmp_path / "adapter")],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
