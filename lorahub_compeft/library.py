@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
 
+from .bbh import sample_names
 from .expert import CompressedExpert, ExpertFileError, compress, load_expert
 from .files import atomic_write_text
 
@@ -131,7 +131,7 @@ class ExpertLibrary:
         if n > len(self):
             raise LibraryError(f"cannot sample {n} experts from a library of {len(self)} "
                                f"({self.root}); lower n or add experts")
-        return sorted(random.Random(seed).sample(self.names(), n))
+        return sample_names(self.names(), n, seed)  # the runner's draw: same seed, same experts
 
     # --- writing ----------------------------------------------------------------------------
     def add(self, source, name: str | None = None, density: float = 0.1, alpha: float = 1.0,
