@@ -119,10 +119,12 @@ class ExpertPool:
         return sample_names(list(self.identities), n, seed)
 
     def dense(self, name: str) -> str:
-        return self.paths[name]
+        """Its files here; a Hub expert on a node that has not downloaded it: its Hub id."""
+        return self.paths[name] if Path(self.paths[name]).is_dir() else name
 
     def dense_bytes(self, name: str) -> int:
-        return _weights_file(Path(self.paths[name])).stat().st_size
+        path = Path(self.dense(name))
+        return _weights_file(path if path.is_dir() else _locate(name)[0]).stat().st_size
 
     def compressed(self, name: str, density: float, alpha, per_tensor: bool) -> Path:
         """The expert compressed at this setting, made once and reused across cells (the file
@@ -134,7 +136,7 @@ class ExpertPool:
         path = root / tag / f"{ident.hexdigest()[:24]}.safetensors"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            compress(self.paths[name], density, alpha, per_tensor, name=name).save(path, force=True)
+            compress(self.dense(name), density, alpha, per_tensor, name=name).save(path, force=True)
         return path
 
 
