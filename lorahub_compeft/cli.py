@@ -248,7 +248,8 @@ def _add_bbh_parsers(sub) -> None:
 
 def cmd_bbh(args) -> int:
     from .bbh import BBH_TASKS
-    from .methods import ExpertPool, make_method, method_options
+    from .methods import make_method, method_options
+    from .pool import ExpertPool
     from .report import report
     from .runner import plan, run
     from .sources import BBHSource

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_write_text
-from .methods import Base, ExpertPool, Method, model_identity
+from .methods import Base, Method, model_identity
+from .pool import ExpertPool
 from .sources import TaskSource
 
 RESULTS, PREDICTIONS, CONFIG = "results.jsonl", "predictions.jsonl", "config.json"

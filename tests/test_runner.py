@@ -12,8 +12,8 @@ import support  # noqa: F401  (tests/ is on sys.path via conftest)
 from conftest import BBH, METHOD_NAMES, SEEDS, TASKS, bbh_argv
 from lorahub_compeft import runner
 from lorahub_compeft.cli import main
-from lorahub_compeft.methods import (METHODS, CompeftParams, Compeft, ExpertPool, make_method,
-                                     register)
+from lorahub_compeft.methods import METHODS, CompeftParams, Compeft, make_method, register
+from lorahub_compeft.pool import ExpertPool
 from lorahub_compeft.report import markdown, report
 from lorahub_compeft.runner import plan, read_jsonl, run, setting_key
 from lorahub_compeft.sources import BBHSource

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..library import ExpertLibrary, file_name_for
-from ..methods import Base, ExpertPool, sha256_file
+from ..methods import Base
+from ..pool import ExpertPool, sha256_file
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 MANIFEST = "manifest.json"
