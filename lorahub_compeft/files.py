@@ -124,6 +124,10 @@ def atomic_dir(target: str | os.PathLike, force: bool = False, owned: Collection
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
+        mask = _umask()  # some writers (safetensors) create private 0600 files
+        for path in staging.rglob("*"):
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         check_dir_target(target, force, owned)
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)) \
             if target.exists() else None
