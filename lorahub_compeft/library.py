@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
 
+from .base_models import base_identity, same_base
 from .expert import CompressedExpert, ExpertFileError, compress, load_expert
 from .files import atomic_write_text, read_json
 
@@ -306,6 +307,7 @@ class ExpertLibrary:
             if owner is not None:
                 raise LibraryError(f"{name!r} would be stored in {path.name}, which holds "
                                    f"{owner!r}; choose another name")
+            self._check_base(expert)
             old = self._index.get(name)
             expert.save(path, force=True)
             self._index[name] = dict(expert.summary(), file=path.name, file_bytes=path.stat().st_size)
@@ -314,6 +316,18 @@ class ExpertLibrary:
                 (self.root / old["file"]).unlink(missing_ok=True)
         self._cache.pop(name, None)
         return self._index[name]
+
+    def _check_base(self, expert: CompressedExpert) -> None:
+        """Experts that can never be composed together do not share a library."""
+        others = sorted((n, e.get("base_model")) for n, e in self._index.items() if n != expert.name)
+        if not others:
+            return
+        other, base = others[0]
+        same = same_base(base_identity(base), base_identity(expert.base_model))
+        if same is False or (same is None and base != expert.base_model):
+            raise LibraryError(f"{expert.name} was trained on {expert.base_model!r}, but this "
+                               f"library's experts (e.g. {other}) on {base!r}; keep one base "
+                               "model per library (use another folder)")
 
     def _already_stored(self, source, name, density, alpha, per_tensor, encoding, revision):
         if name is None:
