@@ -71,13 +71,11 @@ def same_base(a: dict, b: dict) -> bool | None:
     return None
 
 
-def check_bases(bases: dict[str, str | None], model: str | None = None) -> None:
-    """Check that the experts (name -> recorded base) share one base. With `model` given,
-    a mismatch is only a warning (the user said which base to use); without, it is an error.
-    Unknown identities (a Hub id not in the cache) are compared by their strings."""
-    reference = model if model is not None else next(iter(bases.values()), None)
+def base_problems(bases: dict[str, str | None], reference: str | None) -> list[str]:
+    """One line per expert (name -> recorded base) whose base is not `reference`. Unknown
+    identities (a Hub id not in the cache) are compared by their strings."""
     if reference is None:
-        return
+        return []
     want = base_identity(reference)
     problems = []
     for name, base in bases.items():
@@ -85,13 +83,16 @@ def check_bases(bases: dict[str, str | None], model: str | None = None) -> None:
         if same is None:
             same = base == reference
         if not same:
-            problems.append(f"{name} was trained on {base!r}, not {reference!r}")
-    if not problems:
-        return
-    if model is not None:
-        for problem in problems:
-            log.warning("%s; using %s as --model says", problem, model)
-        return
-    raise ValueError("these experts were trained on different base models:\n  "
-                     + "\n  ".join(problems) + "\npass --model to choose the base (at your risk), "
-                     "or compose experts of one base")
+            problems.append(f"{name}: base_model_name_or_path is {base!r}, another base than "
+                            f"{reference!r}")
+    return problems
+
+
+def check_bases(bases: dict[str, str | None], model: str | None) -> list[str]:
+    """The base mismatches among experts as error lines; with `model` given (the user said
+    which base to use) they are only warnings and nothing is returned."""
+    if model is None:
+        return base_problems(bases, next(iter(bases.values()), None))
+    for problem in base_problems(bases, model):
+        log.warning("%s; using it as --model (model=) says", problem)
+    return []

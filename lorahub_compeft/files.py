@@ -18,8 +18,9 @@ from typing import Collection
 MAX_JSON_BYTES = 64 << 20  # no JSON file we read is legitimately larger
 
 
-class OutputExistsError(FileExistsError):
-    """An output that is in the way; the message says what to do."""
+class OutputExistsError(FileExistsError, ValueError):
+    """An output that is in the way; the message says what to do. (A ValueError too, as the
+    writers raised before.)"""
 
 
 def _umask() -> int:
