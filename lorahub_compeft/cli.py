@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -407,6 +408,9 @@ def error_message(err: BaseException, args) -> str | None:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, KeyboardInterrupt):
         return "interrupted; nothing half-written was kept (every output is written atomically)"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("a weights file holds pickled objects, which are never run or loaded; use a "
+                "model or adapter saved as safetensors (save_pretrained(safe_serialization=True))")
     if args is not None and getattr(args, "command", None) == "bbh" and \
             not getattr(args, "bbh_dir", None) and _is_connection_error(err):
         return ("cannot download Big-Bench Hard from the Hugging Face Hub (offline?); point at "
@@ -443,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = error_message(err, args)
         if message is None:
-            print(f"error: unexpected {type(err).__name__}: {err} (this is a bug; rerun with "
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"error: unexpected {type(err).__name__}: {first} (this is a bug; rerun with "
                   "--debug for the traceback and report it)", file=sys.stderr)
             return 1
         print(f"error: {message}", file=sys.stderr)
