@@ -396,7 +396,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
             if not isinstance(name, str) or not name or name in names:
                 fail(f"header field {field}[{i}] has a missing or repeated name {name!r}")
             names.add(name)
-            if entry.get("dtype") not in _DTYPES:
+            if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
                 fail(f"header field {field}[{i}] ({name}) has dtype {entry.get('dtype')!r}")
             if not isinstance(shape, list) or len(shape) > _MAX_RANK or \
                     not all(_is_count(n, 1 if field == "tensors" else 0) for n in shape):
@@ -471,6 +471,11 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
     if not torch.isfinite(scales).all():
         raise ExpertFileError(f"{path}: a scale is NaN or infinite; the file is damaged")
     entries = meta["tensors"]
+    for entry, scale in zip(entries, scales.expand(n_tensors)):
+        # init + sign * scale must be finite in the tensor's own dtype
+        if abs(entry["init"]) + abs(float(scale)) > torch.finfo(_DTYPES[entry["dtype"]]).max:
+            raise ExpertFileError(f"{path}: tensor {entry['name']}: its init and scale overflow "
+                                  f"{entry['dtype']}; the file is damaged")
     ternary = TernaryVector(names=[e["name"] for e in entries],
                             shapes=[tuple(e["shape"]) for e in entries],
                             dtypes=[_DTYPES[e["dtype"]] for e in entries],

@@ -208,3 +208,17 @@ def test_header_is_compact(tmp_path):
     path = large.save(tmp_path / "large.safetensors")
     assert len(large.meta["tensors"]) == 288
     assert path.stat().st_size - large.sizes["payload_bytes"] <= 0.03 * path.stat().st_size
+
+
+@pytest.mark.parametrize("field,value", [("dtype", ["float32"]), ("dtype", {"a": 1}),
+                                         ("init", 10 ** 15)])
+def test_entry_fields_of_odd_types_or_overflowing_values_are_refused(saved, field, value):
+    """Found by the fault campaign: an unhashable dtype escaped as TypeError, and an init
+    beyond float16's range decoded to infinity."""
+    def edit(meta):
+        meta["tensors"][0][field] = value
+        if field == "init":
+            meta["tensors"][0]["dtype"] = "float16"
+    _edit(saved, edit)
+    with pytest.raises(ExpertFileError, match="dtype|overflow"):
+        load_expert(saved).state_dict()
