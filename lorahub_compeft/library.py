@@ -280,11 +280,11 @@ class ExpertLibrary:
     # --- writing ----------------------------------------------------------------------------
     def add(self, source, name: str | None = None, density: float = 0.1, alpha: float = 1.0,
             per_tensor: bool = False, encoding: str = "golomb", force: bool = False,
-            revision: str | None = None, check=None) -> dict:
+            revision: str | None = None) -> dict:
         """Compress a PEFT adapter (dir or Hub id) or store a CompressedExpert as is.
         Adding what is already stored (same source and settings) changes nothing, so a rerun
-        of an interrupted add finishes the job. `check(expert)` may refuse an expert (e.g. a
-        base-model mismatch) before anything is written."""
+        of an interrupted add finishes the job. An expert of another base model than the
+        library's is refused."""
         self._require_writable("add to")
         if not isinstance(source, CompressedExpert):
             same = self._already_stored(source, name, density, alpha, per_tensor, encoding, revision)
@@ -297,8 +297,6 @@ class ExpertLibrary:
             expert.meta["name"] = name
         name = expert.name
         path = self.root / file_name_for(name)
-        if check is not None:
-            check(expert)
         with self._locked():
             if name in self._index and not force:
                 raise LibraryError(f"{name!r} is already in {self.root} with other settings or "
