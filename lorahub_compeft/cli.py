@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -39,18 +41,23 @@ def _add_compression_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub revision when the source is a Hub id")
 
 
+def _size_line(file_bytes: int, sizes: dict) -> str:
+    """The whole file's size and ratio (what a user stores and downloads); the coded payload
+    as a detail."""
+    return (f"{_human(file_bytes)}, {sizes['fp16_bytes'] / file_bytes:.1f}x smaller than fp16 "
+            f"({_human(sizes['fp16_bytes'])}), {sizes['fp32_bytes'] / file_bytes:.1f}x than fp32 "
+            f"(coded payload {_human(sizes['payload_bytes'])}, "
+            f"{sizes['fp16_bytes'] / sizes['payload_bytes']:.1f}x)")
+
+
 def cmd_compress(args) -> int:
     from .expert import compress
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise SystemExit(f"error: {out} already exists; choose another path or pass --force")
+    from .files import check_file_target
+    out = check_file_target(args.output, args.force)
     expert = compress(args.source, args.density, args.alpha, args.per_tensor, args.encoding,
                       name=args.name, revision=args.revision)
     expert.save(out, force=args.force)
-    s = expert.sizes
-    print(f"{out}: {_human(s['payload_bytes'])} payload, {s['fp16_bytes'] / s['payload_bytes']:.1f}x "
-          f"smaller than fp16 ({_human(s['fp16_bytes'])}), {s['fp32_bytes'] / s['payload_bytes']:.1f}x "
-          f"than fp32")
+    print(f"{out}: {_size_line(out.stat().st_size, expert.sizes)}")
     return 0
 
 
@@ -72,10 +79,9 @@ def cmd_inspect(args) -> int:
           f"{len(expert.meta['tensors'])} tensors, {numel:,} parameters")
     print(f"compression  density {expert.density}, alpha {expert.alpha}, sigma "
           f"{expert.meta['sigma']:.4g}, {info['selection']} selection, {info['encoding']} encoding")
-    print(f"size         {_human(s['payload_bytes'])} payload ({8 * stream / numel:.3f} bits/param; "
-          f"entropy bound {_human(bound)}, {100 * (stream / bound - 1):+.1f}%)")
-    print(f"             dense: {_human(s['fp16_bytes'])} fp16 ({s['fp16_bytes'] / s['payload_bytes']:.1f}x), "
-          f"{_human(s['fp32_bytes'])} fp32 ({s['fp32_bytes'] / s['payload_bytes']:.1f}x)")
+    print(f"file         {_size_line(Path(args.path).stat().st_size, s)}")
+    print(f"payload      {8 * stream / numel:.3f} bits/param; entropy bound {_human(bound)}, "
+          f"{100 * (stream / bound - 1):+.1f}%")
     if s["carried_bytes"]:
         print(f"carried      {_human(s['carried_bytes'])} of full tensors "
               f"({', '.join(e['name'] for e in expert.meta['carried'])})")
@@ -92,38 +98,41 @@ def cmd_export(args) -> int:
 def cmd_library(args) -> int:
     from .library import ExpertLibrary
     if args.action == "add":
-        lib = ExpertLibrary(args.root)
         if args.name and len(args.sources) > 1:
             raise SystemExit("error: --name works with one source only")
+        lib = ExpertLibrary(args.root)
         entries = lib.add_many(args.sources, name=args.name, density=args.density,
                                alpha=args.alpha, per_tensor=args.per_tensor,
                                encoding=args.encoding, force=args.force, revision=args.revision)
         for e in entries:
-            print(f"added {e['name']} ({_human(e['sizes']['payload_bytes'])})")
+            print(f"stored {e['name']} ({_human(e['file_bytes'])})")
         return 0
-    lib = ExpertLibrary(args.root, create=False)
     if args.action == "remove":
-        for name in args.names:
-            lib.remove(name)
-            print(f"removed {name}")
+        ExpertLibrary(args.root, create=False).remove(*args.names)
+        print("removed " + ", ".join(args.names))
         return 0
     if args.action == "rebuild":
-        print(f"indexed {len(lib.rebuild_index())} experts")
+        print(f"indexed {len(ExpertLibrary(args.root, create=False).rebuild_index())} experts")
         return 0
+    lib = ExpertLibrary(args.root, read_only=True)  # listing writes nothing
     rows = lib.entries()
+    stray, temp = lib.stray_files(), lib.temp_files()
+    if stray or temp:
+        print(f"note: {len(stray)} expert file(s) not in the index and {len(temp)} temporary "
+              "file(s), left by an interrupted writer; the next `library add` adopts the files "
+              "that verify and removes the temporary ones", file=sys.stderr)
     if not rows:
         print(f"{args.root}: empty library")
         return 0
     width = max(len(r["name"]) for r in rows)
-    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'k':>5} {'alpha':>5} {'size':>10} {'vs fp16':>8}")
+    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'k':>5} {'alpha':>5} {'file':>10} {'vs fp16':>8}")
     total = 0
     for r in rows:
-        s = r["sizes"]
-        total += s["payload_bytes"]
-        print(f"{r['name']:<{width}}  {r['peft_type']:<5} {r['r'] or '-':>3} {r['density']:>5} "
-              f"{r['alpha']:>5} {_human(s['payload_bytes']):>10} "
-              f"{s['fp16_bytes'] / s['payload_bytes']:>7.1f}x")
-    print(f"{len(rows)} experts, {_human(total)} in all")
+        total += r["file_bytes"]
+        print(f"{r['name']:<{width}}  {str(r['peft_type']):<5} {r['r'] or '-':>3} {r['density']:>5} "
+              f"{r['alpha']:>5} {_human(r['file_bytes']):>10} "
+              f"{r['sizes']['fp16_bytes'] / r['file_bytes']:>7.1f}x")
+    print(f"{len(rows)} experts, {_human(total)} in all (whole files)")
     return 0
 
 
@@ -132,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorahub-compeft", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (or LORAHUB_COMPEFT_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compress", help="compress a PEFT adapter (dir or Hub id) with ComPEFT",
@@ -140,20 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="PEFT adapter directory or Hub id (owner/name)")
     p.add_argument("-o", "--output", required=True, help="the expert file to write (.safetensors)")
     p.add_argument("--name", help="the expert's name (default: the Hub id or directory name)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true", help="replace an existing expert file")
     _add_compression_options(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("inspect", help="show what an expert file holds and how small it is",
                        description="Reads the header only; the payload is not decoded.")
-    p.add_argument("path")
+    p.add_argument("path", help="an expert file (.safetensors) written by `compress`")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="decode an expert file back into a standard PEFT directory")
-    p.add_argument("path")
-    p.add_argument("-o", "--output", required=True, help="directory to write")
-    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument("path", help="an expert file (.safetensors) written by `compress`")
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write (new or empty)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an adapter folder holding only adapter_config.json and "
+                        "adapter_model.safetensors (never other files)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("library", help="manage a local library of compressed experts",
@@ -164,15 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("root", help="library folder (created if missing)")
     a.add_argument("sources", nargs="+", help="PEFT dirs or Hub ids")
     a.add_argument("--name", help="name for a single source")
-    a.add_argument("--force", action="store_true", help="replace experts of the same name")
+    a.add_argument("--force", action="store_true",
+                   help="replace experts of the same name stored with other settings")
     _add_compression_options(a)
-    a = lib.add_parser("list", help="list experts with sizes and ratios")
-    a.add_argument("root")
-    a = lib.add_parser("remove", help="remove experts by name")
-    a.add_argument("root")
-    a.add_argument("names", nargs="+")
+    a = lib.add_parser("list", help="list experts with whole-file sizes and ratios (writes nothing)")
+    a.add_argument("root", help="library folder")
+    a = lib.add_parser("remove", help="remove experts by name (all names are checked first)")
+    a.add_argument("root", help="library folder")
+    a.add_argument("names", nargs="+", help="expert names, as `library list` shows them")
     a = lib.add_parser("rebuild", help="rebuild index.json from the expert files")
-    a.add_argument("root")
+    a.add_argument("root", help="library folder")
     p.set_defaults(func=cmd_library)
 
     _add_compose_parser(sub)
@@ -187,9 +202,13 @@ def parse_seeds(text: str) -> list[int]:
     for part in text.split(","):
         lo, _, hi = part.partition("-")
         try:
-            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            lo, hi = int(lo), int(hi) if hi else int(lo)
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad seeds {text!r}; use e.g. 1-5 or 1,2,3") from None
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"bad seed range {part!r}: it holds no seed; write "
+                                             f"it low-high, e.g. {hi}-{lo}")
+        seeds += range(lo, hi + 1)
     return seeds
 
 
@@ -243,6 +262,8 @@ def _add_bbh_parsers(sub) -> None:
                        description="One table per model and data source; a column per method "
                                    "setting, with each setting's parameters listed below it.")
     p.add_argument("out", help="results folder written by `bbh`")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing report.md / report.png in that folder")
     p.set_defaults(func=cmd_report)
 
 
@@ -251,8 +272,10 @@ def cmd_bbh(args) -> int:
     from .methods import make_method, method_options
     from .pool import ExpertPool
     from .report import report
+    from .base_models import check_model_reference
     from .runner import plan, run
     from .sources import BBHSource
+    check_model_reference(args.model)
     experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
     options = {"n_experts": args.n_experts, "density": args.density, "alpha": args.alpha,
                "per_tensor": args.per_tensor, "budget": args.budget,
@@ -270,7 +293,10 @@ def cmd_bbh(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .files import check_file_target
     from .report import report
+    for name in ("report.md", "report.png"):
+        check_file_target(Path(args.out) / name, args.force)
     print(report(args.out))
     return 0
 
@@ -298,14 +324,17 @@ def _add_demo_parser(sub) -> None:
                                      "mirror BBH on its real examples")
     p.add_argument("--max-bbh-eval", type=int, help="evaluate at most this many real BBH examples")
     p.add_argument("--zoo", help="zoo artifacts folder (default: the one shipped in the package)")
-    p.add_argument("--json", help="also write the per-seed rows as JSON here")
+    p.add_argument("--json", help="also write the per-seed rows as JSON here (a new file)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
-    from .files import atomic_write_text
+    from .files import atomic_write_text, check_file_target
     from .zoo.artifacts import ARTIFACTS, Zoo
     from .zoo.demo import format_table, run_demo
+    if args.json:  # before minutes of work, not after
+        check_file_target(args.json, args.force)
     start = time.perf_counter()
     tasks = None if args.tasks == "all" else args.tasks.split(",")
     zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
@@ -338,12 +367,15 @@ def _add_compose_parser(sub) -> None:
     p.add_argument("--model", help="base model name or path (default: the experts' base model)")
     p.add_argument("-n", "--n-experts", type=int, default=20, help="experts to sample (default 20)")
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of the expert sample and the "
+                                                         "optimizer (default 1)")
     p.add_argument("--optimizer", default=None, help="any nevergrad optimizer (default Shiwa)")
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="lorahub: the released code's loss scaling and NGOpt")
     p.add_argument("--out", required=True, help="directory for the composed PEFT adapter")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="replace an adapter folder holding only adapter_config.json and "
+                        "adapter_model.safetensors (never other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compose)
 
@@ -365,14 +397,18 @@ def cmd_compose(args) -> int:
     from .compose import compose
     from .evaluate import accuracy
     from .library import ExpertLibrary
+    from .adapters import CONFIG_NAME, WEIGHTS_NAME
+    from .files import check_dir_target
+    from .base_models import check_model_reference
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SystemExit(f"error: {out} already exists; choose another path or pass --force")
+    check_dir_target(out, args.force, (CONFIG_NAME, WEIGHTS_NAME))  # before the search, not after
+    if args.model:
+        check_model_reference(args.model)
     listed = args.experts + (read_experts_file(args.experts_file) if args.experts_file else [])
     if bool(args.library) == bool(listed):
         raise SystemExit("error: give experts with one of --library or --experts/--experts-file")
     held_out = read_jsonl(args.eval_file) if args.eval_file else None  # checked before composing
-    experts = ExpertLibrary(args.library, create=False) if args.library else listed
+    experts = ExpertLibrary(args.library, read_only=True) if args.library else listed
     options = {"optimizer": args.optimizer} if args.optimizer else {}
     result = compose(experts, read_jsonl(args.examples), model=args.model,
                      n_experts=args.n_experts, seed=args.seed, budget=args.budget,
@@ -389,17 +425,73 @@ def cmd_compose(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("lorahub-compeft")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """The Hub could not be reached (offline, or HF_HUB_OFFLINE=1 with nothing cached)."""
+    names = {t.__name__ for t in type(err).__mro__}
+    text = str(err)
+    return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
+                         "HFValidationError"}) or "huggingface.co" in text \
+        or "couldn't connect" in text.lower() or "offline" in text.lower()
+
+
+def error_message(err: BaseException, args) -> str | None:
+    """One line that names the problem and the fix for a known failure, else None."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; nothing half-written was kept (every output is written atomically)"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("a weights file holds pickled objects, which are never run or loaded; use a "
+                "model or adapter saved as safetensors (save_pretrained(safe_serialization=True))")
+    if args is not None and getattr(args, "command", None) == "bbh" and \
+            not getattr(args, "bbh_dir", None) and _is_connection_error(err):
+        return ("cannot download Big-Bench Hard from the Hugging Face Hub (offline?); point at "
+                "local files with --bbh-dir DIR (or LORAHUB_COMPEFT_BBH_DIR), a folder of BBH "
+                "<task>.json files")
+    if _is_connection_error(err):
+        model = getattr(args, "model", None)
+        what = f"model {model!r}" if model else "a model or adapter"
+        return (f"cannot load {what} from the Hugging Face Hub or its cache ({first}); pass a "
+                "local folder (e.g. --model path/to/model), or connect and retry")
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({first})"
+    if isinstance(err, (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError,
+                        NotADirectoryError, PermissionError)):
+        return first if not isinstance(err, OSError) or not err.filename else \
+            f"{err.filename}: {err.strerror or first}"
+    if isinstance(err, (OSError, RecursionError, MemoryError)):
+        return f"{type(err).__name__}: {first}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv if argv is None else ["lorahub-compeft", *argv]  # for OUT/config.json
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    debug = args.debug or os.environ.get("LORAHUB_COMPEFT_DEBUG") == "1"
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        # Our errors are ValueErrors that already say what is wrong and how to fix it.
-        print(f"error: {err}", file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as err:
+        # Every command ends here: a known failure is one line with rc 2; anything else says
+        # how to get the traceback (--debug keeps it).
+        if debug:
+            raise
+        message = error_message(err, args)
+        if message is None:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"error: unexpected {type(err).__name__}: {first} (this is a bug; rerun with "
+                  "--debug for the traceback and report it)", file=sys.stderr)
+            return 1
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

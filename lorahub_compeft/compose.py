@@ -16,11 +16,13 @@ import math
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .base_models import looks_like_path
 from .objective import (OBJECTIVES, default_max_length, few_shot_loss, tokenize_examples,
                         validate_examples)
 from .result import CompositionResult
@@ -50,6 +52,9 @@ def _load_base(model, tokenizer, sources: list[ExpertSource], dtype):
     from .evaluate import load_model
     if model is None:
         model = base_model_of(sources[0])
+        if looks_like_path(model) and not Path(model).expanduser().exists():
+            raise ValueError(f"the experts' base model {model} (their base_model_name_or_path) "
+                             "is not here; pass the base with --model (model=)")
     if isinstance(model, (str, os.PathLike)):
         base, loaded_tokenizer = load_model(str(model), dtype)
         tokenizer = tokenizer or loaded_tokenizer
@@ -115,7 +120,9 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     optimizer_class(optimizer)  # an unknown name fails before any model is loaded
     dtype = _resolve_dtype(dtype)
     sources = choose_sources(experts, names, n_experts, seed)
-    validate_experts(sources)
+    named = model if isinstance(model, (str, os.PathLike)) or model is None else \
+        getattr(model, "name_or_path", None)
+    validate_experts(sources, str(named) if named else None)
     names = [s.name for s in sources]
 
     # 2. model, experts, examples

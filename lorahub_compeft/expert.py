@@ -4,18 +4,29 @@ The file is plain safetensors (a JSON header, then raw bytes; never pickle). Ten
   stream.<name>  uint8 bit streams of the ternary vector (coding.py: golomb or bitmask)
   scales         float32, one scale (global selection) or one per tensor (per-tensor)
   full.<tensor>  adapter tensors that are not task vectors (modules_to_save heads), as is
-The header's string metadata says what they mean: format and version, encoding, density,
-alpha, sigma, the tensors' names/shapes/dtypes/inits in order, the source adapter_config.json,
-where it came from, sizes, and the sha256 of the payload (every tensor above, by sorted name).
-Opening reads the header only; the payload is read, checked and decoded on first use.
+The header says what they mean: encoding, density, alpha, sigma, the tensors' names, shapes,
+dtypes and inits in order, the source adapter_config.json, where it came from, sizes, and the
+sha256 of the payload (every tensor above, by sorted name, with its dtype and shape).
+
+Format version 2 (written now) keeps all of that as one canonical JSON document (sorted keys,
+no NaN), zlib-compressed and base85-encoded in the `header` metadata field (a zoo expert's
+header is a fifth of the file instead of half), plus `header_sha256`, the sha256 of that
+canonical JSON: together with the payload digest inside it, every byte decoding reads is
+covered. Version 1 files (the fields as separate JSON strings, payload digest without dtypes
+and shapes, no header digest) still load.
+Opening reads and validates the header only; the payload is read, checked and decoded on
+first use. Every malformed file is an ExpertFileError naming the field; what decoding
+allocates is bounded by the file's size (MAX_VALUES_PER_BYTE) and MAX_NUMEL.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +36,20 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from . import coding
-from .adapters import Adapter, load_adapter, save_adapter, task_vector_init
+from .adapters import Adapter, config_problem, load_adapter, save_adapter, task_vector_init
 from .codec import TernaryVector, sparsify
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_file_target
 
 FORMAT_NAME = "lorahub-compeft-expert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENCODINGS = ("golomb", "bitmask")
+SELECTIONS = ("global", "per_tensor")
+# Decoding allocates about 6 bytes per value; a file may claim at most this many values per
+# byte it holds (density >= ~0.0002 at 0.57 bits per kept value) and MAX_NUMEL in all.
+MAX_VALUES_PER_BYTE = 4096
+MAX_NUMEL = 2 ** 31
+MAX_HEADER_BYTES = 16 << 20  # the decompressed v2 header
+_MAX_RANK = 8
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32,
                                                        torch.float64)}
 
@@ -44,14 +62,35 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def payload_digest(payload: dict[str, np.ndarray | torch.Tensor]) -> str:
+def payload_digest(payload: dict[str, np.ndarray | torch.Tensor], version: int = FORMAT_VERSION) -> str:
+    """sha256 of every payload tensor by sorted name: its name, (v2) dtype and shape, bytes."""
     digest = hashlib.sha256()
     for name in sorted(payload):
         value = payload[name]
         array = value.contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(value, torch.Tensor) else value
         digest.update(name.encode())
+        if version >= 2:
+            dtype = _dtype_name(value.dtype) if isinstance(value, torch.Tensor) else str(value.dtype)
+            digest.update(json.dumps([dtype, list(value.shape)]).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def canonical_json(value) -> bytes:
+    """The one byte form of a header: sorted keys, no spaces, no NaN or infinity."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
+
+
+_OUTER = ("format", "format_version")  # kept as plain metadata, outside the compressed header
+
+
+def encode_header(meta: dict) -> dict[str, str]:
+    """The safetensors metadata of a v2 file."""
+    body = canonical_json({k: v for k, v in meta.items() if k not in _OUTER})
+    return {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+            "header": base64.b85encode(zlib.compress(body, 9)).decode("ascii"),
+            "header_sha256": hashlib.sha256(body).hexdigest()}
 
 
 @dataclass
@@ -136,12 +175,12 @@ class CompressedExpert:
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the expert file atomically (a crash leaves no half-written file behind)."""
-        path = Path(path)
-        if path.exists() and not force:
-            raise FileExistsError(f"{path}: already exists; choose another path or use --force")
+        path = check_file_target(path, force)
         if self._payload is None:
             self._payload, _ = _encode_payload(self.ternary(), self.meta["encoding"], self._carried)
-        header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}
+        # a v1 expert saved again becomes v2: its digest gains dtypes and shapes
+        self.meta.update(format_version=FORMAT_VERSION, payload_sha256=payload_digest(self._payload))
+        header = encode_header(self.meta)
         tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v.contiguous()
                    for k, v in self._payload.items()}
         atomic_write_bytes(path, _sorted_header(safetensors_bytes(tensors, metadata=header)))
@@ -230,6 +269,7 @@ def _default_name(adapter: Adapter) -> str:
 # --- reading ----------------------------------------------------------------------------------
 _REQUIRED = ("format_version", "encoding", "selection", "density", "alpha", "sigma", "numel",
              "coding", "tensors", "carried", "adapter_config", "source", "sizes", "payload_sha256")
+_V1_STRINGS = ("format", "encoding", "selection", "payload_sha256", "name")
 
 
 def load_expert(path: str | os.PathLike) -> CompressedExpert:
@@ -248,55 +288,153 @@ def load_expert(path: str | os.PathLike) -> CompressedExpert:
         raise ExpertFileError(f"{path}: not a lorahub-compeft expert file (format "
                               f"{raw.get('format')!r}); compress a PEFT adapter with "
                               "`lorahub-compeft compress`")
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise ExpertFileError(f"{path}: header lacks {', '.join(missing)}")
-    meta = {"format": FORMAT_NAME}
+    version = raw.get("format_version")
+    if version not in ("1", "2"):
+        if isinstance(version, str) and version.isdigit() and int(version) > FORMAT_VERSION:
+            raise ExpertFileError(f"{path}: written by a newer lorahub-compeft (file format "
+                                  f"{version}, this one reads up to {FORMAT_VERSION}); upgrade "
+                                  "it: pip install -U lorahub-compeft")
+        raise ExpertFileError(f"{path}: header field format_version is {version!r}, not one of "
+                              "this package's file formats (1, 2)")
     try:
-        for key, value in raw.items():
-            meta[key] = value if key in ("format", "encoding", "selection", "payload_sha256", "name") \
-                else json.loads(value)
-    except json.JSONDecodeError as err:
-        raise ExpertFileError(f"{path}: damaged header field ({err})") from None
+        meta = _read_header_v2(path, raw) if version == "2" else _read_header_v1(path, raw)
+    except RecursionError:
+        raise ExpertFileError(f"{path}: header JSON nested too deeply") from None
     _validate_header(path, meta, stored)
     return CompressedExpert(meta=meta, path=path)
 
 
+def _read_header_v1(path: Path, raw: dict[str, str]) -> dict:
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ExpertFileError(f"{path}: header lacks {', '.join(missing)}")
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = value if key in _V1_STRINGS else json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ExpertFileError(f"{path}: damaged header field {key} ({err})") from None
+    return meta
+
+
+def _read_header_v2(path: Path, raw: dict[str, str]) -> dict:
+    def fail(problem: str):
+        raise ExpertFileError(f"{path}: {problem}; the file is damaged, compress it again")
+
+    extra = sorted(set(raw) - {"format", "format_version", "header", "header_sha256"})
+    if extra:
+        fail(f"unexpected header fields {', '.join(extra)}")
+    try:
+        packed = base64.b85decode(raw.get("header", ""))
+        inflate = zlib.decompressobj()
+        body = inflate.decompress(packed, MAX_HEADER_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            fail(f"header field 'header' is truncated or inflates past {MAX_HEADER_BYTES >> 20} MB")
+    except (ValueError, zlib.error) as err:
+        fail(f"header field 'header' cannot be decoded ({err})")
+    if hashlib.sha256(body).hexdigest() != raw.get("header_sha256"):
+        fail("header checksum mismatch (header_sha256)")
+    try:
+        meta = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        fail(f"header field 'header' is not JSON ({err})")
+    if not isinstance(meta, dict) or canonical_json(meta) != body:
+        fail("header field 'header' is not a canonical JSON object")
+    missing = [k for k in _REQUIRED if k not in meta and k != "format_version"]
+    if missing:
+        fail(f"header lacks {', '.join(missing)}")
+    return {"format": FORMAT_NAME, "format_version": 2, **meta}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> None:
+    """Every field decoding or summary() reads, by type and range; then the sizes, so that
+    decoding allocates no more than the file can hold. Linear in the header's size."""
     def fail(problem: str):
         raise ExpertFileError(f"{path}: {problem}")
 
-    version = meta["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        fail(f"format version {version} is newer than this lorahub-compeft reads "
-             f"({FORMAT_VERSION}); upgrade the package (pip install -U lorahub-compeft)")
+    if meta.get("name") is not None and not isinstance(meta["name"], str):
+        fail("header field name must be a string")
     if meta["encoding"] not in ENCODINGS:
-        fail(f"unknown encoding {meta['encoding']!r}")
-    tensors = meta["tensors"]
+        fail(f"header field encoding is {meta['encoding']!r}, not one of {ENCODINGS}")
+    if meta["selection"] not in SELECTIONS:
+        fail(f"header field selection is {meta['selection']!r}, not one of {SELECTIONS}")
+    for key, low in (("density", 0), ("alpha", 0), ("sigma", -1)):
+        if not _is_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
+            fail(f"header field {key} is {meta[key]!r}, not a finite number in range")
+    if not isinstance(meta["payload_sha256"], str):
+        fail("header field payload_sha256 must be a string")
+    if not isinstance(meta["source"], dict):
+        fail("header field source must be an object")
+    sizes = meta["sizes"]
+    if not isinstance(sizes, dict) or not all(_is_count(sizes.get(k), 1) for k in
+                                              ("fp16_bytes", "fp32_bytes", "payload_bytes")) \
+            or not _is_count(sizes.get("carried_bytes")) or not _is_count(sizes.get("original_bytes")):
+        fail("header field sizes must hold positive byte counts")
+    problem = config_problem(meta["adapter_config"])
+    if problem:
+        fail(f"header field adapter_config: {problem}")
+
+    tensors, carried = meta["tensors"], meta["carried"]
     if not isinstance(tensors, list) or not tensors:
-        fail("header lists no tensors")
-    for entry in tensors + meta["carried"]:
-        shape = entry.get("shape")
-        if entry.get("dtype") not in _DTYPES or not isinstance(shape, list) or \
-                not all(isinstance(n, int) and n >= 0 for n in shape):
-            fail(f"bad tensor entry {entry.get('name')!r} in the header")
-    numel = sum(math.prod(e["shape"]) for e in tensors)
-    if numel != meta["numel"]:
-        fail(f"tensor shapes add up to {numel} values, header says {meta['numel']}")
-    count = meta["coding"].get("count") if isinstance(meta["coding"], dict) else None
-    density = meta["density"]
-    if not isinstance(density, (int, float)) or not 0 < density <= 1:
-        fail(f"density {density!r} out of (0, 1]")
-    # The kept count must match the density: this bounds numel by the payload's size, so a
-    # forged header cannot make the decoder allocate a huge tensor.
-    slack = len(tensors) + 1
-    if not isinstance(count, int) or abs(count - density * numel) > slack:
+        fail("header field tensors lists no tensors")
+    if not isinstance(carried, list):
+        fail("header field carried must be a list")
+    names = set()
+    for field, entries in (("tensors", tensors), ("carried", carried)):
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                fail(f"header field {field}[{i}] is not an object")
+            name, shape = entry.get("name"), entry.get("shape")
+            if not isinstance(name, str) or not name or name in names:
+                fail(f"header field {field}[{i}] has a missing or repeated name {name!r}")
+            names.add(name)
+            if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
+                fail(f"header field {field}[{i}] ({name}) has dtype {entry.get('dtype')!r}")
+            if not isinstance(shape, list) or len(shape) > _MAX_RANK or \
+                    not all(_is_count(n, 1 if field == "tensors" else 0) for n in shape):
+                fail(f"header field {field}[{i}] ({name}) has a bad shape {shape!r}")
+            if field == "tensors" and not _is_number(entry.get("init")):
+                fail(f"header field tensors[{i}] ({name}) has a bad init {entry.get('init')!r}")
+            if field == "carried" and stored.get(f"full.{name}") != shape:
+                fail(f"carried tensor {name} is missing or has the wrong shape")
+
+    numel = meta["numel"]
+    if not _is_count(numel, 1):
+        fail(f"header field numel is {numel!r}, not a positive count")
+    limit = min(MAX_NUMEL, MAX_VALUES_PER_BYTE * path.stat().st_size)
+    if numel > limit:
+        fail(f"header claims {numel} values, more than a file of this size can hold ({limit}); "
+             "the file is damaged or forged")
+    total = 0
+    for entry in tensors:  # add up with an early stop: no product of forged sizes grows big
+        total += math.prod(entry["shape"])
+        if total > numel:
+            break
+    if total != numel:
+        fail(f"tensor shapes add up to {total if total <= numel else 'more than ' + str(numel)} "
+             f"values, header field numel says {numel}")
+    coding_params = meta["coding"]
+    count = coding_params.get("count") if isinstance(coding_params, dict) else None
+    if not _is_count(count) or count > numel:
+        fail(f"header field coding has a bad kept count {count!r}")
+    if meta["encoding"] == "golomb" and not _is_count(coding_params.get("m"), 1):
+        fail(f"header field coding has a bad Golomb parameter {coding_params.get('m')!r}")
+    # The kept count must match the density: a forged size must also forge the count.
+    density, slack = meta["density"], len(tensors) + 1
+    if abs(count - density * numel) > slack:
         fail(f"kept count {count} does not match density {density} of {numel} values")
-    for entry in meta["carried"]:
-        if stored.get(f"full.{entry['name']}") != entry["shape"]:
-            fail(f"carried tensor {entry['name']} is missing or has the wrong shape")
-    if "scales" not in stored:
-        fail("no scales tensor")
+    n_scales = len(tensors) if meta["selection"] == "per_tensor" else 1
+    if stored.get("scales") not in ([n_scales], [1] if n_scales == 1 else None):
+        fail(f"the scales tensor must hold {n_scales} value(s), "
+             f"has shape {stored.get('scales')}")
 
 
 def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torch.Tensor]]:
@@ -307,7 +445,7 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
             payload = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as err:
         raise ExpertFileError(f"{path}: cannot read the payload ({err})") from None
-    if payload_digest(payload) != meta["payload_sha256"]:
+    if payload_digest(payload, meta["format_version"]) != meta["payload_sha256"]:
         raise ExpertFileError(f"{path}: payload checksum mismatch; the file is damaged, "
                               "download or compress it again")
     streams = {k.removeprefix("stream."): v.numpy() for k, v in payload.items()
@@ -324,16 +462,29 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
             positions, signs = coding.decode_bitmask(streams, numel)
     except coding.CodingError as err:
         raise ExpertFileError(f"{path}: {err}") from None
+    if len(positions) != meta["coding"]["count"]:
+        raise ExpertFileError(f"{path}: the streams hold {len(positions)} kept values, header "
+                              f"field coding says {meta['coding']['count']}")
     scales = payload["scales"]
-    if scales.dtype != torch.float32 or scales.numel() not in (1, n_tensors):
+    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.numel() not in (1, n_tensors):
         raise ExpertFileError(f"{path}: scales must be float32 with 1 or {n_tensors} values")
+    if not torch.isfinite(scales).all():
+        raise ExpertFileError(f"{path}: a scale is NaN or infinite; the file is damaged")
     entries = meta["tensors"]
+    for entry, scale in zip(entries, scales.expand(n_tensors)):
+        # init + sign * scale must be finite in the tensor's own dtype
+        if abs(entry["init"]) + abs(float(scale)) > torch.finfo(_DTYPES[entry["dtype"]]).max:
+            raise ExpertFileError(f"{path}: tensor {entry['name']}: its init and scale overflow "
+                                  f"{entry['dtype']}; the file is damaged")
     ternary = TernaryVector(names=[e["name"] for e in entries],
                             shapes=[tuple(e["shape"]) for e in entries],
                             dtypes=[_DTYPES[e["dtype"]] for e in entries],
                             positions=positions, signs=signs, scales=scales, sigma=meta["sigma"])
     carried = {e["name"]: payload[f"full.{e['name']}"] for e in meta["carried"]}
     for e in meta["carried"]:
-        if carried[e["name"]].dtype != _DTYPES[e["dtype"]]:
+        tensor = carried[e["name"]]
+        if tensor.dtype != _DTYPES[e["dtype"]]:
             raise ExpertFileError(f"{path}: carried tensor {e['name']} has the wrong dtype")
+        if not torch.isfinite(tensor).all():
+            raise ExpertFileError(f"{path}: carried tensor {e['name']} holds NaN or infinity")
     return ternary, carried

@@ -12,11 +12,13 @@ from typing import Callable
 import torch
 
 from .adapters import CONFIG_NAME, Adapter, _looks_like_hub_id, _read_config, load_adapter
+from .base_models import check_bases
 from .codec import TernaryVector
 from .expert import CompressedExpert, load_expert
 
 # Config fields every composed expert must agree on (LoRA's scaling is lora_alpha / r).
-_MUST_MATCH = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+# The base model is compared by identity, not by this string (base_models.check_bases).
+_MUST_MATCH = ("peft_type", "r", "lora_alpha", "target_modules")
 
 
 @dataclass
@@ -122,8 +124,9 @@ def _normal(key: str, value):
     return value
 
 
-def validate_experts(sources: list[ExpertSource]) -> None:
-    """All experts must be LoRA with the same r, alpha, targets and base model."""
+def validate_experts(sources: list[ExpertSource], model: str | None = None) -> None:
+    """All experts must be LoRA with the same r, alpha, targets and base model; with `model`
+    named, a base mismatch is a warning (the caller chose the base)."""
     if not sources:
         raise ValueError("no experts to compose")
     problems = []
@@ -140,5 +143,9 @@ def validate_experts(sources: list[ExpertSource]) -> None:
             mine, theirs = _normal(key, s.config.get(key)), _normal(key, first.config.get(key))
             if mine != theirs and not (key == "peft_type" and problems):
                 problems.append(f"{s.name}: {key} is {mine!r}, but {first.name} has {theirs!r}")
+    problems += check_bases({s.name: s.config.get("base_model_name_or_path") for s in sources},
+                            model)
     if problems:
-        raise ValueError("these experts cannot be composed together:\n  " + "\n  ".join(problems))
+        raise ValueError("these experts cannot be composed together:\n  " + "\n  ".join(problems)
+                         + ("\n(pass --model / model= to choose the base model)"
+                            if any("base_model" in p for p in problems) else ""))

@@ -132,7 +132,8 @@ def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
     """Write the artifacts into `out` (replaced whole, atomically) and return the manifest."""
     build_dir, out = Path(build_dir), Path(out)
     start = time.time()
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, force=True, owned=("base", "dense", "experts", "calibration.json",
+                                            MANIFEST)) as staging:
         shutil.copytree(build_dir / "base", staging / "base", dirs_exist_ok=True)
         dense = {p.name: write_dense_fp16(p, staging / "dense" / p.name)
                  for p in sorted((build_dir / "experts").iterdir()) if (p / CONFIG_NAME).exists()}
