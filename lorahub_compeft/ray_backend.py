@@ -30,7 +30,8 @@ def run_on_ray(cells, workers: int, address: str | None, gpus_per_cell: float | 
     from .runner import Worker
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, log_to_driver=False)
+        # "local": a new instance of our own, never another user's Ray found on this machine
+        ray.init(address=address or "local", log_to_driver=False)
     actors = []
     try:
         gpus = _gpus(ray, gpus_per_cell)

@@ -60,7 +60,7 @@ def test_ray_resumes_after_the_driver_is_killed_and_honours_the_cap(uninterrupte
     before = {r["key"] for r in read_jsonl(out / "results.jsonl")}
     assert 2 <= len(before) < 16, "the run finished before it could be killed"
 
-    ray.init(num_cpus=4, include_dashboard=False)  # room for 4 cells at once; the cap is 1
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # room for 4 cells at once; the cap is 1
     try:
         run(cells_for(tiny_t5, experts, out), out, backend="ray", workers=1, progress=False)
         assert ray.is_initialized()  # not started by run(), so not shut down by it
