@@ -76,7 +76,8 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _is_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A real number (not a bool), finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -90,7 +91,7 @@ def config_problem(config) -> str | None:
     if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool)
                               and config["r"] > 0):
         return f"'r' must be a positive integer, got {config['r']!r}"
-    if config.get("lora_alpha") is not None and not _is_number(config["lora_alpha"]):
+    if config.get("lora_alpha") is not None and not is_finite_number(config["lora_alpha"]):
         return f"'lora_alpha' must be a finite number, got {config['lora_alpha']!r}"
     targets = config.get("target_modules")
     if targets is not None and not isinstance(targets, str) and not (

@@ -36,7 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from . import coding
-from .adapters import Adapter, config_problem, load_adapter, save_adapter, task_vector_init
+from .adapters import (Adapter, config_problem, is_finite_number, load_adapter, save_adapter,
+                       task_vector_init)
 from .codec import TernaryVector, sparsify
 from .files import atomic_write_bytes, check_file_target
 
@@ -346,10 +347,6 @@ def _read_header_v2(path: Path, raw: dict[str, str]) -> dict:
     return {"format": FORMAT_NAME, "format_version": 2, **meta}
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_count(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -367,7 +364,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
     if meta["selection"] not in SELECTIONS:
         fail(f"header field selection is {meta['selection']!r}, not one of {SELECTIONS}")
     for key, low in (("density", 0), ("alpha", 0), ("sigma", -1)):
-        if not _is_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
+        if not is_finite_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
             fail(f"header field {key} is {meta[key]!r}, not a finite number in range")
     if not isinstance(meta["payload_sha256"], str):
         fail("header field payload_sha256 must be a string")
@@ -401,7 +398,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
             if not isinstance(shape, list) or len(shape) > _MAX_RANK or \
                     not all(_is_count(n, 1 if field == "tensors" else 0) for n in shape):
                 fail(f"header field {field}[{i}] ({name}) has a bad shape {shape!r}")
-            if field == "tensors" and not _is_number(entry.get("init")):
+            if field == "tensors" and not is_finite_number(entry.get("init")):
                 fail(f"header field tensors[{i}] ({name}) has a bad init {entry.get('init')!r}")
             if field == "carried" and stored.get(f"full.{name}") != shape:
                 fail(f"carried tensor {name} is missing or has the wrong shape")

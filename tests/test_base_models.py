@@ -1,11 +1,9 @@
 """Experts' base model compared by identity (resolved path, Hub id + revision, config shapes),
 --model overriding a mismatch with a warning, and experts that cannot be mixed refused by name."""
 import json
-import os
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import support
