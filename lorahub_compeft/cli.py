@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,27 @@ def _add_compression_options(p: argparse.ArgumentParser) -> None:
                    help="select the top-k and scale within each tensor, not over the whole adapter")
     p.add_argument("--encoding", choices=("golomb", "bitmask"), default="golomb",
                    help="golomb: near the entropy bound (default); bitmask: two bit masks")
+    p.add_argument("--codec", choices=("compeft", "ere"), default="compeft",
+                   help="compeft: sparse ternary (default; --density, --alpha, --per-tensor, "
+                        "--encoding); ere: low-rank factors of each LoRA module's B·A "
+                        "(--budget-bits, --quant-bits)")
+    p.add_argument("--budget-bits", type=float, default=1.0,
+                   help="ere: payload budget in bits per LoRA value (default 1)")
+    p.add_argument("--quant-bits", type=int, choices=(4, 8, 16), default=4,
+                   help="ere: bits per stored factor value, one scale per row (default 4)")
     p.add_argument("--revision", help="Hub revision when the source is a Hub id")
+
+
+def _codec_options(args) -> dict:
+    return {"codec": args.codec, "budget_bits": args.budget_bits, "quant_bits": args.quant_bits}
+
+
+def _setting(summary: dict) -> str:
+    """A codec's parameters in a few characters, for listings."""
+    if summary.get("codec", "compeft") == "ere":
+        return f"{summary['budget_bits']:g}b/p {summary['encoding']} r~{summary['mean_rank']:.1f}"
+    tensor = " pt" if summary.get("selection") == "per_tensor" else ""
+    return f"k={summary['density']:g} a={summary['alpha']:g}{tensor}"
 
 
 def cmd_compress(args) -> int:
@@ -45,10 +66,10 @@ def cmd_compress(args) -> int:
     if out.exists() and not args.force:
         raise SystemExit(f"error: {out} already exists; choose another path or pass --force")
     expert = compress(args.source, args.density, args.alpha, args.per_tensor, args.encoding,
-                      name=args.name, revision=args.revision)
+                      name=args.name, revision=args.revision, **_codec_options(args))
     expert.save(out, force=args.force)
     s = expert.sizes
-    print(f"{out}: {_human(s['payload_bytes'])} payload, {s['fp16_bytes'] / s['payload_bytes']:.1f}x "
+    print(f"{out}: {expert.codec} ({_setting(expert.summary())}), {_human(s['payload_bytes'])} payload, {s['fp16_bytes'] / s['payload_bytes']:.1f}x "
           f"smaller than fp16 ({_human(s['fp16_bytes'])}), {s['fp32_bytes'] / s['payload_bytes']:.1f}x "
           f"than fp32")
     return 0
@@ -62,6 +83,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(dict(info, meta_tensors=len(expert.meta["tensors"])), indent=2))
         return 0
+    if expert.codec == "ere":
+        return _inspect_ere(expert, info)
     s, numel = expert.sizes, expert.meta["numel"]
     bound = coding.ternary_entropy_bits(expert.density, numel) / 8
     stream = s["payload_bytes"] - s["carried_bytes"]
@@ -82,6 +105,26 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _inspect_ere(expert, info: dict) -> int:
+    s, ere = expert.sizes, expert.meta["ere"]
+    numel = sum(math.prod(e["shape"]) for e in expert.meta["tensors"])
+    stream = s["payload_bytes"] - s["carried_bytes"]
+    ranks = ere["ranks"]
+    print(f"expert       {info['name']}")
+    print(f"source       {json.dumps(info['source'])}")
+    print(f"base model   {info['base_model']}")
+    print(f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
+          f"{len(expert.meta['tensors'])} tensors, {numel:,} parameters")
+    print(f"compression  ere: low-rank factors of B·A, {info['encoding']} with a scale per row, "
+          f"budget {ere['budget_bits']:g} bits/param")
+    print(f"ranks        {min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.2f}) over "
+          f"{len(ranks)} modules, {100 * ere['energy_kept']:.1f}% of the energy kept")
+    print(f"size         {_human(s['payload_bytes'])} payload ({8 * stream / numel:.3f} bits/param)")
+    print(f"             dense: {_human(s['fp16_bytes'])} fp16 ({s['fp16_bytes'] / s['payload_bytes']:.1f}x), "
+          f"{_human(s['fp32_bytes'])} fp32 ({s['fp32_bytes'] / s['payload_bytes']:.1f}x)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .expert import load_expert
     out = load_expert(args.path).export(args.output, force=args.force)
@@ -97,7 +140,8 @@ def cmd_library(args) -> int:
             raise SystemExit("error: --name works with one source only")
         entries = lib.add_many(args.sources, name=args.name, density=args.density,
                                alpha=args.alpha, per_tensor=args.per_tensor,
-                               encoding=args.encoding, force=args.force, revision=args.revision)
+                               encoding=args.encoding, force=args.force, revision=args.revision,
+                               **_codec_options(args))
         for e in entries:
             print(f"added {e['name']} ({_human(e['sizes']['payload_bytes'])})")
         return 0
@@ -115,13 +159,14 @@ def cmd_library(args) -> int:
         print(f"{args.root}: empty library")
         return 0
     width = max(len(r["name"]) for r in rows)
-    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'k':>5} {'alpha':>5} {'size':>10} {'vs fp16':>8}")
+    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'codec':<7} {'setting':<22} {'size':>10} "
+          f"{'vs fp16':>8}")
     total = 0
     for r in rows:
         s = r["sizes"]
         total += s["payload_bytes"]
-        print(f"{r['name']:<{width}}  {r['peft_type']:<5} {r['r'] or '-':>3} {r['density']:>5} "
-              f"{r['alpha']:>5} {_human(s['payload_bytes']):>10} "
+        print(f"{r['name']:<{width}}  {r['peft_type']:<5} {r['r'] or '-':>3} "
+              f"{r.get('codec', 'compeft'):<7} {_setting(r):<22} {_human(s['payload_bytes']):>10} "
               f"{s['fp16_bytes'] / s['payload_bytes']:>7.1f}x")
     print(f"{len(rows)} experts, {_human(total)} in all")
     return 0
@@ -134,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compress", help="compress a PEFT adapter (dir or Hub id) with ComPEFT",
-                       description="Keep the top-k of the task vector, as signs times one scale, "
-                                   "and store it near its entropy bound in one .safetensors file.")
+    p = sub.add_parser("compress", help="compress a PEFT adapter (dir or Hub id) with ComPEFT or ERE",
+                       description="ComPEFT (default): keep the top-k of the task vector, as signs "
+                                   "times one scale, stored near its entropy bound. ERE (--codec "
+                                   "ere): low-rank factors of each LoRA module's B·A, rank "
+                                   "allocated under one budget. Either in one .safetensors file.")
     p.add_argument("source", help="PEFT adapter directory or Hub id (owner/name)")
     p.add_argument("-o", "--output", required=True, help="the expert file to write (.safetensors)")
     p.add_argument("--name", help="the expert's name (default: the Hub id or directory name)")

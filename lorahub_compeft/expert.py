@@ -24,14 +24,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import coding
+from . import coding, ere
 from .adapters import Adapter, load_adapter, save_adapter, task_vector_init
-from .codec import TernaryVector, sparsify
+from .codec import TernaryVector, check_task_vector, sparsify
 from .files import atomic_write_bytes
 
 FORMAT_NAME = "lorahub-compeft-expert"
 FORMAT_VERSION = 1
 ENCODINGS = ("golomb", "bitmask")
+CODECS = ("compeft", "ere")  # the header's "codec"; files without one are ComPEFT
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32,
                                                        torch.float64)}
 
@@ -60,6 +61,7 @@ class CompressedExpert:
     meta: dict
     path: Path | None = None
     _ternary: TernaryVector | None = None
+    _factors: dict[str, torch.Tensor] | None = None  # ERE experts: the decoded LoRA factors
     _carried: dict[str, torch.Tensor] | None = None
     _payload: dict | None = None  # encoded streams, kept from compress() until saved
 
@@ -67,6 +69,10 @@ class CompressedExpert:
     @property
     def name(self) -> str:
         return self.meta.get("name") or (self.path.stem if self.path else "expert")
+
+    @property
+    def codec(self) -> str:
+        return self.meta.get("codec", "compeft")
 
     @property
     def config(self) -> dict:
@@ -77,12 +83,12 @@ class CompressedExpert:
         return self.config.get("base_model_name_or_path")
 
     @property
-    def density(self) -> float:
-        return self.meta["density"]
+    def density(self) -> float | None:
+        return self.meta.get("density")
 
     @property
-    def alpha(self) -> float:
-        return self.meta["alpha"]
+    def alpha(self) -> float | None:
+        return self.meta.get("alpha")
 
     @property
     def sizes(self) -> dict:
@@ -90,19 +96,28 @@ class CompressedExpert:
 
     @property
     def is_decoded(self) -> bool:
-        return self._ternary is not None
+        return self._ternary is not None or self._factors is not None
 
     def summary(self) -> dict:
         """The facts an index or a listing needs, from the header alone."""
         cfg = self.config
-        return {"name": self.name, "source": self.meta["source"], "base_model": self.base_model,
-                "peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
-                "target_modules": _as_list(cfg.get("target_modules")),
-                "encoding": self.meta["encoding"], "selection": self.meta["selection"],
-                "density": self.density, "alpha": self.alpha, "sizes": self.sizes}
+        summary = {"name": self.name, "source": self.meta["source"], "base_model": self.base_model,
+                   "peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
+                   "target_modules": _as_list(cfg.get("target_modules")), "codec": self.codec,
+                   "encoding": self.meta.get("encoding"), "selection": self.meta.get("selection"),
+                   "density": self.density, "alpha": self.alpha, "sizes": self.sizes}
+        if self.codec == "ere":
+            info = self.meta["ere"]
+            summary.update(encoding=f"int{info['bits']}" if info["bits"] < 16 else "fp16",
+                           selection="rank", budget_bits=info["budget_bits"],
+                           mean_rank=sum(info["ranks"]) / len(info["ranks"]))
+        return summary
 
     # --- the weights ----------------------------------------------------------------------
     def ternary(self) -> TernaryVector:
+        if self.codec != "compeft":
+            raise ExpertFileError(f"{self.name} is a {self.codec} expert: it has no sparse "
+                                  "ternary form; use task_vector() or state_dict()")
         if self._ternary is None:
             self._ternary, self._carried = _read_payload(self.path, self.meta)
         return self._ternary
@@ -111,16 +126,21 @@ class CompressedExpert:
         """Drop the decoded weights (the file is read again when they are next asked for)."""
         if self.path is None:
             raise ExpertFileError("this expert has no file to decode again; save it first")
-        self._ternary = self._carried = None
+        self._ternary = self._factors = self._carried = None
 
     def task_vector(self) -> dict[str, torch.Tensor]:
-        """tau-hat per compressed tensor: exactly sign * scale or 0."""
+        """tau-hat per compressed tensor: ComPEFT's exactly sign * scale or 0; ERE's LoRA
+        factors of rank <= r (zero-padded), in each tensor's dtype."""
+        if self.codec == "ere":
+            if self._factors is None:
+                self._factors, self._carried = _read_payload(self.path, self.meta)
+            dtypes = {e["name"]: _DTYPES[e["dtype"]] for e in self.meta["tensors"]}
+            return {k: v.to(dtypes[k]) for k, v in self._factors.items()}
         return self.ternary().to_tensors()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors as PEFT stores them: init + tau-hat, plus the carried ones."""
-        ternary = self.ternary()
-        out = ternary.to_tensors()
+        out = self.task_vector()
         for entry in self.meta["tensors"]:
             if entry["init"]:
                 out[entry["name"]] = out[entry["name"]] + entry["init"]
@@ -139,6 +159,8 @@ class CompressedExpert:
         path = Path(path)
         if path.exists() and not force:
             raise FileExistsError(f"{path}: already exists; choose another path or use --force")
+        if self._payload is None and self.codec == "ere":  # re-quantizing would change it
+            self._payload = _read_checked(self.path, self.meta)
         if self._payload is None:
             self._payload, _ = _encode_payload(self.ternary(), self.meta["encoding"], self._carried)
         header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}
@@ -190,25 +212,38 @@ def _nbytes(value: np.ndarray | torch.Tensor) -> int:
 
 def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: float = 1.0,
              per_tensor: bool = False, encoding: str = "golomb", name: str | None = None,
-             revision: str | None = None) -> CompressedExpert:
-    """Compress a PEFT adapter (a local dir, a Hub id, or an `Adapter`) with ComPEFT."""
-    if encoding not in ENCODINGS:
+             revision: str | None = None, codec: str = "compeft", budget_bits: float = 1.0,
+             quant_bits: int = ere.DEFAULT_QUANT_BITS) -> CompressedExpert:
+    """Compress a PEFT adapter (a local dir, a Hub id, or an `Adapter`).
+
+    codec="compeft" (ComPEFT: density, alpha, per_tensor, encoding) or "ere" (low-rank factors
+    of each LoRA module's B·A within budget_bits bits per LoRA value, quantized to quant_bits)."""
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+    if codec == "compeft" and encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     adapter = source if isinstance(source, Adapter) else load_adapter(source, revision)
     inits = {k: task_vector_init(k) for k in adapter.tensors}
     tau = {k: t - init if init else t for k, t in adapter.tensors.items()
            if (init := inits[k]) is not None}
     carried = {k: t.detach().clone() for k, t in adapter.tensors.items() if inits[k] is None}
-    ternary = sparsify(tau, density, alpha, per_tensor)
-    payload, coding_params = _encode_payload(ternary, encoding, carried)
+    if codec == "ere":
+        check_task_vector(tau)
+        payload, info = ere.compress_lora(tau, adapter.config, budget_bits, quant_bits)
+        fields = {"codec": "ere", "ere": info}
+    else:
+        ternary = sparsify(tau, density, alpha, per_tensor)
+        payload, coding_params = _encode_payload(ternary, encoding, {})
+        fields = {"encoding": encoding, "selection": "per_tensor" if per_tensor else "global",
+                  "density": density, "alpha": alpha, "sigma": ternary.sigma,
+                  "numel": ternary.numel, "coding": coding_params}
+    payload.update({f"full.{k}": v for k, v in carried.items()})
     dense = adapter.tensors.values()
     meta = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name or _default_name(adapter),
-        "encoding": encoding, "selection": "per_tensor" if per_tensor else "global",
-        "density": density, "alpha": alpha, "sigma": ternary.sigma,
-        "numel": ternary.numel, "coding": coding_params,
-        "tensors": [{"name": n, "shape": list(s), "dtype": _dtype_name(d), "init": inits[n]}
-                    for n, s, d in zip(ternary.names, ternary.shapes, ternary.dtypes)],
+        **fields,
+        "tensors": [{"name": n, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                     "init": inits[n]} for n, t in tau.items()],
         "carried": [{"name": k, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
                     for k, t in carried.items()],
         "adapter_config": adapter.config, "source": adapter.source,
@@ -219,6 +254,10 @@ def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: f
                   "carried_bytes": sum(_nbytes(t) for t in carried.values())},
         "payload_sha256": payload_digest(payload),
     }
+    if codec == "ere":
+        expert = CompressedExpert(meta=meta, _carried=carried, _payload=payload)
+        expert._factors = _decode_ere(payload, meta)
+        return expert
     return CompressedExpert(meta=meta, _ternary=ternary, _carried=carried, _payload=payload)
 
 
@@ -228,8 +267,11 @@ def _default_name(adapter: Adapter) -> str:
 
 
 # --- reading ----------------------------------------------------------------------------------
-_REQUIRED = ("format_version", "encoding", "selection", "density", "alpha", "sigma", "numel",
-             "coding", "tensors", "carried", "adapter_config", "source", "sizes", "payload_sha256")
+_COMMON = ("format_version", "tensors", "carried", "adapter_config", "source", "sizes",
+           "payload_sha256")
+_REQUIRED = {"compeft": _COMMON + ("encoding", "selection", "density", "alpha", "sigma", "numel",
+                                   "coding"),
+             "ere": _COMMON + ("ere",)}
 
 
 def load_expert(path: str | os.PathLike) -> CompressedExpert:
@@ -248,13 +290,19 @@ def load_expert(path: str | os.PathLike) -> CompressedExpert:
         raise ExpertFileError(f"{path}: not a lorahub-compeft expert file (format "
                               f"{raw.get('format')!r}); compress a PEFT adapter with "
                               "`lorahub-compeft compress`")
-    missing = [k for k in _REQUIRED if k not in raw]
+    codec = raw.get("codec", "compeft")
+    if codec not in CODECS:
+        raise ExpertFileError(f"{path}: unknown codec {codec!r} (this lorahub-compeft reads "
+                              f"{', '.join(CODECS)}); upgrade the package (pip install -U "
+                              "lorahub-compeft)")
+    missing = [k for k in _REQUIRED[codec] if k not in raw]
     if missing:
         raise ExpertFileError(f"{path}: header lacks {', '.join(missing)}")
     meta = {"format": FORMAT_NAME}
     try:
         for key, value in raw.items():
-            meta[key] = value if key in ("format", "encoding", "selection", "payload_sha256", "name") \
+            meta[key] = value if key in ("format", "codec", "encoding", "selection",
+                                         "payload_sha256", "name") \
                 else json.loads(value)
     except json.JSONDecodeError as err:
         raise ExpertFileError(f"{path}: damaged header field ({err})") from None
@@ -270,6 +318,8 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
     if not isinstance(version, int) or version > FORMAT_VERSION:
         fail(f"format version {version} is newer than this lorahub-compeft reads "
              f"({FORMAT_VERSION}); upgrade the package (pip install -U lorahub-compeft)")
+    if meta.get("codec") == "ere":
+        return _validate_ere(meta, stored, fail)
     if meta["encoding"] not in ENCODINGS:
         fail(f"unknown encoding {meta['encoding']!r}")
     tensors = meta["tensors"]
@@ -299,7 +349,33 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
         fail("no scales tensor")
 
 
-def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torch.Tensor]]:
+def _validate_ere(meta: dict, stored: dict[str, list[int]], fail) -> None:
+    entries = meta["tensors"]
+    if not isinstance(entries, list) or not entries:
+        fail("header lists no tensors")
+    for entry in entries + meta["carried"]:
+        shape = entry.get("shape")
+        if entry.get("dtype") not in _DTYPES or not isinstance(shape, list) or \
+                not all(isinstance(n, int) and n >= 0 for n in shape):
+            fail(f"bad tensor entry {entry.get('name')!r} in the header")
+    problem = ere.check_lora_header([e["name"] for e in entries],
+                                    {e["name"]: tuple(e["shape"]) for e in entries},
+                                    meta["ere"], stored)
+    if problem:
+        fail(problem)
+    for entry in meta["carried"]:
+        if stored.get(f"full.{entry['name']}") != entry["shape"]:
+            fail(f"carried tensor {entry['name']} is missing or has the wrong shape")
+
+
+def _decode_ere(payload: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    entries = meta["tensors"]
+    return ere.decode_lora(payload, [e["name"] for e in entries],
+                           {e["name"]: tuple(e["shape"]) for e in entries}, meta["ere"])
+
+
+def _read_checked(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Every payload tensor of the file, after checking them against the header's digest."""
     if path is None:
         raise ExpertFileError("this expert has no file and no weights")
     try:
@@ -310,6 +386,15 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
     if payload_digest(payload) != meta["payload_sha256"]:
         raise ExpertFileError(f"{path}: payload checksum mismatch; the file is damaged, "
                               "download or compress it again")
+    return payload
+
+
+def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector | dict[str, torch.Tensor],
+                                                   dict[str, torch.Tensor]]:
+    """The decoded weights (ComPEFT: a TernaryVector; ERE: LoRA factors) and carried tensors."""
+    payload = _read_checked(path, meta)
+    if meta.get("codec") == "ere":
+        return _decode_ere(payload, meta), _carried_of(path, payload, meta)
     streams = {k.removeprefix("stream."): v.numpy() for k, v in payload.items()
                if k.startswith("stream.")}
     numel, n_tensors = meta["numel"], len(meta["tensors"])
@@ -332,8 +417,12 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
                             shapes=[tuple(e["shape"]) for e in entries],
                             dtypes=[_DTYPES[e["dtype"]] for e in entries],
                             positions=positions, signs=signs, scales=scales, sigma=meta["sigma"])
+    return ternary, _carried_of(path, payload, meta)
+
+
+def _carried_of(path: Path, payload: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     carried = {e["name"]: payload[f"full.{e['name']}"] for e in meta["carried"]}
     for e in meta["carried"]:
         if carried[e["name"]].dtype != _DTYPES[e["dtype"]]:
             raise ExpertFileError(f"{path}: carried tensor {e['name']} has the wrong dtype")
-    return ternary, carried
+    return carried

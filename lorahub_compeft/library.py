@@ -136,10 +136,12 @@ class ExpertLibrary:
     # --- writing ----------------------------------------------------------------------------
     def add(self, source, name: str | None = None, density: float = 0.1, alpha: float = 1.0,
             per_tensor: bool = False, encoding: str = "golomb", force: bool = False,
-            revision: str | None = None) -> dict:
-        """Compress a PEFT adapter (dir or Hub id) or store a CompressedExpert as is."""
+            revision: str | None = None, **codec_options) -> dict:
+        """Compress a PEFT adapter (dir or Hub id) or store a CompressedExpert as is.
+        codec_options: codec, budget_bits, quant_bits as `compress` takes them."""
         expert = source if isinstance(source, CompressedExpert) else compress(
-            source, density, alpha, per_tensor, encoding, name=name, revision=revision)
+            source, density, alpha, per_tensor, encoding, name=name, revision=revision,
+            **codec_options)
         if name:
             expert.meta["name"] = name
         name = expert.name
