@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_library)
 
     _add_compose_parser(sub)
+    _add_merge_parser(sub)
     _add_demo_parser(sub)
     _add_bbh_parsers(sub)
     return parser
@@ -363,6 +364,41 @@ def _add_compose_parser(sub) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compose)
+
+
+def _add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge experts (dense or compressed) into one LoRA adapter",
+                       description="Task arithmetic or TIES on each module's product "
+                                   "s·B·A (not on A and B apart), written back as one LoRA "
+                                   "adapter by SVD.")
+    p.add_argument("experts", nargs="+", help="expert files, PEFT dirs or Hub ids")
+    p.add_argument("-o", "--output", required=True, help="directory for the merged PEFT adapter")
+    p.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
+    p.add_argument("--weights", help="comma-separated, one per expert (default: 1/N for "
+                                     "task_arithmetic, 1 for ties)")
+    p.add_argument("--density", type=float, default=0.2,
+                   help="ties: fraction of each expert's ΔW entries kept per module (default 0.2)")
+    p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the sum of "
+                                            "the experts' ranks)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args) -> int:
+    from .adapters import save_adapter
+    from .merge import merge
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; choose another path or pass --force")
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        raise ValueError(f"bad --weights {args.weights!r}; use e.g. 0.5,0.5") from None
+    result = merge(args.experts, args.method, weights, args.density, args.rank)
+    save_adapter(out, result.adapter.tensors, result.adapter.config, force=args.force)
+    print(f"wrote {out}: {args.method} of {len(args.experts)} experts, rank "
+          f"{result.adapter.config['r']}, {100 * result.energy_kept:.1f}% of the merged update kept")
+    return 0
 
 
 def read_jsonl(path: str) -> list[dict]:
