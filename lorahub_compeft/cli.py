@@ -65,7 +65,11 @@ def cmd_compress(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise SystemExit(f"error: {out} already exists; choose another path or pass --force")
-    expert = compress(args.source, args.density, args.alpha, args.per_tensor, args.encoding,
+    source = args.source
+    if args.base:
+        from .residual import residual_adapter
+        source = residual_adapter(args.source, args.base)
+    expert = compress(source, args.density, args.alpha, args.per_tensor, args.encoding,
                       name=args.name, revision=args.revision, **_codec_options(args))
     expert.save(out, force=args.force)
     s = expert.sizes
@@ -127,8 +131,12 @@ def _inspect_ere(expert, info: dict) -> int:
 
 def cmd_export(args) -> int:
     from .expert import load_expert
-    out = load_expert(args.path).export(args.output, force=args.force)
-    print(f"wrote PEFT adapter {out} (load it with PeftModel.from_pretrained)")
+    expert = load_expert(args.path)
+    out = expert.export(args.output, force=args.force, base=args.base)
+    if expert.config.get("peft_type") == "RESIDUAL":
+        print(f"wrote model {out} (base + decoded residual; load it with from_pretrained)")
+    else:
+        print(f"wrote PEFT adapter {out} (load it with PeftModel.from_pretrained)")
     return 0
 
 
@@ -184,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "times one scale, stored near its entropy bound. ERE (--codec "
                                    "ere): low-rank factors of each LoRA module's B·A, rank "
                                    "allocated under one budget. Either in one .safetensors file.")
-    p.add_argument("source", help="PEFT adapter directory or Hub id (owner/name)")
+    p.add_argument("source", help="PEFT adapter directory or Hub id (owner/name), or with --base "
+                                  "a fully fine-tuned model directory")
+    p.add_argument("--base", help="the model SOURCE was fully fine-tuned from: compress the "
+                                  "residual θ_ft − θ_base")
     p.add_argument("-o", "--output", required=True, help="the expert file to write (.safetensors)")
     p.add_argument("--name", help="the expert's name (default: the Hub id or directory name)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -197,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="decode an expert file back into a standard PEFT directory")
+    p = sub.add_parser("export", help="decode an expert file back into a standard PEFT directory "
+                                      "(a residual: into the full model)")
     p.add_argument("path")
+    p.add_argument("--base", help="residual experts: the base model directory (default: the "
+                                  "one recorded at compression)")
     p.add_argument("-o", "--output", required=True, help="directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.set_defaults(func=cmd_export)

@@ -253,35 +253,72 @@ def decode_lora(payload: dict[str, torch.Tensor], names: list[str], shapes: dict
 
 def check_lora_header(names: list[str], shapes: dict[str, tuple], info: dict,
                       stored: dict[str, list[int]]) -> str | None:
-    """What is wrong with an ERE header against the payload's stored shapes, or None. Every
-    size a decoder allocates is bounded by the payload: ranks ≤ r, and each module's rows and
-    columns no longer than the longest row stored (zero-rank modules have no rows of their own)."""
-    if not isinstance(info, dict) or info.get("bits") not in QUANT_BITS:
-        return f"unknown ERE quantization {info.get('bits') if isinstance(info, dict) else info!r}"
-    if not isinstance(info.get("scaling"), (int, float)) or not info["scaling"] > 0:
-        return "ERE scaling must be a positive number"
+    """What is wrong with a LoRA expert's ERE header against the payload's stored shapes, or
+    None."""
     try:
         pairs = lora_modules(names)
     except EREError as err:
         return str(err)
-    ranks = info.get("ranks")
-    if not isinstance(ranks, list) or len(ranks) != len(pairs):
-        return f"ERE ranks must list one rank per LoRA module ({len(pairs)})"
-    dims = []
-    for (a, b), k in zip(pairs, ranks):
+    dims, ranks = [], info.get("ranks") if isinstance(info, dict) else None
+    for (a, b) in pairs:
         sa, sb = shapes[a], shapes[b]
         if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:
             return f"{a} and {b} do not form a product B·A"
-        if not isinstance(k, int) or not 0 <= k <= sa[0]:
-            return f"rank {k!r} of {a} is not in [0, {sa[0]}]"
         dims.append((sb[0], sa[1]))
+    limits = [shapes[a][0] for a, _ in pairs]
+    return _check_header(dims, limits, info, stored)
+
+
+def check_matrices_header(shapes: list[tuple], info: dict, stored: dict[str, list[int]]
+                          ) -> str | None:
+    """The same for a full-model residual: every coded tensor is a matrix of rank ≤ min dim."""
+    if any(len(s) != 2 for s in shapes):
+        return "ERE residual tensors must be matrices"
+    return _check_header([tuple(s) for s in shapes], [min(s) for s in shapes], info, stored)
+
+
+def _check_header(dims: list[tuple[int, int]], limits: list[int], info: dict,
+                  stored: dict[str, list[int]]) -> str | None:
+    """Every size a decoder allocates is bounded by the payload: the ranks within their limits,
+    the payload's lengths exactly what dims and ranks imply, and no matrix wider than the
+    longest row stored (zero-rank matrices have no rows of their own)."""
+    if not isinstance(info, dict) or info.get("bits") not in QUANT_BITS:
+        return f"unknown ERE quantization {info.get('bits') if isinstance(info, dict) else info!r}"
+    if not isinstance(info.get("scaling"), (int, float)) or not info["scaling"] > 0:
+        return "ERE scaling must be a positive number"
+    ranks = info.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != len(dims):
+        return f"ERE ranks must list one rank per coded matrix ({len(dims)})"
+    for k, limit in zip(ranks, limits):
+        if not isinstance(k, int) or not 0 <= k <= limit:
+            return f"rank {k!r} is not in [0, {limit}]"
     lengths = expected_lengths(dims, ranks, info["bits"])
     for key, n in lengths.items():
         want = [n, 2] if key == "ere.scales" else [n]
         if stored.get(key) != want:
             return f"payload {key} has shape {stored.get(key)}, the header implies {want}"
     longest = max([d for (o, i), k in zip(dims, ranks) if k for d in (o, i)], default=0)
-    widest = max(max(o, i) for o, i in dims)
+    widest = max((max(o, i) for o, i in dims), default=0)
     if widest > max(longest, 1 << 16):
-        return f"a module of width {widest} is larger than any stored factor"
+        return f"a matrix of width {widest} is larger than any stored factor"
     return None
+
+
+# --- full-model residuals ------------------------------------------------------------------------
+def compress_matrices(tau: dict[str, torch.Tensor], bits_per_param: float,
+                      bits: int = DEFAULT_QUANT_BITS) -> tuple[dict[str, torch.Tensor], dict]:
+    """ERE payload and header fields for residual matrices {name: out×in} (θ_ft − θ_base)."""
+    if bits not in QUANT_BITS:
+        raise EREError(f"quantization bits must be one of {QUANT_BITS}, got {bits!r}")
+    budget = budget_bytes_for(sum(t.numel() for t in tau.values()), bits_per_param)
+    spectra = [spectrum_of_matrix(t) for t in tau.values()]
+    ranks = allocate_ranks(spectra, budget, bits)
+    info = {"bits": bits, "budget_bits": bits_per_param, "scaling": 1.0, "ranks": ranks,
+            "energy_kept": _energy_kept(spectra, ranks)}
+    return encode(spectra, ranks, bits), info
+
+
+def decode_matrices(payload: dict[str, torch.Tensor], names: list[str],
+                    shapes: dict[str, tuple], info: dict) -> dict[str, torch.Tensor]:
+    factors = decode(payload, [shapes[n] for n in names], info["ranks"], info["bits"])
+    return {n: u @ v for n, (u, v) in zip(names, factors)}

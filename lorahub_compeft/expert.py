@@ -28,6 +28,7 @@ from . import coding, ere
 from .adapters import Adapter, load_adapter, save_adapter, task_vector_init
 from .codec import TernaryVector, check_task_vector, sparsify
 from .files import atomic_write_bytes
+from .residual import is_residual
 
 FORMAT_NAME = "lorahub-compeft-expert"
 FORMAT_VERSION = 1
@@ -150,8 +151,13 @@ class CompressedExpert:
     def to_adapter(self) -> Adapter:
         return Adapter(self.state_dict(), dict(self.config), dict(self.meta["source"]))
 
-    def export(self, directory: str | os.PathLike, force: bool = False) -> Path:
-        """Write a standard PEFT adapter dir that `PeftModel.from_pretrained` loads."""
+    def export(self, directory: str | os.PathLike, force: bool = False,
+               base: str | os.PathLike | None = None) -> Path:
+        """Write a standard PEFT adapter dir that `PeftModel.from_pretrained` loads; for a
+        full fine-tuning residual, base + residual as a model (`save_pretrained`)."""
+        if is_residual(self.config):
+            from .residual import export_model
+            return export_model(self, base or self.base_model, directory, force)
         return save_adapter(directory, self.state_dict(), self.config, force=force)
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
@@ -223,13 +229,18 @@ def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: f
     if codec == "compeft" and encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     adapter = source if isinstance(source, Adapter) else load_adapter(source, revision)
-    inits = {k: task_vector_init(k) for k in adapter.tensors}
+    residual = is_residual(adapter.config)
+    # A full fine-tuning residual is all task vector: ComPEFT takes every tensor, ERE the
+    # matrices (the rest, layer norms and biases, is carried as is).
+    inits = {k: (0.0 if codec == "compeft" or t.dim() == 2 else None) if residual
+             else task_vector_init(k) for k, t in adapter.tensors.items()}
     tau = {k: t - init if init else t for k, t in adapter.tensors.items()
            if (init := inits[k]) is not None}
     carried = {k: t.detach().clone() for k, t in adapter.tensors.items() if inits[k] is None}
     if codec == "ere":
         check_task_vector(tau)
-        payload, info = ere.compress_lora(tau, adapter.config, budget_bits, quant_bits)
+        payload, info = ere.compress_matrices(tau, budget_bits, quant_bits) if residual else \
+            ere.compress_lora(tau, adapter.config, budget_bits, quant_bits)
         fields = {"codec": "ere", "ere": info}
     else:
         ternary = sparsify(tau, density, alpha, per_tensor)
@@ -358,9 +369,12 @@ def _validate_ere(meta: dict, stored: dict[str, list[int]], fail) -> None:
         if entry.get("dtype") not in _DTYPES or not isinstance(shape, list) or \
                 not all(isinstance(n, int) and n >= 0 for n in shape):
             fail(f"bad tensor entry {entry.get('name')!r} in the header")
-    problem = ere.check_lora_header([e["name"] for e in entries],
-                                    {e["name"]: tuple(e["shape"]) for e in entries},
-                                    meta["ere"], stored)
+    if is_residual(meta["adapter_config"]):
+        problem = ere.check_matrices_header([e["shape"] for e in entries], meta["ere"], stored)
+    else:
+        problem = ere.check_lora_header([e["name"] for e in entries],
+                                        {e["name"]: tuple(e["shape"]) for e in entries},
+                                        meta["ere"], stored)
     if problem:
         fail(problem)
     for entry in meta["carried"]:
@@ -370,8 +384,9 @@ def _validate_ere(meta: dict, stored: dict[str, list[int]], fail) -> None:
 
 def _decode_ere(payload: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     entries = meta["tensors"]
-    return ere.decode_lora(payload, [e["name"] for e in entries],
-                           {e["name"]: tuple(e["shape"]) for e in entries}, meta["ere"])
+    decode = ere.decode_matrices if is_residual(meta["adapter_config"]) else ere.decode_lora
+    return decode(payload, [e["name"] for e in entries],
+                  {e["name"]: tuple(e["shape"]) for e in entries}, meta["ere"])
 
 
 def _read_checked(path: Path, meta: dict) -> dict[str, torch.Tensor]:
