@@ -12,7 +12,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import support
 from lorahub_compeft import ExpertLibrary
-from lorahub_compeft.compose import compose, mix_weights
+from lorahub_compeft.compose import compose
+from lorahub_compeft.stacks import mix_weights
 from lorahub_compeft.evaluate import generate
 from lorahub_compeft.expert import CompressedExpert
 
@@ -50,7 +51,7 @@ def test_same_seed_same_weights(experts, green):
 def test_mixing_is_the_weighted_sum_per_module(experts, green):
     from lorahub_compeft.adapters import load_adapter
     w = np.array([0.5, -1.0, 0.25, 1.5])
-    mixed = green.stack.unflatten(green.stack.mix(w))
+    mixed = green.stack.layout.unflatten(green.stack.mix(w))
     out = torch.full((green.stack.numel,), 7.0)
     torch.testing.assert_close(green.stack.mix(w, out=out), green.stack.mix(w))
     tensors = [load_adapter(experts[n]).tensors for n in green.experts]
@@ -124,16 +125,16 @@ def test_only_the_sampled_experts_are_decoded(experts, tmp_path, monkeypatch):
 
 
 def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path, monkeypatch):
-    from lorahub_compeft.compose import TernaryStack
+    from lorahub_compeft.stacks import TernaryStack
     library = ExpertLibrary(tmp_path / "lib")
     for w in WORDS:
         library.add(experts[w], name=w, density=0.2, per_tensor=(w == "red"))
     result = compose(library, support.constant_task("red"), n_experts=4, budget=2, progress=False)
     stack = result.stack
-    assert isinstance(stack, TernaryStack) and stack.matrix is None
+    assert isinstance(stack, TernaryStack) and not hasattr(stack, "matrix")
     assert stack.positions.dtype == torch.int32 and stack.signs.dtype == torch.int8
     dense_rows = torch.stack([torch.cat([library.get(n).state_dict()[k].reshape(-1)
-                                         for k in stack.keys]) for n in result.experts])
+                                         for k in stack.layout.keys]) for n in result.experts])
     w = np.array([0.7, -1.2, 0.3, 2.0])
     torch.testing.assert_close(stack.mix(w), mix_weights(dense_rows, w))
     for dtype in (torch.float32, torch.bfloat16):  # in place, as each step does
@@ -142,7 +143,7 @@ def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path, monke
         torch.testing.assert_close(out, mix_weights(dense_rows, w).to(dtype))
     # the threaded scatter (used on large stacks) gives the same vector as the serial one
     threads = torch.get_num_threads()
-    monkeypatch.setattr(sys.modules["lorahub_compeft.compose"], "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(sys.modules["lorahub_compeft.stacks"], "_PARALLEL_MIN", 0)
     try:
         torch.set_num_threads(3)
         assert len(stack._parts()) == 3

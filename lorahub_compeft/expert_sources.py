@@ -1,0 +1,124 @@
+"""Which experts a composition uses: each one as an ExpertSource (its name and config now,
+its tensors only when the stack is built), chosen from a library or a list, and checked to
+be composable together."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapters import CONFIG_NAME, Adapter, _looks_like_hub_id, _read_config, load_adapter
+from .codec import TernaryVector
+from .expert import CompressedExpert, load_expert
+
+# Config fields every composed expert must agree on (LoRA's scaling is lora_alpha / r).
+_MUST_MATCH = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+
+
+@dataclass
+class ExpertSource:
+    """One expert to compose: its name and config now, its tensors when `load` is called."""
+    name: str
+    config: dict
+    load: Callable[[], dict[str, torch.Tensor]]
+    ternary: Callable[[], TernaryVector] | None = None  # ComPEFT experts: the sparse form
+
+
+def _ternary_once(expert: CompressedExpert) -> Callable[[], TernaryVector]:
+    """Decode for the stack without leaving the decoded arrays cached in the expert (a
+    library's cache), so that the stack holds the only copy."""
+    def load():
+        cached = expert.is_decoded
+        ternary = expert.ternary()
+        if not cached and expert.path is not None:
+            expert.release()
+        return ternary
+    return load
+
+
+def _compressed_source(expert: CompressedExpert) -> ExpertSource:
+    return ExpertSource(expert.name, expert.config, expert.state_dict, _ternary_once(expert))
+
+
+def to_source(item, index: int) -> ExpertSource:
+    """A CompressedExpert, an Adapter, an expert file, a PEFT dir or a Hub id as a source."""
+    if isinstance(item, CompressedExpert):
+        return _compressed_source(item)
+    if isinstance(item, Adapter):
+        src = item.source or {}
+        name = src.get("hub_id") or (Path(src["path"]).name if src.get("path") else f"adapter{index}")
+        return ExpertSource(name, item.config, lambda: item.tensors)
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if path.is_file() and path.suffix == ".safetensors":
+            return _compressed_source(load_expert(path))
+        if path.is_dir():
+            return ExpertSource(path.name, _read_config(path / CONFIG_NAME),
+                                lambda: load_adapter(path).tensors)
+        if _looks_like_hub_id(str(item)):
+            adapter = load_adapter(str(item))
+            return ExpertSource(str(item), adapter.config, lambda: adapter.tensors)
+        raise ValueError(f"{item}: not an expert file (.safetensors), a PEFT adapter directory "
+                         "or a Hub id")
+    raise ValueError(f"cannot compose a {type(item).__name__}; pass CompressedExperts, expert "
+                     "files, PEFT dirs, Hub ids or Adapters")
+
+
+def choose_sources(experts, names, n_experts: int, seed: int) -> list[ExpertSource]:
+    """The experts to compose: from a library, the given `names` or n_experts sampled with the
+    seed; from a list, all of them, or n_experts sampled with random.Random(seed) if longer."""
+    from .library import ExpertLibrary
+    if isinstance(experts, ExpertLibrary):
+        if names is None:
+            names = experts.sample(n_experts, seed)  # checks n against the library's size
+        return [to_source(experts.get(n), i) for i, n in enumerate(names)]
+    if names is not None:
+        raise ValueError("names= picks experts from an ExpertLibrary; pass the experts themselves "
+                         "otherwise")
+    items = list(experts)
+    if not items:
+        raise ValueError("no experts to compose")
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be at least 1, got {n_experts}")
+    if len(items) > n_experts:
+        keep = sorted(random.Random(seed).sample(range(len(items)), n_experts))
+        items = [items[i] for i in keep]
+    sources = [to_source(item, i) for i, item in enumerate(items)]
+    seen: dict[str, int] = {}
+    for s in sources:  # weights are keyed by name: make names unique
+        seen[s.name] = seen.get(s.name, 0) + 1
+        if seen[s.name] > 1:
+            s.name = f"{s.name}#{seen[s.name]}"
+    return sources
+
+
+def _normal(key: str, value):
+    if key == "target_modules" and isinstance(value, (list, tuple, set)):
+        return sorted(value)
+    return value
+
+
+def validate_experts(sources: list[ExpertSource]) -> None:
+    """All experts must be LoRA with the same r, alpha, targets and base model."""
+    if not sources:
+        raise ValueError("no experts to compose")
+    problems = []
+    for s in sources:
+        cfg = s.config
+        if cfg.get("peft_type") != "LORA":
+            problems.append(f"{s.name}: peft_type is {cfg.get('peft_type')!r}; only LORA experts "
+                            "can be composed")
+        elif cfg.get("use_dora"):
+            problems.append(f"{s.name}: use_dora is set; DoRA experts cannot be composed")
+    first = sources[0]
+    for s in sources[1:]:
+        for key in _MUST_MATCH:
+            mine, theirs = _normal(key, s.config.get(key)), _normal(key, first.config.get(key))
+            if mine != theirs and not (key == "peft_type" and problems):
+                problems.append(f"{s.name}: {key} is {mine!r}, but {first.name} has {theirs!r}")
+    if problems:
+        raise ValueError("these experts cannot be composed together:\n  " + "\n  ".join(problems))

@@ -1,0 +1,126 @@
+"""What composition minimises: the few-shot examples, tokenized once, and their loss.
+
+objective "paper": mean cross-entropy over all target tokens of all examples.
+objective "lorahub": the released LoraHub code: the sum over batches of each batch's mean
+token loss, divided by the number of examples (with one batch, the paper's loss / n).
+The search adds the regularizer (l1 * mean|w| by default) to either.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+OBJECTIVES = ("paper", "lorahub")
+
+
+def validate_examples(examples) -> list[dict]:
+    examples = list(examples) if examples is not None else []
+    if not examples:
+        raise ValueError("no examples: composition needs a few {'input': ..., 'target': ...}")
+    for i, e in enumerate(examples):
+        if not isinstance(e, dict):
+            raise ValueError(f"example {i} is a {type(e).__name__}, not a dict with 'input' and "
+                             "'target'")
+        for key in ("input", "target"):
+            if not isinstance(e.get(key), str):
+                raise ValueError(f"example {i}: {key!r} must be a string, got "
+                                 f"{type(e.get(key)).__name__}" + (" (missing)" if key not in e else ""))
+    return examples
+
+
+def default_max_length(tokenizer, model) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    limit = limit if isinstance(limit, int) and 0 < limit <= 100_000 else 512
+    if not model.config.is_encoder_decoder:
+        for key in ("n_positions", "max_position_embeddings"):
+            n = getattr(model.config, key, None)
+            if isinstance(n, int) and n > 0:
+                limit = min(limit, n)
+    return limit
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def tokenize_examples(examples: list[dict], tokenizer, is_encoder_decoder: bool, max_length: int,
+                      batch_size: int, device) -> list[dict[str, torch.Tensor]]:
+    """Padded batches with labels (-100 where no loss), built once and kept on the device.
+
+    seq2seq: input_ids = the input, labels = the target. causal: input_ids = input + " " +
+    target, labels = the same ids with the prompt and the padding masked. Over-long examples are
+    cut to max_length (seq2seq from the end, causal from the start so the target survives) with
+    one warning.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad
+    truncated = 0
+    inputs, labels = [], []
+    for e in examples:
+        if is_encoder_decoder:
+            ids = tokenizer(e["input"])["input_ids"]
+            target = tokenizer(e["target"])["input_ids"]
+            if len(ids) > max_length or len(target) > max_length:
+                truncated += 1
+                ids, target = ids[:max_length], target[:max_length]
+            inputs.append(ids)
+            labels.append(target)
+        else:
+            prompt = tokenizer(e["input"])["input_ids"]
+            ids = tokenizer(e["input"] + " " + e["target"])["input_ids"]
+            n_prompt = 0
+            while n_prompt < min(len(prompt), len(ids)) and prompt[n_prompt] == ids[n_prompt]:
+                n_prompt += 1
+            n_prompt = min(n_prompt, len(ids) - 1)  # at least one target token scored
+            label = [-100] * n_prompt + ids[n_prompt:]
+            if len(ids) > max_length:
+                truncated += 1
+                ids, label = ids[-max_length:], label[-max_length:]
+            inputs.append(ids)
+            labels.append(label)
+    if truncated:
+        warnings.warn(f"{truncated} of {len(examples)} examples are longer than max_length="
+                      f"{max_length} tokens and were truncated", stacklevel=3)
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        rows, lab = inputs[start:start + batch_size], labels[start:start + batch_size]
+        input_ids = _pad(rows, pad)
+        mask = _pad([[1] * len(r) for r in rows], 0)
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": _pad(lab, -100)}
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of target-token cross-entropies, number of target tokens) for one batch."""
+    labels = batch["labels"]
+    if model.config.is_encoder_decoder:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=labels).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                              labels.reshape(-1), ignore_index=-100,
+                                              reduction="sum")
+    return total, int((labels != -100).sum())
+
+
+def few_shot_loss(model, batches: list[dict[str, torch.Tensor]], n_examples: int,
+                  objective: str = "paper", loss_fn: Callable | None = None) -> float:
+    """The objective's task loss of `model` on the tokenized examples (no regularizer).
+    loss_fn(model, batch) -> float replaces it, averaged over batches weighted by size."""
+    with torch.no_grad():
+        if loss_fn is not None:
+            return sum(float(loss_fn(model, b)) * len(b["input_ids"]) for b in batches) / n_examples
+        if objective == "lorahub":
+            total = 0.0
+            for b in batches:
+                s, n = token_losses(model, b)
+                total += float(s) / max(n, 1)
+            return total / n_examples
+        sums, counts = zip(*(token_losses(model, b) for b in batches))
+        return float(sum(sums)) / max(sum(counts), 1)

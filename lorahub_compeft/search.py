@@ -1,0 +1,63 @@
+"""The gradient-free search over the experts' weights w, with nevergrad.
+
+LoraHub starts every weight at 0 and bounds it to [-1.5, 1.5]; each evaluation is the
+few-shot loss of the mix plus a regularizer. A non-finite loss is told to the optimizer as a
+large penalty and counted, never kept as the best point.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+NONFINITE_PENALTY = 1e6
+
+
+@dataclass
+class SearchOutcome:
+    best_w: np.ndarray
+    best_loss: float   # inf when no step was finite
+    losses: list[float]
+    nonfinite: int
+
+
+def optimizer_class(name: str):
+    import nevergrad as ng
+    cls = ng.optimizers.registry.get(name) if isinstance(name, str) else None
+    if cls is None:
+        common = ["Shiwa", "NGOpt", "CMA", "OnePlusOne", "TwoPointsDE", "PSO", "RandomSearch"]
+        raise ValueError(f"unknown nevergrad optimizer {name!r}; try one of {', '.join(common)} "
+                         f"({len(ng.optimizers.registry)} in nevergrad.optimizers.registry)")
+    return cls
+
+
+def search(evaluate: Callable[[np.ndarray], float], n: int, budget: int, optimizer: str,
+           bounds: float, seed: int, progress: bool = True) -> SearchOutcome:
+    """Minimise evaluate(w) over w in [-bounds, bounds]^n from w = 0 with `budget` evaluations."""
+    import nevergrad as ng
+    from tqdm.auto import tqdm
+
+    parametrization = ng.p.Array(init=np.zeros(n), lower=-bounds, upper=bounds)
+    parametrization.random_state = np.random.RandomState(seed)
+    opt = optimizer_class(optimizer)(parametrization=parametrization, budget=budget, num_workers=1)
+    losses: list[float] = []
+    nonfinite = 0
+    best_loss, best_w = math.inf, np.zeros(n)
+    bar = tqdm(range(budget), desc="composing", unit="step", disable=not progress)
+    for _ in bar:
+        candidate = opt.ask()
+        w = np.asarray(candidate.value, dtype=np.float64)
+        value = evaluate(w)
+        losses.append(value)
+        if not math.isfinite(value):
+            nonfinite += 1
+            opt.tell(candidate, NONFINITE_PENALTY)
+            continue
+        opt.tell(candidate, value)
+        if value < best_loss:
+            best_loss, best_w = value, w.copy()
+        bar.set_postfix(best=f"{best_loss:.4f}")
+    bar.close()
+    return SearchOutcome(best_w, best_loss, losses, nonfinite)
