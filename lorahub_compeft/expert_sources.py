@@ -41,7 +41,9 @@ def _ternary_once(expert: CompressedExpert) -> Callable[[], TernaryVector]:
 
 
 def _compressed_source(expert: CompressedExpert) -> ExpertSource:
-    return ExpertSource(expert.name, expert.config, expert.state_dict, _ternary_once(expert))
+    # Only ComPEFT experts have a sparse form; ERE experts decode to dense LoRA factors.
+    ternary = _ternary_once(expert) if expert.codec == "compeft" else None
+    return ExpertSource(expert.name, expert.config, expert.state_dict, ternary)
 
 
 def to_source(item, index: int) -> ExpertSource:

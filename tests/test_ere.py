@@ -199,3 +199,22 @@ def test_cli_compress_inspect_and_list_show_the_codec(lora_dir, tmp_path, capsys
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert " ere " in rows["x-ere"] and "1b/p int4" in rows["x-ere"]
     assert " compeft " in rows["x-compeft"] and "k=0.1 a=1" in rows["x-compeft"]
+
+
+def test_ere_experts_compose_like_their_decoded_factors(lora_dir, tmp_path):
+    from lorahub_compeft import Adapter
+    from lorahub_compeft.compose import compose
+    from lorahub_compeft.library import ExpertLibrary
+    import support
+    second = support.train_expert(load_adapter(lora_dir).base_model, tmp_path / "blue",
+                                  support.constant_task("blue"), steps=20, seed=2)
+    library = ExpertLibrary(tmp_path / "lib")
+    library.add(lora_dir, name="red", codec="ere", budget_bits=4)
+    library.add(second, name="blue")  # a ComPEFT expert beside it: the stack goes dense
+    examples = support.constant_task("red")
+    by_library = compose(library, examples, n_experts=2, budget=6, seed=3, progress=False)
+    decoded = [Adapter(library.get(n).state_dict(), library.get(n).config, {"path": n})
+               for n in library.names()]
+    by_factors = compose(decoded, examples, n_experts=2, budget=6, seed=3, progress=False)
+    assert list(by_library.weights.values()) == list(by_factors.weights.values())
+    assert by_library.losses == by_factors.losses
