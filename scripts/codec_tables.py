@@ -150,6 +150,28 @@ def format_codecs(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def quant_table(budgets=(0.5, 1, 2, 4, 8)) -> str:
+    """ERE's factor quantization at equal bytes: mean relative error of B·A over the zoo's
+    experts, and the share of the spectrum's energy the allocated ranks keep."""
+    names = sorted(p.name for p in (ARTIFACTS / "dense").iterdir())
+    adapters = {n: load_adapter(ARTIFACTS / "dense" / n) for n in names}
+    lines = ["| budget (bits/param) | " + " | ".join(f"int{b} error (energy kept, mean rank)" if b < 16
+                                                   else "fp16 error (energy kept, mean rank)"
+                                                   for b in (4, 8, 16)) + " |", "|---|---|---|---|"]
+    for budget in budgets:
+        cells = []
+        for bits in (4, 8, 16):
+            experts = [compress(adapters[n], codec="ere", budget_bits=budget, quant_bits=bits)
+                       for n in names]
+            error = statistics.fmean(relative_error(e.state_dict(), adapters[n].tensors)
+                                     for e, n in zip(experts, names))
+            kept = statistics.fmean(e.meta["ere"]["energy_kept"] for e in experts)
+            rank = statistics.fmean(statistics.fmean(e.meta["ere"]["ranks"]) for e in experts)
+            cells.append(f"{error:.3f} ({100 * kept:.0f}%, {rank:.1f})")
+        lines.append(f"| {budget:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --- merging --------------------------------------------------------------------------------------
 def apply_adapter(base, adapter) -> torch.nn.Module:
     """A copy of the base with s·B·A added to each LoRA module's weight (a merged model)."""
@@ -320,11 +342,15 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=tempfile.gettempdir(),
                    help="where the fine-tuned model is kept between runs")
     p.add_argument("--json")
+    sub.add_parser("quant", help="ERE: 4- against 8-bit factors at equal bytes")
     p = sub.add_parser("format", help="print the codec table from JSON files of `codecs` runs")
     p.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
+    if args.table == "quant":
+        print(quant_table())
+        return 0
     if args.table == "format":
         print(format_codecs([r for f in args.files for r in json.loads(Path(f).read_text())]))
         return 0
