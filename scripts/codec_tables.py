@@ -193,8 +193,9 @@ def merge_table(families: list[str], n_eval: int) -> list[dict]:
     base, tokenizer = load_model(str(ARTIFACTS / "base"))
     sources = {"fp16 dense": None, "ComPEFT per-tensor k=0.2 α=3": dict(SHIPPED, per_tensor=True),
                "ERE 1 b/p int4": {"codec": "ere", "budget_bits": 1, "quant_bits": 4}}
-    grid = {"task_arithmetic": [{"lam": l} for l in (0.5, 1.0, 1.5)],
-            "ties": [{"lam": l, "density": d} for l in (0.5, 1.0, 1.5) for d in (0.2, 0.5)]}
+    lams = (0.25, 0.5, 1.0)
+    grid = {"task_arithmetic": [{"lam": l} for l in lams],
+            "ties": [{"lam": l, "density": d} for l in lams for d in (0.2, 0.5)]}
     rows = []
     for family in families:
         tasks = family_tasks(family)
