@@ -255,7 +255,7 @@ FULLFT_SETTINGS = {
 ALPHAS = (1, 2, 3, 5)  # ComPEFT's α for each k, chosen on validation examples
 
 
-def fine_tune(task: str, out: Path, steps: int, lr: float = 3e-4, batch_size: int = 32) -> Path:
+def fine_tune(task: str, out: Path, steps: int, lr: float, batch_size: int = 32) -> Path:
     """The zoo base fully fine-tuned on one upstream task (all parameters, AdamW)."""
     import random
     from lorahub_compeft.zoo.build import _train, batches, encode
@@ -271,9 +271,9 @@ def fine_tune(task: str, out: Path, steps: int, lr: float = 3e-4, batch_size: in
     return out
 
 
-def fullft_table(task: str, steps: int, n_eval: int, workdir: Path) -> list[dict]:
+def fullft_table(task: str, steps: int, lr: float, n_eval: int, workdir: Path) -> list[dict]:
     from lorahub_compeft.residual import apply_residual, residual_adapter
-    tuned_dir = fine_tune(task, workdir / f"fullft-{task}-{steps}", steps)
+    tuned_dir = fine_tune(task, workdir / f"fullft-{task}-{steps}-{lr:g}", steps, lr)
     base, tokenizer = load_model(str(ARTIFACTS / "base"))
     tuned, _ = load_model(str(tuned_dir))
     val, test = generate(task, n_eval, seed=VAL_SEED), generate(task, n_eval, seed=TEST_SEED)
@@ -303,7 +303,7 @@ def fullft_table(task: str, steps: int, n_eval: int, workdir: Path) -> list[dict
                          "bytes": path.stat().st_size, "em": em_of(load_expert(path), test)})
         log.info("%s", rows[-1])
     for r in rows:
-        r.update(task=task, steps=steps, numel=numel)
+        r.update(task=task, steps=steps, lr=lr, numel=numel)
     return rows
 
 
@@ -314,7 +314,8 @@ def load_state_dict_file(directory: Path) -> dict[str, torch.Tensor]:
 
 def format_fullft(rows: list[dict]) -> str:
     fp16 = next(r["bytes"] for r in rows if r["bytes"])
-    lines = [f"| {rows[0]['task']}, {rows[0]['steps']} steps of full fine-tuning | bytes | vs fp16 | "
+    lines = [f"| {rows[0]['task']}, {rows[0]['steps']} steps of full fine-tuning (lr {rows[0]['lr']:g}) "
+             "| bytes | vs fp16 | "
              "EM on the task |", "|---|---|---|---|"]
     for r in rows:
         size = f"{r['bytes'] / 1e3:.1f} KB | {fp16 / r['bytes']:.1f}x" if r["bytes"] else "- | -"
@@ -339,6 +340,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("fullft")
     p.add_argument("--task", default="list_count")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--eval", type=int, default=100, dest="n_eval")
     p.add_argument("--workdir", default=tempfile.gettempdir(),
                    help="where the fine-tuned model is kept between runs")
@@ -356,7 +358,7 @@ def main(argv=None) -> int:
         print(format_codecs([r for f in args.files for r in json.loads(Path(f).read_text())]))
         return 0
     if args.table == "fullft":
-        rows = fullft_table(args.task, args.steps, args.n_eval, Path(args.workdir))
+        rows = fullft_table(args.task, args.steps, args.lr, args.n_eval, Path(args.workdir))
         print(format_fullft(rows))
     elif args.table == "codecs":
         save = lambda rows: args.json and Path(args.json).write_text(
