@@ -172,6 +172,35 @@ def quant_table(budgets=(0.5, 1, 2, 4, 8)) -> str:
     return "\n".join(lines)
 
 
+def cross_terms() -> str:
+    """Why LoraHub's separate mixing of A and B cares how an expert is factorized: the mixed
+    module (Σ w_i B_i)(Σ w_j A_j) holds the cross terms B_i·A_j. Their size relative to the
+    experts' own products, mean over modules and pairs of the zoo's experts, for the trained
+    factors, ComPEFT's and ERE's (full rank, fp16: the same products, refactorized)."""
+    names = sorted(p.name for p in (ARTIFACTS / "dense").iterdir())
+    kinds = {"trained LoRA factors (fp16 dense)": None,
+             "ComPEFT per-tensor k=0.2 α=3": dict(SHIPPED, per_tensor=True),
+             "ERE full rank, fp16 factors": {"codec": "ere", "budget_bits": 17, "quant_bits": 16},
+             "ERE 1 bit/param, int4": {"codec": "ere", "budget_bits": 1, "quant_bits": 4}}
+    lines = ["| factors | mean ‖B_i·A_j‖ / √(‖B_i·A_i‖·‖B_j·A_j‖), i ≠ j |", "|---|---|"]
+    for label, setting in kinds.items():
+        states = []
+        for n in names:
+            adapter = load_adapter(ARTIFACTS / "dense" / n)
+            states.append(adapter.tensors if setting is None else
+                          compress(adapter, **setting).state_dict())
+        ratios = []
+        for key in (k for k in states[0] if "lora_A" in k):
+            b_key = key.replace("lora_A", "lora_B")
+            a = [s[key].double() for s in states]
+            b = [s[b_key].double() for s in states]
+            own = [float((bi @ ai).norm()) for ai, bi in zip(a, b)]
+            ratios += [float((b[i] @ a[j]).norm()) / (own[i] * own[j]) ** 0.5
+                       for i in range(len(a)) for j in range(len(a)) if i != j and own[i] * own[j] > 0]
+        lines.append(f"| {label} | {statistics.fmean(ratios):.3f} |")
+    return "\n".join(lines)
+
+
 # --- merging --------------------------------------------------------------------------------------
 def apply_adapter(base, adapter) -> torch.nn.Module:
     """A copy of the base with s·B·A added to each LoRA module's weight (a merged model)."""
@@ -346,13 +375,14 @@ def main(argv=None) -> int:
                    help="where the fine-tuned model is kept between runs")
     p.add_argument("--json")
     sub.add_parser("quant", help="ERE: 4- against 8-bit factors at equal bytes")
+    sub.add_parser("cross", help="size of LoraHub's cross terms B_i·A_j per factorization")
     p = sub.add_parser("format", help="print the codec table from JSON files of `codecs` runs")
     p.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
-    if args.table == "quant":
-        print(quant_table())
+    if args.table in ("quant", "cross"):
+        print(quant_table() if args.table == "quant" else cross_terms())
         return 0
     if args.table == "format":
         print(format_codecs([r for f in args.files for r in json.loads(Path(f).read_text())]))
