@@ -114,7 +114,6 @@ def test_trained_expert_round_trips_through_peft(tiny_t5, lora_dir, tmp_path):
     path = expert.save(tmp_path / "e.safetensors")
     loaded = load_expert(path)
     assert loaded.codec == "ere" and loaded.summary()["codec"] == "ere"
-    assert loaded.meta["format_version"] <= 1 or "ere" in loaded.meta
     out = loaded.export(tmp_path / "adapter")
     original = load_adapter(lora_dir)
     scale = original.config["lora_alpha"] / original.config["r"]
