@@ -143,10 +143,17 @@ def format_codecs(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: -r["bytes"]):
         lines.append(f"| {r['setting']} | {r['bytes'] / 1e3:.1f} KB | {dense['bytes'] / r['bytes']:.1f}x | "
                      f"{r['rel_error']:.3f} | {r['em']:.1f} | {r['seed_std']:.1f} |")
-    close = [r for r in rows if r["em"] >= dense["em"] - 3]
-    best = min(close, key=lambda r: r["bytes"])
-    lines.append(f"\nSmallest within 3 EM of dense ({dense['em']:.1f}): **{best['setting']}**, "
-                 f"{best['bytes'] / 1e3:.1f} KB, {best['em']:.1f} EM.")
+    smaller = [r for r in rows if r["bytes"] < dense["bytes"]]
+    close = [r for r in smaller if r["em"] >= dense["em"] - 3]
+    if close:
+        best = min(close, key=lambda r: r["bytes"])
+        lines.append(f"\nSmallest within 3 EM of dense ({dense['em']:.1f}): **{best['setting']}**, "
+                     f"{best['bytes'] / 1e3:.1f} KB, {best['em']:.1f} EM.")
+    elif smaller:
+        best = max(smaller, key=lambda r: r["em"])
+        lines.append(f"\nNo smaller setting is within 3 EM of dense ({dense['em']:.1f}); the "
+                     f"closest is **{best['setting']}**, {best['bytes'] / 1e3:.1f} KB, "
+                     f"{best['em']:.1f} EM ({best['em'] - dense['em']:+.1f}).")
     return "\n".join(lines)
 
 
