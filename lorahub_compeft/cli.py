@@ -95,8 +95,7 @@ def cmd_inspect(args) -> int:
     print(f"expert       {info['name']}")
     print(f"source       {json.dumps(info['source'])}")
     print(f"base model   {info['base_model']}")
-    print(f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
-          f"{len(expert.meta['tensors'])} tensors, {numel:,} parameters")
+    print(_adapter_line(info, len(expert.meta["tensors"]), numel))
     print(f"compression  density {expert.density}, alpha {expert.alpha}, sigma "
           f"{expert.meta['sigma']:.4g}, {info['selection']} selection, {info['encoding']} encoding")
     print(f"size         {_human(s['payload_bytes'])} payload ({8 * stream / numel:.3f} bits/param; "
@@ -109,6 +108,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _adapter_line(info: dict, tensors: int, numel: int) -> str:
+    if info["peft_type"] == "RESIDUAL":
+        return f"residual     full fine-tuning θ_ft − θ_base, {tensors} tensors coded, {numel:,} parameters"
+    return (f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
+            f"{tensors} tensors, {numel:,} parameters")
+
+
 def _inspect_ere(expert, info: dict) -> int:
     s, ere = expert.sizes, expert.meta["ere"]
     numel = sum(math.prod(e["shape"]) for e in expert.meta["tensors"])
@@ -117,9 +123,9 @@ def _inspect_ere(expert, info: dict) -> int:
     print(f"expert       {info['name']}")
     print(f"source       {json.dumps(info['source'])}")
     print(f"base model   {info['base_model']}")
-    print(f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
-          f"{len(expert.meta['tensors'])} tensors, {numel:,} parameters")
-    print(f"compression  ere: low-rank factors of B·A, {info['encoding']} with a scale per row, "
+    print(_adapter_line(info, len(expert.meta["tensors"]), numel))
+    what = "each matrix" if info["peft_type"] == "RESIDUAL" else "each module's B·A"
+    print(f"compression  ere: low-rank factors of {what}, {info['encoding']} with a scale per row, "
           f"budget {ere['budget_bits']:g} bits/param")
     print(f"ranks        {min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.2f}) over "
           f"{len(ranks)} modules, {100 * ere['energy_kept']:.1f}% of the energy kept")
