@@ -98,8 +98,9 @@ def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float)
 
 
 def merge_deltas(experts, method: str = "task_arithmetic", weights=None, density: float = 0.2
-                 ) -> tuple[dict[tuple[str, str], torch.Tensor], list[Adapter]]:
-    """The merged ΔW per LoRA module {(A name, B name): out×in float64}."""
+                 ) -> tuple[dict[tuple[str, str], torch.Tensor], list[Adapter], list[float]]:
+    """The merged ΔW per LoRA module {(A name, B name): out×in float64}, the adapters merged
+    and the weights used."""
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
     if method == "ties" and not 0 < density <= 1:
@@ -125,14 +126,14 @@ def merge_deltas(experts, method: str = "task_arithmetic", weights=None, density
             merged[(a_name, b_name)] = sum(w * d for w, d in zip(weights, deltas))
         else:
             merged[(a_name, b_name)] = ties_merge(deltas, weights, density)
-    return merged, adapters
+    return merged, adapters, weights
 
 
 def merge(experts, method: str = "task_arithmetic", weights=None, density: float = 0.2,
           rank: int | None = None) -> MergeResult:
     """Merge LoRA experts (expert files, PEFT dirs, Hub ids, CompressedExperts or Adapters) into
     one LoRA adapter of rank `rank` (default Σ r_i); see the module docstring."""
-    merged, adapters = merge_deltas(experts, method, weights, density)
+    merged, adapters, weights = merge_deltas(experts, method, weights, density)
     rank = rank or sum(a.config["r"] for a in adapters)
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")

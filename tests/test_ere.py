@@ -146,6 +146,16 @@ def test_shipped_zoo_expert_loads(tmp_path):
     assert expert.codec == "compeft" and len(expert.state_dict()) == 96
 
 
+def test_library_list_reads_an_index_written_before_codecs(capsys):
+    from lorahub_compeft.cli import main
+    from lorahub_compeft.zoo.ship import ARTIFACTS
+    index = json.loads((ARTIFACTS / "experts" / "index.json").read_text())
+    assert all("codec" not in e for e in index["experts"].values())  # the shipped, older index
+    assert main(["library", "list", str(ARTIFACTS / "experts")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pair_sum")]
+    assert len(rows) == 1 and " compeft " in rows[0] and "k=0.2 a=3 pt" in rows[0]
+
+
 def test_ternary_form_is_refused_for_ere(lora_dir):
     with pytest.raises(ExpertFileError, match="no sparse ternary form"):
         compress(lora_dir, codec="ere").ternary()

@@ -46,7 +46,9 @@ def test_ties_sign_election_on_a_hand_made_case():
 
 
 def test_task_arithmetic_is_the_weighted_sum_of_products(lora_dir, second_lora):
-    merged, _ = merge_deltas([lora_dir, second_lora], "task_arithmetic", [0.7, -0.4])
+    merged, _, weights = merge_deltas([lora_dir, second_lora], "task_arithmetic", [0.7, -0.4])
+    assert weights == [0.7, -0.4]
+    assert merge_deltas([lora_dir, second_lora])[2] == [0.5, 0.5]  # default: the mean
     one, two = _deltas(load_adapter(lora_dir)), _deltas(load_adapter(second_lora))
     for (a_name, _), delta in merged.items():
         assert torch.allclose(delta, 0.7 * one[a_name] - 0.4 * two[a_name])
