@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -38,6 +39,14 @@ def _add_compression_options(p: argparse.ArgumentParser) -> None:
                    help="select the top-k and scale within each tensor, not over the whole adapter")
     p.add_argument("--encoding", choices=("golomb", "bitmask"), default="golomb",
                    help="golomb: near the entropy bound (default); bitmask: two bit masks")
+    p.add_argument("--codec", choices=("compeft", "ere"), default="compeft",
+                   help="compeft: sparse ternary (default; --density, --alpha, --per-tensor, "
+                        "--encoding); ere: low-rank factors of each LoRA module's B·A "
+                        "(--budget-bits, --quant-bits)")
+    p.add_argument("--budget-bits", type=float, default=1.0,
+                   help="ere: payload budget in bits per LoRA value (default 1)")
+    p.add_argument("--quant-bits", type=int, choices=(4, 8, 16), default=4,
+                   help="ere: bits per stored factor value, one scale per row (default 4)")
     p.add_argument("--revision", help="Hub revision when the source is a Hub id")
 
 
@@ -50,14 +59,31 @@ def _size_line(file_bytes: int, sizes: dict) -> str:
             f"{sizes['fp16_bytes'] / sizes['payload_bytes']:.1f}x)")
 
 
+def _codec_options(args) -> dict:
+    return {"codec": args.codec, "budget_bits": args.budget_bits, "quant_bits": args.quant_bits}
+
+
+def _setting(summary: dict) -> str:
+    """A codec's parameters in a few characters, for listings."""
+    if summary.get("codec", "compeft") == "ere":
+        return f"{summary['budget_bits']:g}b/p {summary['encoding']} r~{summary['mean_rank']:.1f}"
+    tensor = " pt" if summary.get("selection") == "per_tensor" else ""
+    return f"k={summary['density']:g} a={summary['alpha']:g}{tensor}"
+
+
 def cmd_compress(args) -> int:
     from .expert import compress
     from .files import check_file_target
     out = check_file_target(args.output, args.force)
-    expert = compress(args.source, args.density, args.alpha, args.per_tensor, args.encoding,
-                      name=args.name, revision=args.revision)
+    source = args.source
+    if args.base:
+        from .residual import residual_adapter
+        source = residual_adapter(args.source, args.base)
+    expert = compress(source, args.density, args.alpha, args.per_tensor, args.encoding,
+                      name=args.name, revision=args.revision, **_codec_options(args))
     expert.save(out, force=args.force)
-    print(f"{out}: {_size_line(out.stat().st_size, expert.sizes)}")
+    print(f"{out}: {expert.codec} ({_setting(expert.summary())}), "
+          f"{_size_line(out.stat().st_size, expert.sizes)}")
     return 0
 
 
@@ -69,14 +95,15 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(dict(info, meta_tensors=len(expert.meta["tensors"])), indent=2))
         return 0
+    if expert.codec == "ere":
+        return _inspect_ere(expert, info)
     s, numel = expert.sizes, expert.meta["numel"]
     bound = coding.ternary_entropy_bits(expert.density, numel) / 8
     stream = s["payload_bytes"] - s["carried_bytes"]
     print(f"expert       {info['name']}")
     print(f"source       {json.dumps(info['source'])}")
     print(f"base model   {info['base_model']}")
-    print(f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
-          f"{len(expert.meta['tensors'])} tensors, {numel:,} parameters")
+    print(_adapter_line(info, len(expert.meta["tensors"]), numel))
     print(f"compression  density {expert.density}, alpha {expert.alpha}, sigma "
           f"{expert.meta['sigma']:.4g}, {info['selection']} selection, {info['encoding']} encoding")
     print(f"file         {_size_line(Path(args.path).stat().st_size, s)}")
@@ -88,10 +115,40 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _adapter_line(info: dict, tensors: int, numel: int) -> str:
+    if info["peft_type"] == "RESIDUAL":
+        return f"residual     full fine-tuning θ_ft − θ_base, {tensors} tensors coded, {numel:,} parameters"
+    return (f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
+            f"{tensors} tensors, {numel:,} parameters")
+
+
+def _inspect_ere(expert, info: dict) -> int:
+    s, ere = expert.sizes, expert.meta["ere"]
+    numel = sum(math.prod(e["shape"]) for e in expert.meta["tensors"])
+    stream = s["payload_bytes"] - s["carried_bytes"]
+    ranks = ere["ranks"]
+    print(f"expert       {info['name']}")
+    print(f"source       {json.dumps(info['source'])}")
+    print(f"base model   {info['base_model']}")
+    print(_adapter_line(info, len(expert.meta["tensors"]), numel))
+    what = "each matrix" if info["peft_type"] == "RESIDUAL" else "each module's B·A"
+    print(f"compression  ere: low-rank factors of {what}, {info['encoding']} with a scale per row, "
+          f"budget {ere['budget_bits']:g} bits/param")
+    print(f"ranks        {min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.2f}) over "
+          f"{len(ranks)} modules, {100 * ere['energy_kept']:.1f}% of the energy kept")
+    print(f"file         {_size_line(expert.path.stat().st_size, s)}")
+    print(f"payload      {8 * stream / numel:.3f} bits/param")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .expert import load_expert
-    out = load_expert(args.path).export(args.output, force=args.force)
-    print(f"wrote PEFT adapter {out} (load it with PeftModel.from_pretrained)")
+    expert = load_expert(args.path)
+    out = expert.export(args.output, force=args.force, base=args.base)
+    if expert.config.get("peft_type") == "RESIDUAL":
+        print(f"wrote model {out} (base + decoded residual; load it with from_pretrained)")
+    else:
+        print(f"wrote PEFT adapter {out} (load it with PeftModel.from_pretrained)")
     return 0
 
 
@@ -103,7 +160,8 @@ def cmd_library(args) -> int:
         lib = ExpertLibrary(args.root)
         entries = lib.add_many(args.sources, name=args.name, density=args.density,
                                alpha=args.alpha, per_tensor=args.per_tensor,
-                               encoding=args.encoding, force=args.force, revision=args.revision)
+                               encoding=args.encoding, force=args.force, revision=args.revision,
+                               **_codec_options(args))
         for e in entries:
             print(f"stored {e['name']} ({_human(e['file_bytes'])})")
         return 0
@@ -125,12 +183,13 @@ def cmd_library(args) -> int:
         print(f"{args.root}: empty library")
         return 0
     width = max(len(r["name"]) for r in rows)
-    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'k':>5} {'alpha':>5} {'file':>10} {'vs fp16':>8}")
+    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'codec':<7} {'setting':<22} {'file':>10} "
+          f"{'vs fp16':>8}")
     total = 0
     for r in rows:
         total += r["file_bytes"]
-        print(f"{r['name']:<{width}}  {str(r['peft_type']):<5} {r['r'] or '-':>3} {r['density']:>5} "
-              f"{r['alpha']:>5} {_human(r['file_bytes']):>10} "
+        print(f"{r['name']:<{width}}  {str(r['peft_type']):<5} {r['r'] or '-':>3} "
+              f"{r.get('codec', 'compeft'):<7} {_setting(r):<22} {_human(r['file_bytes']):>10} "
               f"{r['sizes']['fp16_bytes'] / r['file_bytes']:>7.1f}x")
     print(f"{len(rows)} experts, {_human(total)} in all (whole files)")
     return 0
@@ -146,10 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compress", help="compress a PEFT adapter (dir or Hub id) with ComPEFT",
-                       description="Keep the top-k of the task vector, as signs times one scale, "
-                                   "and store it near its entropy bound in one .safetensors file.")
-    p.add_argument("source", help="PEFT adapter directory or Hub id (owner/name)")
+    p = sub.add_parser("compress", help="compress a PEFT adapter (dir or Hub id) with ComPEFT or ERE",
+                       description="ComPEFT (default): keep the top-k of the task vector, as signs "
+                                   "times one scale, stored near its entropy bound. ERE (--codec "
+                                   "ere): low-rank factors of each LoRA module's B·A, rank "
+                                   "allocated under one budget. Either in one .safetensors file.")
+    p.add_argument("source", help="PEFT adapter directory or Hub id (owner/name), or with --base "
+                                  "a fully fine-tuned model directory")
+    p.add_argument("--base", help="the model SOURCE was fully fine-tuned from: compress the "
+                                  "residual θ_ft − θ_base")
     p.add_argument("-o", "--output", required=True, help="the expert file to write (.safetensors)")
     p.add_argument("--name", help="the expert's name (default: the Hub id or directory name)")
     p.add_argument("--force", action="store_true", help="replace an existing expert file")
@@ -162,12 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="decode an expert file back into a standard PEFT directory")
+    p = sub.add_parser("export", help="decode an expert file back into a standard PEFT directory "
+                                      "(a residual: into the full model)")
     p.add_argument("path", help="an expert file (.safetensors) written by `compress`")
-    p.add_argument("-o", "--output", required=True, help="adapter folder to write (new or empty)")
+    p.add_argument("--base", help="residual experts: the base model directory (default: the "
+                                  "one recorded at compression)")
+    p.add_argument("-o", "--output", required=True, help="folder to write (new or empty)")
     p.add_argument("--force", action="store_true",
-                   help="replace an adapter folder holding only adapter_config.json and "
-                        "adapter_model.safetensors (never other files)")
+                   help="replace a folder holding only what export writes (the adapter's or "
+                        "model's files, never other files)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("library", help="manage a local library of compressed experts",
@@ -191,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_library)
 
     _add_compose_parser(sub)
+    _add_merge_parser(sub)
     _add_demo_parser(sub)
     _add_bbh_parsers(sub)
     return parser
@@ -378,6 +446,41 @@ def _add_compose_parser(sub) -> None:
                         "adapter_model.safetensors (never other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compose)
+
+
+def _add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge experts (dense or compressed) into one LoRA adapter",
+                       description="Task arithmetic or TIES on each module's product "
+                                   "s·B·A (not on A and B apart), written back as one LoRA "
+                                   "adapter by SVD.")
+    p.add_argument("experts", nargs="+", help="expert files, PEFT dirs or Hub ids")
+    p.add_argument("-o", "--output", required=True, help="directory for the merged PEFT adapter")
+    p.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
+    p.add_argument("--weights", help="comma-separated, one per expert (default: 1/N for "
+                                     "task_arithmetic, 1 for ties)")
+    p.add_argument("--density", type=float, default=0.2,
+                   help="ties: fraction of each expert's ΔW entries kept per module (default 0.2)")
+    p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the sum of "
+                                            "the experts' ranks)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args) -> int:
+    from .adapters import save_adapter
+    from .merge import merge
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; choose another path or pass --force")
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        raise ValueError(f"bad --weights {args.weights!r}; use e.g. 0.5,0.5") from None
+    result = merge(args.experts, args.method, weights, args.density, args.rank)
+    save_adapter(out, result.adapter.tensors, result.adapter.config, force=args.force)
+    print(f"wrote {out}: {args.method} of {len(args.experts)} experts, rank "
+          f"{result.adapter.config['r']}, {100 * result.energy_kept:.1f}% of the merged update kept")
+    return 0
 
 
 def read_jsonl(path: str) -> list[dict]:

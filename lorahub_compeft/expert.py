@@ -35,11 +35,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import coding
+from . import coding, ere
 from .adapters import (Adapter, config_problem, is_finite_number, load_adapter, save_adapter,
                        task_vector_init)
-from .codec import TernaryVector, sparsify
+from .codec import TernaryVector, check_task_vector, sparsify
 from .files import atomic_write_bytes, check_file_target
+from .residual import is_residual
 
 FORMAT_NAME = "lorahub-compeft-expert"
 FORMAT_VERSION = 2
@@ -51,6 +52,7 @@ MAX_VALUES_PER_BYTE = 4096
 MAX_NUMEL = 2 ** 31
 MAX_HEADER_BYTES = 16 << 20  # the decompressed v2 header
 _MAX_RANK = 8
+CODECS = ("compeft", "ere")  # the header's "codec"; files without one are ComPEFT
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32,
                                                        torch.float64)}
 
@@ -100,6 +102,7 @@ class CompressedExpert:
     meta: dict
     path: Path | None = None
     _ternary: TernaryVector | None = None
+    _factors: dict[str, torch.Tensor] | None = None  # ERE experts: the decoded LoRA factors
     _carried: dict[str, torch.Tensor] | None = None
     _payload: dict | None = None  # encoded streams, kept from compress() until saved
 
@@ -107,6 +110,10 @@ class CompressedExpert:
     @property
     def name(self) -> str:
         return self.meta.get("name") or (self.path.stem if self.path else "expert")
+
+    @property
+    def codec(self) -> str:
+        return self.meta.get("codec", "compeft")
 
     @property
     def config(self) -> dict:
@@ -117,12 +124,12 @@ class CompressedExpert:
         return self.config.get("base_model_name_or_path")
 
     @property
-    def density(self) -> float:
-        return self.meta["density"]
+    def density(self) -> float | None:
+        return self.meta.get("density")
 
     @property
-    def alpha(self) -> float:
-        return self.meta["alpha"]
+    def alpha(self) -> float | None:
+        return self.meta.get("alpha")
 
     @property
     def sizes(self) -> dict:
@@ -130,19 +137,28 @@ class CompressedExpert:
 
     @property
     def is_decoded(self) -> bool:
-        return self._ternary is not None
+        return self._ternary is not None or self._factors is not None
 
     def summary(self) -> dict:
         """The facts an index or a listing needs, from the header alone."""
         cfg = self.config
-        return {"name": self.name, "source": self.meta["source"], "base_model": self.base_model,
-                "peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
-                "target_modules": _as_list(cfg.get("target_modules")),
-                "encoding": self.meta["encoding"], "selection": self.meta["selection"],
-                "density": self.density, "alpha": self.alpha, "sizes": self.sizes}
+        summary = {"name": self.name, "source": self.meta["source"], "base_model": self.base_model,
+                   "peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
+                   "target_modules": _as_list(cfg.get("target_modules")), "codec": self.codec,
+                   "encoding": self.meta.get("encoding"), "selection": self.meta.get("selection"),
+                   "density": self.density, "alpha": self.alpha, "sizes": self.sizes}
+        if self.codec == "ere":
+            info = self.meta["ere"]
+            summary.update(encoding=f"int{info['bits']}" if info["bits"] < 16 else "fp16",
+                           selection="rank", budget_bits=info["budget_bits"],
+                           mean_rank=sum(info["ranks"]) / len(info["ranks"]))
+        return summary
 
     # --- the weights ----------------------------------------------------------------------
     def ternary(self) -> TernaryVector:
+        if self.codec != "compeft":
+            raise ExpertFileError(f"{self.name} is a {self.codec} expert: it has no sparse "
+                                  "ternary form; use task_vector() or state_dict()")
         if self._ternary is None:
             self._ternary, self._carried = _read_payload(self.path, self.meta)
         return self._ternary
@@ -151,16 +167,21 @@ class CompressedExpert:
         """Drop the decoded weights (the file is read again when they are next asked for)."""
         if self.path is None:
             raise ExpertFileError("this expert has no file to decode again; save it first")
-        self._ternary = self._carried = None
+        self._ternary = self._factors = self._carried = None
 
     def task_vector(self) -> dict[str, torch.Tensor]:
-        """tau-hat per compressed tensor: exactly sign * scale or 0."""
+        """tau-hat per compressed tensor: ComPEFT's exactly sign * scale or 0; ERE's LoRA
+        factors of rank <= r (zero-padded), in each tensor's dtype."""
+        if self.codec == "ere":
+            if self._factors is None:
+                self._factors, self._carried = _read_payload(self.path, self.meta)
+            dtypes = {e["name"]: _DTYPES[e["dtype"]] for e in self.meta["tensors"]}
+            return {k: v.to(dtypes[k]) for k, v in self._factors.items()}
         return self.ternary().to_tensors()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors as PEFT stores them: init + tau-hat, plus the carried ones."""
-        ternary = self.ternary()
-        out = ternary.to_tensors()
+        out = self.task_vector()
         for entry in self.meta["tensors"]:
             if entry["init"]:
                 out[entry["name"]] = out[entry["name"]] + entry["init"]
@@ -170,13 +191,20 @@ class CompressedExpert:
     def to_adapter(self) -> Adapter:
         return Adapter(self.state_dict(), dict(self.config), dict(self.meta["source"]))
 
-    def export(self, directory: str | os.PathLike, force: bool = False) -> Path:
-        """Write a standard PEFT adapter dir that `PeftModel.from_pretrained` loads."""
+    def export(self, directory: str | os.PathLike, force: bool = False,
+               base: str | os.PathLike | None = None) -> Path:
+        """Write a standard PEFT adapter dir that `PeftModel.from_pretrained` loads; for a
+        full fine-tuning residual, base + residual as a model (`save_pretrained`)."""
+        if is_residual(self.config):
+            from .residual import export_model
+            return export_model(self, base or self.base_model, directory, force)
         return save_adapter(directory, self.state_dict(), self.config, force=force)
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the expert file atomically (a crash leaves no half-written file behind)."""
         path = check_file_target(path, force)
+        if self._payload is None and self.codec == "ere":  # re-quantizing would change it
+            self._payload = _read_checked(self.path, self.meta)
         if self._payload is None:
             self._payload, _ = _encode_payload(self.ternary(), self.meta["encoding"], self._carried)
         # a v1 expert saved again becomes v2: its digest gains dtypes and shapes
@@ -230,25 +258,43 @@ def _nbytes(value: np.ndarray | torch.Tensor) -> int:
 
 def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: float = 1.0,
              per_tensor: bool = False, encoding: str = "golomb", name: str | None = None,
-             revision: str | None = None) -> CompressedExpert:
-    """Compress a PEFT adapter (a local dir, a Hub id, or an `Adapter`) with ComPEFT."""
-    if encoding not in ENCODINGS:
+             revision: str | None = None, codec: str = "compeft", budget_bits: float = 1.0,
+             quant_bits: int = ere.DEFAULT_QUANT_BITS) -> CompressedExpert:
+    """Compress a PEFT adapter (a local dir, a Hub id, or an `Adapter`).
+
+    codec="compeft" (ComPEFT: density, alpha, per_tensor, encoding) or "ere" (low-rank factors
+    of each LoRA module's B·A within budget_bits bits per LoRA value, quantized to quant_bits)."""
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+    if codec == "compeft" and encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     adapter = source if isinstance(source, Adapter) else load_adapter(source, revision)
-    inits = {k: task_vector_init(k) for k in adapter.tensors}
+    residual = is_residual(adapter.config)
+    # A full fine-tuning residual is all task vector: ComPEFT takes every tensor, ERE the
+    # matrices (the rest, layer norms and biases, is carried as is).
+    inits = {k: (0.0 if codec == "compeft" or t.dim() == 2 else None) if residual
+             else task_vector_init(k) for k, t in adapter.tensors.items()}
     tau = {k: t - init if init else t for k, t in adapter.tensors.items()
            if (init := inits[k]) is not None}
     carried = {k: t.detach().clone() for k, t in adapter.tensors.items() if inits[k] is None}
-    ternary = sparsify(tau, density, alpha, per_tensor)
-    payload, coding_params = _encode_payload(ternary, encoding, carried)
+    if codec == "ere":
+        check_task_vector(tau)
+        payload, info = ere.compress_matrices(tau, budget_bits, quant_bits) if residual else \
+            ere.compress_lora(tau, adapter.config, budget_bits, quant_bits)
+        fields = {"codec": "ere", "ere": info}
+    else:
+        ternary = sparsify(tau, density, alpha, per_tensor)
+        payload, coding_params = _encode_payload(ternary, encoding, {})
+        fields = {"encoding": encoding, "selection": "per_tensor" if per_tensor else "global",
+                  "density": density, "alpha": alpha, "sigma": ternary.sigma,
+                  "numel": ternary.numel, "coding": coding_params}
+    payload.update({f"full.{k}": v for k, v in carried.items()})
     dense = adapter.tensors.values()
     meta = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name or _default_name(adapter),
-        "encoding": encoding, "selection": "per_tensor" if per_tensor else "global",
-        "density": density, "alpha": alpha, "sigma": ternary.sigma,
-        "numel": ternary.numel, "coding": coding_params,
-        "tensors": [{"name": n, "shape": list(s), "dtype": _dtype_name(d), "init": inits[n]}
-                    for n, s, d in zip(ternary.names, ternary.shapes, ternary.dtypes)],
+        **fields,
+        "tensors": [{"name": n, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                     "init": inits[n]} for n, t in tau.items()],
         "carried": [{"name": k, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
                     for k, t in carried.items()],
         "adapter_config": adapter.config, "source": adapter.source,
@@ -259,6 +305,10 @@ def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: f
                   "carried_bytes": sum(_nbytes(t) for t in carried.values())},
         "payload_sha256": payload_digest(payload),
     }
+    if codec == "ere":
+        expert = CompressedExpert(meta=meta, _carried=carried, _payload=payload)
+        expert._factors = _decode_ere(payload, meta)
+        return expert
     return CompressedExpert(meta=meta, _ternary=ternary, _carried=carried, _payload=payload)
 
 
@@ -268,8 +318,11 @@ def _default_name(adapter: Adapter) -> str:
 
 
 # --- reading ----------------------------------------------------------------------------------
-_REQUIRED = ("format_version", "encoding", "selection", "density", "alpha", "sigma", "numel",
-             "coding", "tensors", "carried", "adapter_config", "source", "sizes", "payload_sha256")
+_COMMON = ("format_version", "tensors", "carried", "adapter_config", "source", "sizes",
+           "payload_sha256")
+_REQUIRED = {"compeft": _COMMON + ("encoding", "selection", "density", "alpha", "sigma", "numel",
+                                   "coding"),
+             "ere": _COMMON + ("ere",)}
 _V1_STRINGS = ("format", "encoding", "selection", "payload_sha256", "name")
 
 
@@ -306,7 +359,7 @@ def load_expert(path: str | os.PathLike) -> CompressedExpert:
 
 
 def _read_header_v1(path: Path, raw: dict[str, str]) -> dict:
-    missing = [k for k in _REQUIRED if k not in raw]
+    missing = [k for k in _REQUIRED["compeft"] if k not in raw]  # v1 files are all ComPEFT
     if missing:
         raise ExpertFileError(f"{path}: header lacks {', '.join(missing)}")
     meta = {}
@@ -341,7 +394,12 @@ def _read_header_v2(path: Path, raw: dict[str, str]) -> dict:
         fail(f"header field 'header' is not JSON ({err})")
     if not isinstance(meta, dict) or canonical_json(meta) != body:
         fail("header field 'header' is not a canonical JSON object")
-    missing = [k for k in _REQUIRED if k not in meta and k != "format_version"]
+    codec = meta.get("codec", "compeft")
+    if codec not in CODECS:
+        raise ExpertFileError(f"{path}: unknown codec {codec!r} (this lorahub-compeft reads "
+                              f"{', '.join(CODECS)}); upgrade the package (pip install -U "
+                              "lorahub-compeft)")
+    missing = [k for k in _REQUIRED[codec] if k not in meta and k != "format_version"]
     if missing:
         fail(f"header lacks {', '.join(missing)}")
     return {"format": FORMAT_NAME, "format_version": 2, **meta}
@@ -359,13 +417,6 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
 
     if meta.get("name") is not None and not isinstance(meta["name"], str):
         fail("header field name must be a string")
-    if meta["encoding"] not in ENCODINGS:
-        fail(f"header field encoding is {meta['encoding']!r}, not one of {ENCODINGS}")
-    if meta["selection"] not in SELECTIONS:
-        fail(f"header field selection is {meta['selection']!r}, not one of {SELECTIONS}")
-    for key, low in (("density", 0), ("alpha", 0), ("sigma", -1)):
-        if not is_finite_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
-            fail(f"header field {key} is {meta[key]!r}, not a finite number in range")
     if not isinstance(meta["payload_sha256"], str):
         fail("header field payload_sha256 must be a string")
     if not isinstance(meta["source"], dict):
@@ -402,22 +453,31 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
                 fail(f"header field tensors[{i}] ({name}) has a bad init {entry.get('init')!r}")
             if field == "carried" and stored.get(f"full.{name}") != shape:
                 fail(f"carried tensor {name} is missing or has the wrong shape")
-
-    numel = meta["numel"]
-    if not _is_count(numel, 1):
-        fail(f"header field numel is {numel!r}, not a positive count")
+    # What decoding allocates: bounded by the file's size, whatever the codec.
     limit = min(MAX_NUMEL, MAX_VALUES_PER_BYTE * path.stat().st_size)
-    if numel > limit:
-        fail(f"header claims {numel} values, more than a file of this size can hold ({limit}); "
-             "the file is damaged or forged")
     total = 0
     for entry in tensors:  # add up with an early stop: no product of forged sizes grows big
         total += math.prod(entry["shape"])
-        if total > numel:
-            break
-    if total != numel:
-        fail(f"tensor shapes add up to {total if total <= numel else 'more than ' + str(numel)} "
-             f"values, header field numel says {numel}")
+        if total > limit:
+            fail(f"header claims more than {limit} values, more than a file of this size can "
+                 "hold; the file is damaged or forged")
+    if meta.get("codec", "compeft") == "ere":
+        _validate_ere(meta, stored, fail)
+    else:
+        _validate_compeft(meta, stored, total, fail)
+
+
+def _validate_compeft(meta: dict, stored: dict[str, list[int]], total: int, fail) -> None:
+    if meta["encoding"] not in ENCODINGS:
+        fail(f"header field encoding is {meta['encoding']!r}, not one of {ENCODINGS}")
+    if meta["selection"] not in SELECTIONS:
+        fail(f"header field selection is {meta['selection']!r}, not one of {SELECTIONS}")
+    for key, low in (("density", 0), ("alpha", 0), ("sigma", -1)):
+        if not is_finite_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
+            fail(f"header field {key} is {meta[key]!r}, not a finite number in range")
+    numel, tensors = meta["numel"], meta["tensors"]
+    if not _is_count(numel, 1) or total != numel:
+        fail(f"tensor shapes add up to {total} values, header field numel says {numel!r}")
     coding_params = meta["coding"]
     count = coding_params.get("count") if isinstance(coding_params, dict) else None
     if not _is_count(count) or count > numel:
@@ -434,7 +494,29 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
              f"has shape {stored.get('scales')}")
 
 
-def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torch.Tensor]]:
+def _validate_ere(meta: dict, stored: dict[str, list[int]], fail) -> None:
+    entries = meta["tensors"]
+    if not isinstance(meta["ere"], dict):
+        fail("header field ere must be an object")
+    if is_residual(meta["adapter_config"]):
+        problem = ere.check_matrices_header([e["shape"] for e in entries], meta["ere"], stored)
+    else:
+        problem = ere.check_lora_header([e["name"] for e in entries],
+                                        {e["name"]: tuple(e["shape"]) for e in entries},
+                                        meta["ere"], stored)
+    if problem:
+        fail(problem)
+
+
+def _decode_ere(payload: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    entries = meta["tensors"]
+    decode = ere.decode_matrices if is_residual(meta["adapter_config"]) else ere.decode_lora
+    return decode(payload, [e["name"] for e in entries],
+                  {e["name"]: tuple(e["shape"]) for e in entries}, meta["ere"])
+
+
+def _read_checked(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Every payload tensor of the file, after checking them against the header's digest."""
     if path is None:
         raise ExpertFileError("this expert has no file and no weights")
     try:
@@ -445,6 +527,19 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
     if payload_digest(payload, meta["format_version"]) != meta["payload_sha256"]:
         raise ExpertFileError(f"{path}: payload checksum mismatch; the file is damaged, "
                               "download or compress it again")
+    return payload
+
+
+def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector | dict[str, torch.Tensor],
+                                                   dict[str, torch.Tensor]]:
+    """The decoded weights (ComPEFT: a TernaryVector; ERE: LoRA factors) and carried tensors."""
+    payload = _read_checked(path, meta)
+    if meta.get("codec") == "ere":
+        factors = _decode_ere(payload, meta)
+        bad = next((k for k, t in factors.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise ExpertFileError(f"{path}: {bad} decodes to NaN or infinity; the file is damaged")
+        return factors, _carried_of(path, payload, meta)
     streams = {k.removeprefix("stream."): v.numpy() for k, v in payload.items()
                if k.startswith("stream.")}
     numel, n_tensors = meta["numel"], len(meta["tensors"])
@@ -477,6 +572,10 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
                             shapes=[tuple(e["shape"]) for e in entries],
                             dtypes=[_DTYPES[e["dtype"]] for e in entries],
                             positions=positions, signs=signs, scales=scales, sigma=meta["sigma"])
+    return ternary, _carried_of(path, payload, meta)
+
+
+def _carried_of(path: Path, payload: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     carried = {e["name"]: payload[f"full.{e['name']}"] for e in meta["carried"]}
     for e in meta["carried"]:
         tensor = carried[e["name"]]
@@ -484,4 +583,4 @@ def _read_payload(path: Path, meta: dict) -> tuple[TernaryVector, dict[str, torc
             raise ExpertFileError(f"{path}: carried tensor {e['name']} has the wrong dtype")
         if not torch.isfinite(tensor).all():
             raise ExpertFileError(f"{path}: carried tensor {e['name']} holds NaN or infinity")
-    return ternary, carried
+    return carried

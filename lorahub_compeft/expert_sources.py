@@ -62,8 +62,9 @@ def _ternary_once(expert: CompressedExpert) -> Callable[[], TernaryVector]:
 
 
 def _compressed_source(expert: CompressedExpert) -> ExpertSource:
-    return ExpertSource(expert.name, expert.config, expert.state_dict, _ternary_once(expert),
-                        expert.path)
+    # Only ComPEFT experts have a sparse form; ERE experts decode to dense LoRA factors.
+    ternary = _ternary_once(expert) if expert.codec == "compeft" else None
+    return ExpertSource(expert.name, expert.config, expert.state_dict, ternary, expert.path)
 
 
 def to_source(item, index: int) -> ExpertSource:

@@ -280,19 +280,22 @@ class ExpertLibrary:
     # --- writing ----------------------------------------------------------------------------
     def add(self, source, name: str | None = None, density: float = 0.1, alpha: float = 1.0,
             per_tensor: bool = False, encoding: str = "golomb", force: bool = False,
-            revision: str | None = None) -> dict:
+            revision: str | None = None, **codec_options) -> dict:
         """Compress a PEFT adapter (dir or Hub id) or store a CompressedExpert as is.
+        codec_options: codec, budget_bits, quant_bits as `compress` takes them.
         Adding what is already stored (same source and settings) changes nothing, so a rerun
         of an interrupted add finishes the job. An expert of another base model than the
         library's is refused."""
         self._require_writable("add to")
         if not isinstance(source, CompressedExpert):
-            same = self._already_stored(source, name, density, alpha, per_tensor, encoding, revision)
+            same = self._already_stored(source, name, density, alpha, per_tensor, encoding,
+                                        revision, codec_options.get("codec", "compeft"))
             if same and not force:
                 log.info("%s is already in %s with these settings", same["name"], self.root)
                 return same
         expert = source if isinstance(source, CompressedExpert) else compress(
-            source, density, alpha, per_tensor, encoding, name=name, revision=revision)
+            source, density, alpha, per_tensor, encoding, name=name, revision=revision,
+            **codec_options)
         if name:
             expert.meta["name"] = name
         name = expert.name
@@ -327,7 +330,8 @@ class ExpertLibrary:
                                f"library's experts (e.g. {other}) on {base!r}; keep one base "
                                "model per library (use another folder)")
 
-    def _already_stored(self, source, name, density, alpha, per_tensor, encoding, revision):
+    def _already_stored(self, source, name, density, alpha, per_tensor, encoding, revision,
+                        codec):
         if name is None:
             text = str(source)
             name = Path(text).resolve().name if Path(text).is_dir() else text
@@ -340,6 +344,8 @@ class ExpertLibrary:
             wanted = {"hub_id": str(source), "revision": revision or "main"}
         settings = {"density": density, "alpha": alpha, "encoding": encoding,
                     "selection": "per_tensor" if per_tensor else "global"}
+        if codec != entry.get("codec", "compeft") or codec != "compeft":
+            return None  # another codec, or ERE's budget: compress again
         if entry.get("source") == wanted and all(entry.get(k) == v for k, v in settings.items()):
             return self.entry(name)
         return None
