@@ -78,7 +78,8 @@ def _entry_problem(entry) -> str | None:
     if not isinstance(sizes, dict) or not all(
             isinstance(sizes.get(k), int) and sizes[k] > 0 for k in ("payload_bytes", "fp16_bytes")):
         return "its sizes are damaged"
-    for key in ("density", "alpha"):
+    numbers = ("density", "alpha") if entry.get("codec", "compeft") == "compeft" else ("budget_bits",)
+    for key in numbers:
         if not isinstance(entry.get(key), (int, float)) or isinstance(entry.get(key), bool):
             return f"its {key} is damaged"
     return None
@@ -161,8 +162,8 @@ class ExpertLibrary:
         for path in sorted(self.root.glob(f"*{SUFFIX}") if paths is None else paths):
             try:
                 expert = load_expert(path)
-                if verify:
-                    expert.ternary()
+                if verify:  # reads and checks the payload
+                    expert.ternary() if expert.codec == "compeft" else expert.state_dict()
                 summary = expert.summary()
             except ExpertFileError as err:
                 log.warning("skipping %s", err)
