@@ -464,10 +464,11 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
     if meta.get("codec", "compeft") == "ere":
         _validate_ere(meta, stored, fail)
     else:
-        _validate_compeft(meta, stored, total, fail)
+        _validate_compeft(meta, stored, total, limit, fail)
 
 
-def _validate_compeft(meta: dict, stored: dict[str, list[int]], total: int, fail) -> None:
+def _validate_compeft(meta: dict, stored: dict[str, list[int]], total: int, limit: int,
+                      fail) -> None:
     if meta["encoding"] not in ENCODINGS:
         fail(f"header field encoding is {meta['encoding']!r}, not one of {ENCODINGS}")
     if meta["selection"] not in SELECTIONS:
@@ -476,6 +477,9 @@ def _validate_compeft(meta: dict, stored: dict[str, list[int]], total: int, fail
         if not is_finite_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
             fail(f"header field {key} is {meta[key]!r}, not a finite number in range")
     numel, tensors = meta["numel"], meta["tensors"]
+    if _is_count(numel) and numel > limit:
+        fail(f"header claims {numel} values, more than a file of this size can hold ({limit}); "
+             "the file is damaged or forged")
     if not _is_count(numel, 1) or total != numel:
         fail(f"tensor shapes add up to {total} values, header field numel says {numel!r}")
     coding_params = meta["coding"]
