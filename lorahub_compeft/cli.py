@@ -27,6 +27,34 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch's intra-op threads (default: torch's choice, one per core). On a "
+                        "busy or shared machine, or for small models, 1 is often much faster")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _apply_threads(args) -> None:
+    """Set torch's threads from --threads, here and (through OMP_NUM_THREADS) in the worker
+    processes a command starts."""
+    if getattr(args, "threads", None) is None:
+        return
+    import os
+
+    import torch
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+
 def _add_compression_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", "-k", type=float, default=0.1,
                    help="fraction of task-vector entries kept, in (0, 1] (default 0.1)")
@@ -216,6 +244,7 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", help="Ray cluster address with --backend ray")
     p.add_argument("--out", required=True, help="results folder")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_bbh)
 
     p = sub.add_parser("report", help="print the Table-7-style report of saved BBH results")
@@ -224,6 +253,7 @@ def _add_bbh_parsers(sub) -> None:
 
 
 def cmd_bbh(args) -> int:
+    _apply_threads(args)
     from .bbh import BBH_TASKS
     from .report import report
     from .runner import RunConfig, run
@@ -271,10 +301,12 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--max-bbh-eval", type=int, help="evaluate at most this many real BBH examples")
     p.add_argument("--zoo", help="zoo artifacts folder (default: the one shipped in the package)")
     p.add_argument("--json", help="also write the per-seed rows as JSON here")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    _apply_threads(args)
     from .files import atomic_write_text
     from .zoo.demo import Zoo, format_table, run_demo
     from .zoo.ship import ARTIFACTS
@@ -315,6 +347,12 @@ def _add_compose_parser(sub) -> None:
     p.add_argument("--out", required=True, help="directory for the composed PEFT adapter")
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the base model's dtype while composing; auto: bf16 where the device "
+                        "computes it natively, else fp32 (default)")
+    p.add_argument("--candidates-per-step", type=_positive_int, default=1, metavar="K",
+                   help="candidates scored per forward (default 1; more helps on GPUs)")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_compose)
 
 
@@ -331,6 +369,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def cmd_compose(args) -> int:
+    _apply_threads(args)
     from .compose import compose
     from .library import ExpertLibrary
     out = Path(args.out)
@@ -340,7 +379,9 @@ def cmd_compose(args) -> int:
     options = {"optimizer": args.optimizer} if args.optimizer else {}
     result = compose(experts, read_jsonl(args.examples), model=args.model,
                      n_experts=args.n_experts, seed=args.seed, budget=args.budget,
-                     objective=args.objective, progress=not args.quiet, **options)
+                     objective=args.objective, dtype=args.dtype,
+                     candidates_per_step=args.candidates_per_step, progress=not args.quiet,
+                     **options)
     result.save_adapter(out, force=args.force)
     print(f"best loss {result.best_loss:.4f} (no composition: {result.zero_loss:.4f})")
     for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):

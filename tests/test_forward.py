@@ -131,3 +131,27 @@ def test_bf16_mixes_in_fp32_and_saves_fp32(experts, tmp_path):
     expected = result.stack.layout.unflatten(result.stack.mix(w))
     for key, value in tensors.items():
         torch.testing.assert_close(value, expected[key])
+
+
+def test_compose_command_threads_dtype_and_k(experts, tmp_path, monkeypatch, capsys):
+    import json
+    import os
+
+    from lorahub_compeft.cli import main
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored after the test
+    examples = tmp_path / "task.jsonl"
+    examples.write_text("".join(json.dumps(e) + "\n" for e in support.constant_task("red")))
+    try:
+        assert main(["compose", "--experts", *experts, "--examples", str(examples), "--out",
+                     str(tmp_path / "out"), "--budget", "4", "--threads", "2", "--dtype", "fp32",
+                     "--candidates-per-step", "2", "--quiet"]) == 0
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    finally:
+        torch.set_num_threads(1)
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    assert "best loss" in capsys.readouterr().out
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            main(["compose", "--experts", *experts, "--examples", str(examples), "--out",
+                  str(tmp_path / "other"), "--threads", bad])
+        assert "--threads: expected a positive integer" in capsys.readouterr().err
