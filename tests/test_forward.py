@@ -155,3 +155,24 @@ def test_compose_command_threads_dtype_and_k(experts, tmp_path, monkeypatch, cap
             main(["compose", "--experts", *experts, "--examples", str(examples), "--out",
                   str(tmp_path / "other"), "--threads", bad])
         assert "--threads: expected a positive integer" in capsys.readouterr().err
+
+
+def test_threads_follow_the_idle_cores_without_threads(monkeypatch):
+    import os
+
+    from lorahub_compeft import cli
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+        assert cli._idle_cores() is None  # quiet: torch's choice stays
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+        assert cli._idle_cores() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert cli._idle_cores() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))
+        cli._apply_threads(type("Args", (), {"threads": None})())
+        assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        torch.set_num_threads(1)
