@@ -1,6 +1,6 @@
 """The LoraHub composer: learn a weighted mix of N LoRA experts from a few examples.
 
-    experts ──► choose N (sources.py) ──► decode each once into a stack (stacks.py)
+    experts ──► choose N (expert_sources.py) ──► decode each once into a stack (stacks.py)
     each step:  w (search.py, nevergrad) ──► flat ← mix(w), in place ──► few-shot loss
                 (objective.py) + regularizer ──► back to the optimizer
     ──► CompositionResult (result.py): the best w, the composed model, the adapter to save
@@ -25,7 +25,7 @@ from .forward import Scorer, resolve_dtype
 from .objective import OBJECTIVES, default_max_length, tokenize_examples, validate_examples
 from .result import CompositionResult
 from .search import optimizer_class, search
-from .sources import ExpertSource, choose_sources, validate_experts
+from .expert_sources import ExpertSource, choose_sources, validate_experts
 from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
 
 log = logging.getLogger(__name__)
