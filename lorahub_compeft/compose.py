@@ -99,7 +99,8 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
       and the loss computed in fp32.
     candidates_per_step: K candidates asked of the optimizer and scored in one forward (the
       examples repeated K times, LoRA added by batched matmuls); worth it where one forward of
-      the few examples leaves the device idle (GPUs), not on a busy CPU.
+      the few examples leaves the device idle (GPUs), not on a CPU. With K > 1 nevergrad's
+      Shiwa/NGOpt pick CMA instead of COBYLA, which needs far more than 40 evaluations.
     Same inputs and seed give the same weights.
     """
     # 1. everything that can be checked without a model
