@@ -30,6 +30,53 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch's intra-op threads (default: one per core, but only the idle "
+                        "cores when other processes keep the machine busy)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _idle_cores() -> int | None:
+    """The cores other processes leave idle (1-minute load average), when fewer than torch's
+    threads; None when the machine is quiet or its load is unknown. Threads that wait for busy
+    cores cost far more than they give: on a busy 2-core machine `demo` on one task took 346 s
+    with 2 threads and 43 s with 1."""
+    import os
+
+    import torch
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    idle = max(1, round(cores - load))
+    return idle if idle < torch.get_num_threads() else None
+
+
+def _apply_threads(args) -> None:
+    """Set torch's threads from --threads (else from _idle_cores), here and, through
+    OMP_NUM_THREADS, in the worker processes a command starts."""
+    import os
+
+    import torch
+    threads = getattr(args, "threads", None) or _idle_cores()
+    if threads is None:
+        return
+    logging.getLogger(__name__).info("using %d torch thread(s)", threads)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def _add_compression_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", "-k", type=float, default=0.1,
                    help="fraction of task-vector entries kept, in (0, 1] (default 0.1)")
@@ -324,6 +371,7 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--gpus-per-cell", type=float,
                    help="GPUs each Ray actor asks for (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--out", required=True, help="results folder")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_bbh)
 
     p = sub.add_parser("report", help="print the Table-7-style report of saved BBH results",
@@ -336,6 +384,7 @@ def _add_bbh_parsers(sub) -> None:
 
 
 def cmd_bbh(args) -> int:
+    _apply_threads(args)
     from .bbh import BBH_TASKS
     from .methods import make_method, method_options
     from .pool import ExpertPool
@@ -394,10 +443,12 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--zoo", help="zoo artifacts folder (default: the one shipped in the package)")
     p.add_argument("--json", help="also write the per-seed rows as JSON here (a new file)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    _apply_threads(args)
     from .files import atomic_write_text, check_file_target
     from .zoo.artifacts import ARTIFACTS, Zoo
     from .zoo.demo import format_table, run_demo
@@ -445,6 +496,12 @@ def _add_compose_parser(sub) -> None:
                    help="replace an adapter folder holding only adapter_config.json and "
                         "adapter_model.safetensors (never other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the base model's dtype while composing; auto: bf16 where the device "
+                        "computes it natively, else fp32 (default)")
+    p.add_argument("--candidates-per-step", type=_positive_int, default=1, metavar="K",
+                   help="candidates scored per forward (default 1; more helps on GPUs)")
+    _add_threads_option(p)
     p.set_defaults(func=cmd_compose)
 
 
@@ -496,6 +553,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def cmd_compose(args) -> int:
+    _apply_threads(args)
     from .bbh import exact_match
     from .compose import compose
     from .evaluate import accuracy
@@ -515,7 +573,9 @@ def cmd_compose(args) -> int:
     options = {"optimizer": args.optimizer} if args.optimizer else {}
     result = compose(experts, read_jsonl(args.examples), model=args.model,
                      n_experts=args.n_experts, seed=args.seed, budget=args.budget,
-                     objective=args.objective, progress=not args.quiet, **options)
+                     objective=args.objective, dtype=args.dtype,
+                     candidates_per_step=args.candidates_per_step, progress=not args.quiet,
+                     **options)
     result.save_adapter(out, force=args.force)
     print(f"best loss {result.best_loss:.4f} (no composition: {result.zero_loss:.4f})")
     for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):

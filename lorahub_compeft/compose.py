@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from .base_models import looks_like_path
-from .objective import (OBJECTIVES, default_max_length, few_shot_loss, tokenize_examples,
-                        validate_examples)
+from .forward import Scorer, resolve_dtype
+from .objective import OBJECTIVES, default_max_length, tokenize_examples, validate_examples
 from .result import CompositionResult
 from .search import optimizer_class, search
 from .expert_sources import ExpertSource, base_model_of, choose_sources, validate_experts
@@ -32,20 +32,7 @@ from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
-           "float32": torch.float32, "float": torch.float32}
-
-
 # --- the base model ------------------------------------------------------------------------------
-def _resolve_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() in _DTYPES:
-        return _DTYPES[str(dtype).lower()]
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
-
-
 def _load_base(model, tokenizer, sources: list[ExpertSource], dtype):
     from transformers import AutoTokenizer
 
@@ -77,7 +64,9 @@ def _peft_model(base, config: dict, device):
     # Evaluation only: no dropout, plain init (never an init that rewrites the base weights).
     options.update(lora_dropout=0.0, init_lora_weights=True, inference_mode=True)
     options.pop("modules_to_save", None)
-    model = get_peft_model(base, LoraConfig(**options), adapter_name=ADAPTER_NAME)
+    # LoRA in the base's dtype: the fp32 mix is cast to it once per step (not x to fp32 per layer).
+    model = get_peft_model(base, LoraConfig(**options), adapter_name=ADAPTER_NAME,
+                           autocast_adapter_dtype=False)
     return model.to(device).eval()
 
 
@@ -87,7 +76,8 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
             objective: str = "paper", loss_fn: Callable | None = None,
             regularizer: Callable | None = None, l1: float = 0.05, bounds: float = 1.5,
             batch_size: int | None = None, max_length: int | None = None, device=None,
-            dtype=None, progress: bool = True) -> CompositionResult:
+            dtype="auto", candidates_per_step: int = 1, progress: bool = True
+            ) -> CompositionResult:
     """Learn weights w for N LoRA experts so that the mix fits `examples` (LoraHub).
 
     experts: an ExpertLibrary (n_experts names sampled with seed, or the given `names`), or a
@@ -106,6 +96,13 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
       size); regularizer(w: np.ndarray) -> float replaces l1 * mean|w|.
     The returned weights are the best evaluated point (w ∈ [-bounds, bounds], start at 0); a
     non-finite loss is told to the optimizer as a 1e6 penalty and counted in nonfinite_steps.
+    dtype: "auto" (bf16 where the device computes it natively, else fp32: forward.py), "bf16",
+      "fp32", a torch.dtype, or None for the model's own; the experts are always mixed in fp32
+      and the loss computed in fp32.
+    candidates_per_step: K candidates asked of the optimizer and scored in one forward (the
+      examples repeated K times, LoRA added by batched matmuls); worth it where one forward of
+      the few examples leaves the device idle (GPUs), not on a CPU. With K > 1 nevergrad's
+      Shiwa/NGOpt pick CMA instead of COBYLA, which needs far more than 40 evaluations.
     Same inputs and seed give the same weights.
     """
     # 1. everything that can be checked without a model
@@ -118,7 +115,13 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     optimizer = optimizer or ("NGOpt" if objective == "lorahub" else "Shiwa")
     optimizer_class(optimizer)  # an unknown name fails before any model is loaded
-    dtype = _resolve_dtype(dtype)
+    if not isinstance(candidates_per_step, int) or candidates_per_step < 1:
+        raise ValueError(f"candidates_per_step must be a positive integer, got "
+                         f"{candidates_per_step!r}")
+    if candidates_per_step > 1 and loss_fn is not None:
+        raise ValueError("loss_fn scores one model at a time; use candidates_per_step=1 with it")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, device)
     sources = choose_sources(experts, names, n_experts, seed)
     named = model if isinstance(model, (str, os.PathLike)) or model is None else \
         getattr(model, "name_or_path", None)
@@ -126,7 +129,6 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     names = [s.name for s in sources]
 
     # 2. model, experts, examples
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     setup_start = time.perf_counter()
     base, tokenizer = _load_base(model, tokenizer, sources, dtype)
     peft_model = _peft_model(base, sources[0].config, device)
@@ -137,29 +139,21 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     batches = tokenize_examples(examples, tokenizer, bool(peft_model.config.is_encoder_decoder),
                                 max_length or default_max_length(tokenizer, peft_model),
                                 batch_size or len(examples), device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    scorer = Scorer(peft_model, stack, flat, batches, len(examples), objective, loss_fn,
+                    candidates_per_step)
 
     # 3. the search
-    timing = {"mix": 0.0, "forward": 0.0}
-
-    def evaluate(w: np.ndarray) -> float:
-        start = time.perf_counter()
-        stack.mix(w, out=flat)
-        sync()
-        timing["mix"] += time.perf_counter() - start
-        start = time.perf_counter()
-        loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
-        sync()
-        timing["forward"] += time.perf_counter() - start
-        reg = float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))
-        return loss + reg
+    def evaluate(ws: np.ndarray) -> list[float]:
+        reg = [float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))
+               for w in ws]
+        return [loss + r for loss, r in zip(scorer.score_candidates(ws), reg)]
 
     n = len(sources)
     setup_s = time.perf_counter() - setup_start - decode_s
-    zero_loss = evaluate(np.zeros(n))
-    timing["mix"] = timing["forward"] = 0.0  # the steps' totals only
+    zero_loss = evaluate(np.zeros((1, n)))[0]
+    scorer.reset_timings()  # the steps' totals only
     loop_start = time.perf_counter()
-    outcome = search(evaluate, n, budget, optimizer, bounds, seed, progress)
+    outcome = search(evaluate, n, budget, optimizer, bounds, seed, progress, candidates_per_step)
     loop_s = time.perf_counter() - loop_start
     best_loss = outcome.best_loss
     if not math.isfinite(best_loss):
@@ -170,9 +164,11 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     result = CompositionResult(
         weights={name: float(x) for name, x in zip(names, outcome.best_w)}, losses=outcome.losses,
         best_loss=best_loss, zero_loss=zero_loss, nonfinite_steps=outcome.nonfinite,
-        timings={"decode": decode_s, "mix": timing["mix"], "forward": timing["forward"],
-                 "optimizer": loop_s - timing["mix"] - timing["forward"], "setup": setup_s,
-                 "steps": budget},
+        timings={"decode": decode_s, "mix": scorer.timings["mix"],
+                 "forward": scorer.timings["forward"],
+                 "optimizer": loop_s - scorer.timings["mix"] - scorer.timings["forward"],
+                 "setup": setup_s, "steps": budget,
+                 "forwards": math.ceil(budget / candidates_per_step)},
         experts=names, optimizer=optimizer, objective=objective, model=peft_model,
         tokenizer=tokenizer, stack=stack, flat=flat, config=dict(sources[0].config))
     result._apply_best()

@@ -94,8 +94,8 @@ def tokenize_examples(examples: list[dict], tokenizer, is_encoder_decoder: bool,
     return batches
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of target-token cross-entropies, number of target tokens) for one batch."""
+def _scored_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the labels they predict (causal LMs: shifted by one)."""
     labels = batch["labels"]
     if model.config.is_encoder_decoder:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -103,10 +103,37 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of target-token cross-entropies, number of target tokens) for one batch."""
+    logits, labels = _scored_logits(model, batch)
     total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                               labels.reshape(-1), ignore_index=-100,
                                               reduction="sum")
     return total, int((labels != -100).sum())
+
+
+def candidate_losses(model, batches: list[dict[str, torch.Tensor]], n_examples: int,
+                     objective: str, k: int) -> list[float]:
+    """few_shot_loss for K candidates at once: each batch is repeated K times, candidate-major,
+    for a model whose rows k*B .. k*B + B - 1 run candidate k's LoRA (forward.BatchedLoRA)."""
+    totals = torch.zeros(k, dtype=torch.float64)
+    tokens = 0
+    with torch.no_grad():
+        for b in batches:
+            repeated = {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in b.items()}
+            logits, labels = _scored_logits(model, repeated)
+            per_token = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                ignore_index=-100, reduction="none")
+            sums = per_token.view(k, -1).sum(1).double().cpu()
+            n = int((labels != -100).sum()) // k  # each candidate's target tokens
+            totals += sums / max(n, 1) if objective == "lorahub" else sums
+            tokens += n
+    totals /= n_examples if objective == "lorahub" else max(tokens, 1)
+    return totals.tolist()
 
 
 def few_shot_loss(model, batches: list[dict[str, torch.Tensor]], n_examples: int,

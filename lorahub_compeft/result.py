@@ -43,9 +43,11 @@ class CompositionResult:
         self.stack.mix(w, out=self.flat)
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
-        """The composed adapter's tensors under PEFT's saved key names (on the CPU)."""
-        self._apply_best()
-        return {k: v.detach().clone().cpu() for k, v in self.stack.layout.unflatten(self.flat).items()}
+        """The composed adapter's tensors under PEFT's saved key names (on the CPU), mixed in
+        fp32 whatever the model's dtype."""
+        w = np.array([self.weights[n] for n in self.experts])
+        mixed = self.stack.mix(w).to(torch.float32)
+        return {k: v.clone().cpu() for k, v in self.stack.layout.unflatten(mixed).items()}
 
     def generate(self, inputs: list[str], max_new_tokens: int = 16, batch_size: int = 32,
                  max_length: int | None = None) -> list[str]:

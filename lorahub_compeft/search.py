@@ -33,31 +33,38 @@ def optimizer_class(name: str):
     return cls
 
 
-def search(evaluate: Callable[[np.ndarray], float], n: int, budget: int, optimizer: str,
-           bounds: float, seed: int, progress: bool = True) -> SearchOutcome:
-    """Minimise evaluate(w) over w in [-bounds, bounds]^n from w = 0 with `budget` evaluations."""
+def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, optimizer: str,
+           bounds: float, seed: int, progress: bool = True,
+           candidates_per_step: int = 1) -> SearchOutcome:
+    """Minimise the loss over w in [-bounds, bounds]^n from w = 0 with `budget` evaluations.
+
+    evaluate(W) gets K candidates as the rows of W [K, n] and returns their K losses; the
+    optimizer is asked for K = candidates_per_step of them before it is told any loss
+    (nevergrad's num_workers=K), the last round fewer if K does not divide the budget."""
     import nevergrad as ng
     from tqdm.auto import tqdm
 
+    k = candidates_per_step
     parametrization = ng.p.Array(init=np.zeros(n), lower=-bounds, upper=bounds)
     parametrization.random_state = np.random.RandomState(seed)
-    opt = optimizer_class(optimizer)(parametrization=parametrization, budget=budget, num_workers=1)
+    opt = optimizer_class(optimizer)(parametrization=parametrization, budget=budget, num_workers=k)
     losses: list[float] = []
     nonfinite = 0
     best_loss, best_w = math.inf, np.zeros(n)
-    bar = tqdm(range(budget), desc="composing", unit="step", disable=not progress)
-    for _ in bar:
-        candidate = opt.ask()
-        w = np.asarray(candidate.value, dtype=np.float64)
-        value = evaluate(w)
-        losses.append(value)
-        if not math.isfinite(value):
-            nonfinite += 1
-            opt.tell(candidate, NONFINITE_PENALTY)
-            continue
-        opt.tell(candidate, value)
-        if value < best_loss:
-            best_loss, best_w = value, w.copy()
+    bar = tqdm(total=budget, desc="composing", unit="step", disable=not progress)
+    while len(losses) < budget:
+        asked = [opt.ask() for _ in range(min(k, budget - len(losses)))]
+        ws = np.stack([np.asarray(c.value, dtype=np.float64) for c in asked])
+        for candidate, w, value in zip(asked, ws, evaluate(ws)):
+            losses.append(value)
+            if not math.isfinite(value):
+                nonfinite += 1
+                opt.tell(candidate, NONFINITE_PENALTY)
+                continue
+            opt.tell(candidate, value)
+            if value < best_loss:
+                best_loss, best_w = value, w.copy()
+        bar.update(len(asked))
         bar.set_postfix(best=f"{best_loss:.4f}")
     bar.close()
     return SearchOutcome(best_w, best_loss, losses, nonfinite)

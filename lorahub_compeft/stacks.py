@@ -4,6 +4,8 @@ Both stacks answer `mix(w, out)`: the flat vector sum_i w_i E_i in the layout of
 LoRA parameters (per module A = sum_i w_i A_i and B = sum_i w_i B_i, as in LoraHub, not
 sum_i w_i B_i A_i). The model's lora_A/lora_B parameters are views into one flat buffer, so
 a step's mixing writes that buffer in place: no state dict is rebuilt, no adapter reloaded.
+`mix_many(W, out)` is the same for each row of W [K, N] into out [K, P] (K candidates scored
+in one forward, forward.py).
 
     DenseStack     one [N, P] float32 matrix; a step is one matrix-vector product
     TernaryStack   ComPEFT experts kept sparse (int32 position + int8 sign per kept value);
@@ -70,6 +72,11 @@ class DenseStack:
         mixed = mix_weights(self.matrix, w)
         return mixed if out is None else out.copy_(mixed)
 
+    def mix_many(self, weights, out: torch.Tensor) -> torch.Tensor:
+        """Row k of out [K, P] = sum_i weights[k, i] E_i: one matrix product."""
+        return torch.mm(as_weights(weights, self.matrix.dtype, self.matrix.device), self.matrix,
+                        out=out)
+
 
 @dataclass
 class TernaryStack:
@@ -101,6 +108,12 @@ class TernaryStack:
         else:  # threads own disjoint ranges of acc; torch ops release the GIL
             list(self._threads(len(parts)).map(lambda part: self._scatter(acc, coef, part), parts))
         return acc if out is None or in_place else out.copy_(acc)
+
+    def mix_many(self, weights, out: torch.Tensor) -> torch.Tensor:
+        """Row k of out [K, P] = mix(weights[k]): one sparse scatter per candidate."""
+        for w, row in zip(weights, out):
+            self.mix(w, out=row)
+        return out
 
     def _scatter(self, acc: torch.Tensor, coef: list[float], part: list[tuple[int, int]]):
         # int8 sign * scalar makes float32 in one pass, far cheaper than expanding a scale per

@@ -2,8 +2,9 @@
 
 Every method composes the same N experts (PEFT LoRA dirs with random LoRA-like tensors) on the
 same base model, the same 5 examples, seed and budget, with LoraHub's objective (NGOpt, the sum of
-batch mean losses / #examples + 0.05 mean|w|). Per method: mixing and forward time per step, the
-steps' and the whole call's wall time, peak RSS, and the memory the experts occupy -- measured on
+batch mean losses / #examples + 0.05 mean|w|). Ours runs with its default settings, then with
+dtype fp32 and bf16, and with K = 4 and 8 candidates per forward. Per method: mixing and
+forward time per forward, the steps' and the whole call's wall time, peak RSS, and the memory the experts occupy -- measured on
 the real objects (the reference's cache of state dicts; our [N, P] ExpertStack plus whatever
 expert objects stay alive), for N=20 and for libraries of 20/50/200 experts with 20 sampled.
 
@@ -32,7 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("reference", "ours-dense", "ours-compeft")
+# Ours: which experts (dense PEFT dirs or ComPEFT files) and compose()'s forward options;
+# "ours-compeft" is the default settings (dtype="auto", one candidate per forward).
+OURS = {"ours-dense": (False, {}), "ours-compeft": (True, {}),
+        "ours-compeft-fp32": (True, {"dtype": "fp32"}),
+        "ours-compeft-bf16": (True, {"dtype": "bf16"}),
+        "ours-compeft-k4": (True, {"candidates_per_step": 4}),
+        "ours-compeft-k8": (True, {"candidates_per_step": 8})}
+METHODS = ("reference", *OURS)
+DEFAULT = "ours-compeft"
 # Five short few-shot examples in the style of BBH (the same for every method).
 EXAMPLES = [
     {"input": "Evaluate the boolean expression : not ( True and False ) is", "target": "True"},
@@ -227,13 +236,13 @@ def run_reference(spec: dict) -> dict:
         get_regular=timed(algorithm.default_l1_regularization, "regular"), seed=spec["seed"])
     wall = time.perf_counter() - start
     n = len(steps)
-    return {"steps": n, "mix_s": (spent["score"] - spent["forward"] - spent["regular"]) / n,
+    return {"steps": n, "forwards": n, "dtype": "float32", "k": 1, "mix_s": (spent["score"] - spent["forward"] - spent["regular"]) / n,
             "forward_s": spent["forward"] / n, "steps_s": steps[-1][1] - steps[0][0],
             "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "best_loss": min(losses),
             "expert_bytes": held_bytes(held["cache"])}
 
 
-def run_ours(spec: dict, compressed: bool) -> dict:
+def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: bool) -> dict:
     from lorahub_compeft import ExpertLibrary, compose, load_expert
     from lorahub_compeft.evaluate import load_model
     # Expert files open lazily (header only); compose decodes each once into its stack and
@@ -242,16 +251,18 @@ def run_ours(spec: dict, compressed: bool) -> dict:
     options = dict(n_experts=spec["n"], seed=spec["seed"], objective="lorahub", progress=False)
     start = time.perf_counter()
     result = compose(experts, spec["examples"], model=spec["base"], budget=spec["budget"],
-                     **options)
+                     **options, **forward_options)
     wall = time.perf_counter() - start
     t = result.timings
-    row = {"steps": t["steps"], "mix_s": t["mix"] / t["steps"],
-           "forward_s": t["forward"] / t["steps"],
+    row = {"steps": t["steps"], "forwards": t["forwards"], "mix_s": t["mix"] / t["forwards"],
+           "forward_s": t["forward"] / t["forwards"],
+           "dtype": str(result.flat.dtype).removeprefix("torch."),
+           "k": forward_options.get("candidates_per_step", 1),
            "steps_s": t["mix"] + t["forward"] + t["optimizer"], "wall_s": wall,
            "peak_rss_mb": peak_rss_mb(), "best_loss": result.best_loss,
            "expert_bytes": held_bytes([result.stack, experts]),
            "stack_bytes": held_bytes(result.stack), "setup_s": t["setup"], "decode_s": t["decode"]}
-    if compressed:  # after the peak RSS is read: this part loads more
+    if libraries:  # after the peak RSS is read: this part loads more
         del result  # its model: a 3 GB copy at flan-t5-large shape
         row["library"] = {}
         model, tokenizer = load_model(spec["base"])
@@ -282,7 +293,8 @@ def child(method: str, spec_path: str, out_path: str) -> None:
     if method == "reference":
         row.update(run_reference(spec))
     else:
-        row.update(run_ours(spec, compressed=method == "ours-compeft"))
+        compressed, forward_options = OURS[method]
+        row.update(run_ours(spec, compressed, forward_options, libraries=method == DEFAULT))
     Path(out_path).write_text(json.dumps(row))
 
 
@@ -326,22 +338,25 @@ def ratios(rows: dict) -> dict:
     return {m: {"mix": rows[m]["mix_s"] / ref["mix_s"], "wall": rows[m]["wall_s"] / ref["wall_s"],
                 "steps": rows[m]["steps_s"] / ref["steps_s"],
                 "expert_memory": rows[m]["expert_bytes"] / ref["expert_bytes"]}
-            for m in ("ours-dense", "ours-compeft") if "mix_s" in rows.get(m, {})}
+            for m in OURS if "mix_s" in rows.get(m, {})}
 
 
 def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
     print(f"\n### LoraHub composition: {config['model']}, N={config['n']}, "
           f"{len(EXAMPLES)} examples, budget {config['budget']}, seed {config['seed']}, "
           f"{config['threads']} thread(s)\n")
-    head = ["method", "mix ms/step", "forward ms/step", "steps s", "wall s", "peak RSS MB",
-            f"experts MB (N={config['n']})", "best loss"]
+    head = ["method", "dtype", "K", "forwards", "mix ms/forward", "forward ms/forward",
+            "steps s", "wall s", "peak RSS MB", f"experts MB (N={config['n']})", "best loss"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for method in METHODS:
         r = rows.get(method, {})
+        if not r:
+            continue
         if "skipped" in r:
             print(f"| {method} | skipped: {r['skipped']} |")
             continue
-        cells = [method, f"{1e3 * r['mix_s']:.2f}", f"{1e3 * r['forward_s']:.1f}",
+        cells = [method, r["dtype"], str(r["k"]), str(r["forwards"]), f"{1e3 * r['mix_s']:.2f}",
+                 f"{1e3 * r['forward_s']:.1f}",
                  f"{r['steps_s']:.2f}", f"{r['wall_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
                  f"{r['expert_bytes'] / MB:.2f}", f"{r['best_loss']:.4f}"]
         print("| " + " | ".join(cells) + " |")
@@ -365,9 +380,9 @@ def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
         " (the targets are for the flan-t5-large shape; this is a smoke run)"
     print(f"\nRatios to the reference{shape}:")
     for method, r in found.items():
-        print(f"- {method}: mix {r['mix']:.3f} (target <= 0.1), whole learning {r['wall']:.3f} "
-              f"(target < 1; steps only {r['steps']:.3f}), expert memory {r['expert_memory']:.3f} "
-              "(target <= 0.25)")
+        target = " (target <= 0.5: ours, default settings)" if method == DEFAULT else ""
+        print(f"- {method}: whole learning {r['wall']:.3f}{target}, steps only {r['steps']:.3f}, "
+              f"mix per forward {r['mix']:.3f}, expert memory {r['expert_memory']:.3f}")
 
 
 def main(argv=None) -> None:

@@ -27,33 +27,45 @@ def test_bench_codec_quick(tmp_path, lora_dir):
 
 
 def test_bench_compose_quick(tmp_path):
-    """Both of our methods always run; the lorahub reference runs only where it is importable
-    (the test installs nothing), and is otherwise reported as skipped with the reason."""
+    """All our methods always run (dense, ComPEFT with default settings, fp32, bf16, K=4, 8);
+    the lorahub reference runs only where it is importable (the test installs nothing), and is
+    otherwise reported as skipped with the reason."""
     out = tmp_path / "compose.json"
     proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_compose.py"), "--quick",
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows, sizes = report["rows"], report["library_sizes"]
-    assert set(rows) == {"reference", "ours-dense", "ours-compeft"} and sizes == [20, 50, 200]
+    ours = {"ours-dense", "ours-compeft", "ours-compeft-fp32", "ours-compeft-bf16",
+            "ours-compeft-k4", "ours-compeft-k8"}
+    assert set(rows) == {"reference"} | ours and sizes == [20, 50, 200]
     measured = [m for m in rows if "skipped" not in rows[m]]
-    assert {"ours-dense", "ours-compeft"} <= set(measured)
+    assert ours <= set(measured)
     if "skipped" in rows["reference"]:
         assert "lorahub" in rows["reference"]["skipped"] and report["ratios"] == {}
     else:
-        assert set(report["ratios"]) == {"ours-dense", "ours-compeft"}
+        assert set(report["ratios"]) == ours
+    assert rows["ours-compeft-bf16"]["dtype"] == "bfloat16"
+    assert rows["ours-compeft-fp32"]["dtype"] == "float32"
+    # 5 evaluations: K=4 takes 2 forwards (4 + 1), K=8 one.
+    assert [rows[m]["forwards"] for m in ("ours-compeft", "ours-compeft-k4", "ours-compeft-k8")] \
+        == [5, 2, 1]
     for method in measured:
         r = rows[method]
         assert r["steps"] == 5
         for key in ("mix_s", "forward_s", "steps_s", "wall_s", "peak_rss_mb", "expert_bytes"):
             assert r[key] > 0, (method, key)
+        assert math.isfinite(r["best_loss"])
+    for method in ("ours-dense", "ours-compeft"):  # the library measurements
+        r = rows[method]
         assert set(r["library"]) == {str(s) for s in sizes}
         assert all(v["held_bytes"] > 0 and v["disk_bytes"] > 0 for v in r["library"].values())
-        assert math.isfinite(r["best_loss"])
     # ComPEFT experts are smaller where they are stored (a library of compressed files against
     # the same number of PEFT dirs) and where they are composed (sparse stack vs dense rows).
     dense, compeft = rows["ours-dense"]["library"], rows["ours-compeft"]["library"]
     assert all(compeft[s]["disk_bytes"] < dense[s]["disk_bytes"] for s in dense)
     assert rows["ours-compeft"]["expert_bytes"] < rows["ours-dense"]["expert_bytes"] / 4
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 2 * 4  # two tables: a header and one row per method
+    # A header and one row per method; the library table has the reference and the two
+    # methods measured on libraries.
+    assert len(table) == (1 + 7) + (1 + 3)
