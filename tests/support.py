@@ -6,6 +6,9 @@ trained with peft and saved the way peft saves them.
 """
 from __future__ import annotations
 
+import json
+import struct
+
 from pathlib import Path
 
 import torch
@@ -90,3 +93,15 @@ def train_expert(base_dir: Path, out_dir: Path, examples: list[dict], kind: str 
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def rewrite_safetensors_header(path: Path, mutate) -> None:
+    """Edit a safetensors file's JSON header in place (offsets kept), as damage or a forger
+    would; mutate(header) changes the parsed header dict."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    mutate(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])

@@ -10,6 +10,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+import support
 from lorahub_compeft import (AdapterError, CompressionError, ExpertFileError, coding, compress,
                              load_adapter, load_expert)
 from lorahub_compeft.expert import FORMAT_VERSION, canonical_json
@@ -170,16 +171,6 @@ def test_bad_compression_input(lora_dir, tmp_path):
 
 
 # --- damaged files --------------------------------------------------------------------------
-def _rewrite_header(path, mutate):
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    mutate(header)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-
-
 def _forge(path, mutate):
     """Edit a v2 file's decoded header and sign it again, as a forger would: what is left to
     stop it is validation, not the digest."""
@@ -190,7 +181,7 @@ def _forge(path, mutate):
         raw = canonical_json(body)
         meta.update(header=base64.b85encode(zlib.compress(raw)).decode(),
                     header_sha256=hashlib.sha256(raw).hexdigest())
-    _rewrite_header(path, edit)
+    support.rewrite_safetensors_header(path, edit)
 
 
 @pytest.fixture
@@ -199,13 +190,13 @@ def saved(lora_dir, tmp_path):
 
 
 def test_newer_version_is_refused(saved):
-    _rewrite_header(saved, lambda h: h["__metadata__"].update(format_version=str(FORMAT_VERSION + 1)))
+    support.rewrite_safetensors_header(saved, lambda h: h["__metadata__"].update(format_version=str(FORMAT_VERSION + 1)))
     with pytest.raises(ExpertFileError, match="newer"):
         load_expert(saved)
 
 
 def test_wrong_magic_is_refused(saved, tmp_path):
-    _rewrite_header(saved, lambda h: h["__metadata__"].update(format="something-else"))
+    support.rewrite_safetensors_header(saved, lambda h: h["__metadata__"].update(format="something-else"))
     with pytest.raises(ExpertFileError, match="not a lorahub-compeft expert"):
         load_expert(saved)
     plain = tmp_path / "plain.safetensors"

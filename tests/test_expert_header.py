@@ -12,22 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import support
 from lorahub_compeft import ExpertFileError, compress, load_expert
 from lorahub_compeft.adapters import Adapter
 from lorahub_compeft.expert import canonical_json
 from lorahub_compeft.zoo.ship import ARTIFACTS
 
 ZOO_EXPERT = Path(ARTIFACTS) / "experts" / "bool_value.safetensors"
-
-
-def _rewrite(path, mutate):
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    mutate(header)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
 
 def _body(path) -> dict:
@@ -46,7 +37,7 @@ def _edit(path, mutate, sign=True):
         meta["header"] = base64.b85encode(zlib.compress(raw)).decode()
         if sign:
             meta["header_sha256"] = hashlib.sha256(raw).hexdigest()
-    _rewrite(path, edit)
+    support.rewrite_safetensors_header(path, edit)
 
 
 @pytest.fixture
@@ -78,7 +69,7 @@ def test_payload_digest_covers_dtype_and_shape(saved):
     # check of a v1 digest, not v2's
     def retype(h):
         h["scales"]["dtype"] = "I32"
-    _rewrite(saved, retype)
+    support.rewrite_safetensors_header(saved, retype)
     with pytest.raises(ExpertFileError, match="checksum"):
         load_expert(saved).state_dict()
 
@@ -122,11 +113,11 @@ def test_missing_field_and_bad_outer_fields(saved, tmp_path):
         load_expert(copy)
     for version, message in (("1.0", "format_version is '1.0'"), ("3", "newer lorahub-compeft")):
         shutil.copy(saved, copy)
-        _rewrite(copy, lambda h: h["__metadata__"].update(format_version=version))
+        support.rewrite_safetensors_header(copy, lambda h: h["__metadata__"].update(format_version=version))
         with pytest.raises(ExpertFileError, match=message):
             load_expert(copy)
     shutil.copy(saved, copy)
-    _rewrite(copy, lambda h: h["__metadata__"].update(header="%%%"))
+    support.rewrite_safetensors_header(copy, lambda h: h["__metadata__"].update(header="%%%"))
     with pytest.raises(ExpertFileError, match="cannot be decoded"):
         load_expert(copy)
 
@@ -137,7 +128,7 @@ def test_deep_json_and_a_zip_bomb_are_refused(saved, tmp_path):
     for body, message in ((deep, "nested too deeply|damaged"), (bomb, "inflates past")):
         copy = tmp_path / "c.safetensors"
         shutil.copy(saved, copy)
-        _rewrite(copy, lambda h: h["__metadata__"].update(
+        support.rewrite_safetensors_header(copy, lambda h: h["__metadata__"].update(
             header=base64.b85encode(zlib.compress(body)).decode(),
             header_sha256=hashlib.sha256(body).hexdigest()))
         with pytest.raises(ExpertFileError, match=message):
@@ -177,7 +168,7 @@ def test_v1_zoo_file_still_loads_and_malformed_v1_headers_are_errors(tmp_path):
     for field, value in bad.items():
         copy = tmp_path / "v1.safetensors"
         shutil.copy(ZOO_EXPERT, copy)
-        _rewrite(copy, lambda h: h["__metadata__"].update({field: value}))
+        support.rewrite_safetensors_header(copy, lambda h: h["__metadata__"].update({field: value}))
         with pytest.raises(ExpertFileError, match=field if field != "coding" else "nested|coding"):
             load_expert(copy).summary()
 
