@@ -1,8 +1,10 @@
 """The LoraHub composer: learn a weighted mix of N LoRA experts from a few examples.
 
-    experts ──► choose N (sources.py) ──► decode each once into a stack (stacks.py)
+    experts ──► choose N (sources.py: LoraHub's random draw; selection.py: by few-shot loss)
+            ──► decode each once into a stack (stacks.py)
     each step:  w (search.py, nevergrad) ──► flat ← mix(w), in place ──► few-shot loss
                 (objective.py) + regularizer ──► back to the optimizer
+    (restarts: R searches from different starts, the lowest few-shot loss kept; w = 0 counts)
     ──► CompositionResult (result.py): the best w, the composed model, the adapter to save
 
 `compose()` is the one public entry; the modules named above hold one step each.
@@ -21,15 +23,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .objective import (OBJECTIVES, default_max_length, few_shot_loss, tokenize_examples,
-                        validate_examples)
+from .objective import (OBJECTIVES, default_max_length, few_shot_loss, task_loss,
+                        tokenize_examples, validate_examples)
 from .result import CompositionResult
-from .search import optimizer_class, search
-from .sources import ExpertSource, choose_sources, validate_experts
+from .search import optimizer_class, restart_start, search
+from .selection import SELECTIONS, Selection, first_order, select_by_loss
+from .sources import ExpertSource, candidate_sources, choose_sources, validate_experts
 from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
 
 log = logging.getLogger(__name__)
 
+# N when experts are chosen by loss (chosen on the zoo's validation seeds, README "Choosing
+# experts"), and LoraHub's N for its random draw.
+DEFAULT_N = {"loss": 5, "random": 20}
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
            "float32": torch.float32, "float": torch.float32}
@@ -81,17 +87,24 @@ def _peft_model(base, config: dict, device):
 
 # --- compose -----------------------------------------------------------------------------------
 def compose(experts, examples, model=None, *, names: list[str] | None = None, tokenizer=None,
-            n_experts: int = 20, seed: int = 1, budget: int = 40, optimizer: str | None = None,
+            n_experts: int | None = None, select: str | None = None, restarts: int = 1,
+            seed: int = 1, budget: int = 40, optimizer: str | None = None,
             objective: str = "paper", loss_fn: Callable | None = None,
             regularizer: Callable | None = None, l1: float = 0.05, bounds: float = 1.5,
             batch_size: int | None = None, max_length: int | None = None, device=None,
             dtype=None, progress: bool = True) -> CompositionResult:
     """Learn weights w for N LoRA experts so that the mix fits `examples` (LoraHub).
 
-    experts: an ExpertLibrary (n_experts names sampled with seed, or the given `names`), or a
-      list of CompressedExperts, expert files (.safetensors), PEFT dirs, Hub ids or Adapters;
-      a longer list than n_experts is sampled with random.Random(seed). Only the chosen experts
-      are decoded, once each.
+    experts: an ExpertLibrary (all its experts, or the given `names`), or a list of
+      CompressedExperts, expert files (.safetensors), PEFT dirs, Hub ids or Adapters.
+    select: how N = n_experts of them are chosen when more are given. "loss" (the default):
+      each candidate alone (w = 1, the rest 0) is scored with the search's objective and the N
+      lowest are kept, ties by name (large libraries: a first-order estimate ranks all, the
+      best 3/4 budget are scored exactly; see selection.py); result.selection records the scores.
+      "random": LoraHub's draw (a library's sample(n, seed); a list's random.Random(seed)).
+      n_experts defaults to DEFAULT_N[select]. Only the chosen experts are put in the stack.
+    restarts: R searches over the same experts, the first from w = 0, the others from seeded
+      random starts; the one with the lowest few-shot loss is kept (w = 0 itself included).
     examples: [{"input": str, "target": str}, ...].
     model: a transformers model (copied, then wrapped), a name/path, or None for the experts'
       base_model_name_or_path. Pass tokenizer= with a model object (else it is loaded by name).
@@ -110,6 +123,10 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
     examples = validate_examples(examples)
+    if select not in (None, *SELECTIONS):
+        raise ValueError(f"unknown select {select!r}; use one of {SELECTIONS}")
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be a positive number of searches, got {restarts!r}")
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
     if batch_size is not None and batch_size < 1:
@@ -117,25 +134,57 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     optimizer = optimizer or ("NGOpt" if objective == "lorahub" else "Shiwa")
     optimizer_class(optimizer)  # an unknown name fails before any model is loaded
     dtype = _resolve_dtype(dtype)
-    sources = choose_sources(experts, names, n_experts, seed)
-    validate_experts(sources)
-    names = [s.name for s in sources]
+    from .library import ExpertLibrary
+    select = select or "loss"
+    n_experts = DEFAULT_N[select] if n_experts is None else n_experts
+    if not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be at least 1, got {n_experts!r}")
+    if select == "random":
+        candidates = choose_sources(experts, names, n_experts, seed)
+    else:
+        candidates = candidate_sources(experts, names)
+        if isinstance(experts, ExpertLibrary) and names is None and n_experts > len(candidates):
+            raise ValueError(f"cannot sample {n_experts} experts from a library of "
+                             f"{len(candidates)}; lower n_experts or add experts")
+    validate_experts(candidates)
 
     # 2. model, experts, examples
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     setup_start = time.perf_counter()
-    base, tokenizer = _load_base(model, tokenizer, sources, dtype)
-    peft_model = _peft_model(base, sources[0].config, device)
+    base, tokenizer = _load_base(model, tokenizer, candidates, dtype)
+    peft_model = _peft_model(base, candidates[0].config, device)
     params = lora_params(peft_model)
     layout = layout_of(params)
-    stack, decode_s = build_stack(sources, layout, device)
     flat = bind_flat(params, layout, device)
     batches = tokenize_examples(examples, tokenizer, bool(peft_model.config.is_encoder_decoder),
                                 max_length or default_max_length(tokenizer, peft_model),
                                 batch_size or len(examples), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    # 3. the search
+    def regularize(w: np.ndarray) -> float:
+        return float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))
+
+    # 3. which experts (the model is needed to score them)
+    select_start = time.perf_counter()
+    if len(candidates) > n_experts and select == "loss":
+        def score(i: int) -> float:
+            alone = np.zeros(len(candidates))
+            alone[i] = 1.0
+            loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
+            return loss + regularize(alone)
+        estimate = None if loss_fn is not None else first_order(
+            peft_model, lambda: task_loss(peft_model, batches, len(examples), objective),
+            layout, flat)
+        selection = select_by_loss(candidates, n_experts, score, flat, layout, budget, estimate)
+    else:
+        selection = Selection(select if select == "random" else "all",
+                              [s.name for s in candidates])
+    selection.seconds = time.perf_counter() - select_start
+    sources = [s for s in candidates if s.name in set(selection.chosen)]
+    names = [s.name for s in sources]
+    stack, decode_s = build_stack(sources, layout, device)
+
+    # 4. the search
     timing = {"mix": 0.0, "forward": 0.0}
 
     def evaluate(w: np.ndarray) -> float:
@@ -147,30 +196,36 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
         loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
         sync()
         timing["forward"] += time.perf_counter() - start
-        reg = float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))
-        return loss + reg
+        return loss + regularize(w)
 
     n = len(sources)
-    setup_s = time.perf_counter() - setup_start - decode_s
+    setup_s = time.perf_counter() - setup_start - decode_s - selection.seconds
     zero_loss = evaluate(np.zeros(n))
     timing["mix"] = timing["forward"] = 0.0  # the steps' totals only
     loop_start = time.perf_counter()
-    outcome = search(evaluate, n, budget, optimizer, bounds, seed, progress)
+    outcomes = [search(evaluate, n, budget, optimizer, bounds,
+                       seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0]),
+                       progress, start=restart_start(n, seed, r, bounds))
+                for r in range(restarts)]
     loop_s = time.perf_counter() - loop_start
-    best_loss = outcome.best_loss
+    outcome = min(outcomes, key=lambda o: o.best_loss)  # the first on ties
+    best_w, best_loss = outcome.best_w, outcome.best_loss
     if not math.isfinite(best_loss):
         warnings.warn("every step's loss was non-finite; returning the zero composition",
                       stacklevel=2)
-        best_loss = zero_loss
+    if not best_loss < zero_loss:  # w = 0 is a candidate: never worse than no composition
+        best_w, best_loss = np.zeros(n), zero_loss
 
     result = CompositionResult(
-        weights={name: float(x) for name, x in zip(names, outcome.best_w)}, losses=outcome.losses,
-        best_loss=best_loss, zero_loss=zero_loss, nonfinite_steps=outcome.nonfinite,
+        weights={name: float(x) for name, x in zip(names, best_w)},
+        losses=[x for o in outcomes for x in o.losses], best_loss=best_loss, zero_loss=zero_loss,
+        nonfinite_steps=sum(o.nonfinite for o in outcomes),
         timings={"decode": decode_s, "mix": timing["mix"], "forward": timing["forward"],
                  "optimizer": loop_s - timing["mix"] - timing["forward"], "setup": setup_s,
-                 "steps": budget},
+                 "select": selection.seconds, "steps": budget * restarts},
         experts=names, optimizer=optimizer, objective=objective, model=peft_model,
-        tokenizer=tokenizer, stack=stack, flat=flat, config=dict(sources[0].config))
+        tokenizer=tokenizer, stack=stack, flat=flat, config=dict(sources[0].config),
+        selection=selection, restart_losses=[o.best_loss for o in outcomes])
     result._apply_best()
     log.info("composed %d experts: best loss %.4f (no composition %.4f)", n, best_loss, zero_loss)
     return result

@@ -33,13 +33,27 @@ def optimizer_class(name: str):
     return cls
 
 
+def restart_start(n: int, seed: int, restart: int, bounds: float) -> np.ndarray:
+    """Where restart r starts: w = 0 for the first (LoraHub's start), then a point drawn
+    uniformly in [-bounds/3, bounds/3]^n from (seed, r). Different starts, not only different
+    optimizer seeds: nevergrad 1.0.12's Shiwa/NGOpt run COBYLA on LoraHub's problem sizes,
+    which is deterministic from its start, so a new seed alone repeats the same search."""
+    if restart == 0:
+        return np.zeros(n)
+    rng = np.random.default_rng([seed, restart])
+    return rng.uniform(-bounds / 3, bounds / 3, size=n)
+
+
 def search(evaluate: Callable[[np.ndarray], float], n: int, budget: int, optimizer: str,
-           bounds: float, seed: int, progress: bool = True) -> SearchOutcome:
-    """Minimise evaluate(w) over w in [-bounds, bounds]^n from w = 0 with `budget` evaluations."""
+           bounds: float, seed: int, progress: bool = True, start: np.ndarray | None = None
+           ) -> SearchOutcome:
+    """Minimise evaluate(w) over w in [-bounds, bounds]^n from `start` (default w = 0) with
+    `budget` evaluations."""
     import nevergrad as ng
     from tqdm.auto import tqdm
 
-    parametrization = ng.p.Array(init=np.zeros(n), lower=-bounds, upper=bounds)
+    init = np.zeros(n) if start is None else np.asarray(start, dtype=np.float64)
+    parametrization = ng.p.Array(init=init, lower=-bounds, upper=bounds)
     parametrization.random_state = np.random.RandomState(seed)
     opt = optimizer_class(optimizer)(parametrization=parametrization, budget=budget, num_workers=1)
     losses: list[float] = []

@@ -116,7 +116,7 @@ def test_only_the_sampled_experts_are_decoded(experts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(CompressedExpert, "ternary", counting)
     result = compose(library, support.constant_task("red"), n_experts=5, budget=2, seed=7,
-                     progress=False)
+                     select="random", progress=False)
     assert sorted(decoded) == sorted(result.experts) == library.sample(5, 7)
     assert len(set(decoded)) == 5 and expert
     assert result.timings["decode"] > 0
@@ -156,8 +156,10 @@ def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path, monke
 
 def test_a_longer_list_is_sampled_reproducibly(experts):
     dirs = [str(experts[w]) for w in WORDS]
-    a = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5, progress=False)
-    b = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5, progress=False)
+    a = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5,
+                select="random", progress=False)
+    b = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5,
+                select="random", progress=False)
     assert a.experts == b.experts and len(a.experts) == 2
 
 
