@@ -188,7 +188,7 @@ def _nbytes(value: np.ndarray | torch.Tensor) -> int:
     return value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
 
 
-def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: float = 1.0,
+def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: float | str = 1.0,
              per_tensor: bool = False, encoding: str = "golomb", name: str | None = None,
              revision: str | None = None) -> CompressedExpert:
     """Compress a PEFT adapter (a local dir, a Hub id, or an `Adapter`) with ComPEFT."""
@@ -205,7 +205,7 @@ def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: f
     meta = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name or _default_name(adapter),
         "encoding": encoding, "selection": "per_tensor" if per_tensor else "global",
-        "density": density, "alpha": alpha, "sigma": ternary.sigma,
+        "density": density, "alpha": ternary.alpha, "sigma": ternary.sigma,
         "numel": ternary.numel, "coding": coding_params,
         "tensors": [{"name": n, "shape": list(s), "dtype": _dtype_name(d), "init": inits[n]}
                     for n, s, d in zip(ternary.names, ternary.shapes, ternary.dtypes)],
