@@ -27,13 +27,42 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _add_compression_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--density", "-k", type=float, default=0.1,
-                   help="fraction of task-vector entries kept, in (0, 1] (default 0.1)")
-    p.add_argument("--alpha", type=float, default=1.0,
-                   help="kept entries become sign * alpha * std(tau) (default 1)")
-    p.add_argument("--per-tensor", action="store_true",
-                   help="select the top-k and scale within each tensor, not over the whole adapter")
+def parse_alpha(text: str):
+    """'auto' or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a positive number or 'auto', got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"alpha must be positive, got {text}")
+    return value
+
+
+def add_selection_scope(p: argparse.ArgumentParser) -> None:
+    """--per-tensor (the default) or --global top-k selection and scale."""
+    from .codec import DEFAULT_COMPRESSION
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--per-tensor", dest="per_tensor", action="store_true",
+                       default=DEFAULT_COMPRESSION["per_tensor"],
+                       help="top-k and scale within each tensor (default)")
+    scope.add_argument("--global", dest="per_tensor", action="store_false",
+                       help="top-k and one scale over the whole adapter (the paper's code)")
+
+
+def _add_compression_options(p: argparse.ArgumentParser, encoding: bool = True) -> None:
+    from .codec import DEFAULT_COMPRESSION as d, PAPER_COMPRESSION as paper
+    p.add_argument("--density", "-k", type=float, default=d["density"],
+                   help=f"fraction of task-vector entries kept, in (0, 1] (default {d['density']}, "
+                        f"chosen on the zoo's validation seeds; the paper's: {paper['density']})")
+    p.add_argument("--alpha", type=parse_alpha, default=d["alpha"],
+                   help="kept entries become sign * alpha * std(tau); 'auto' (default) picks the "
+                        "alpha whose LoRA products B·A are closest to the original's; the paper's: "
+                        f"{paper['alpha']:g}")
+    add_selection_scope(p)
+    if not encoding:
+        return
     p.add_argument("--encoding", choices=("golomb", "bitmask"), default="golomb",
                    help="golomb: near the entropy bound (default); bitmask: two bit masks")
     p.add_argument("--revision", help="Hub revision when the source is a Hub id")
@@ -194,6 +223,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _add_bbh_parsers(sub) -> None:
+    from .compose import DEFAULT_N
     from .runner import METHODS
     p = sub.add_parser("bbh", help="evaluate zero-shot, ICL, LoraHub and ComPEFT on Big-Bench Hard",
                        description="Per task and seed: 5 seeded few-shot examples, the rest "
@@ -205,9 +235,12 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
     p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
     p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
-    p.add_argument("-n", "--n-experts", type=int, default=20)
-    p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("-n", "--n-experts", type=int, default=20,
+                   help="experts drawn per seed by lorahub/compeft (the paper's protocol; default 20)")
+    p.add_argument("--select-n", type=int, default=DEFAULT_N["loss"],
+                   help="experts chosen by few-shot loss in select/select-compeft (default "
+                        f"{DEFAULT_N['loss']})")
+    _add_compression_options(p, encoding=False)
     p.add_argument("--budget", type=int, default=40)
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
                                      "else the Hub's lukaemon/bbh)")
@@ -234,7 +267,8 @@ def cmd_bbh(args) -> int:
     cfg = RunConfig(model=args.model, out=Path(args.out),
                     tasks=list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
                     methods=args.methods.split(","), seeds=args.seeds, experts=experts,
-                    n_experts=args.n_experts, density=args.density, alpha=args.alpha,
+                    n_experts=args.n_experts, select_n=args.select_n, density=args.density,
+                    alpha=args.alpha, per_tensor=args.per_tensor,
                     budget=args.budget, bbh_dir=args.bbh_dir, max_eval=args.max_eval)
     run(cfg, workers=args.workers, backend=args.backend, address=args.address)
     print(report(args.out))
@@ -262,7 +296,7 @@ def _add_demo_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="all", help="comma-separated held-out zoo tasks (default all)")
     p.add_argument("--seeds", type=parse_seeds, default=[1], help="e.g. 1-5 (default 1)")
-    p.add_argument("-n", "--n-experts", type=int, default=20, help="experts to sample (default 20)")
+    add_select_options(p)
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
     p.add_argument("--eval", type=int, default=100, dest="n_eval",
                    help="evaluation examples per task (default 100)")
@@ -281,14 +315,16 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     tasks = None if args.tasks == "all" else args.tasks.split(",")
     zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
-    rows = run_demo(zoo, tasks, args.seeds, args.n_experts, args.budget, n_eval=args.n_eval,
-                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval)
+    from .compose import DEFAULT_N
+    n = args.n_experts or DEFAULT_N[args.select]
+    rows = run_demo(zoo, tasks, args.seeds, n, args.budget, n_eval=args.n_eval,
+                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select)
     manifest = zoo.manifest
     setting = f"k={manifest['density']}, α={manifest['alpha']}"
     if manifest.get("selection") == "per_tensor":
         setting += ", per tensor"
     print(format_table(rows, setting))
-    print(f"\n{len(rows)} cells, N={args.n_experts} experts, budget {args.budget}, seeds "
+    print(f"\n{len(rows)} cells, N={n} experts ({args.select} selection), budget {args.budget}, seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=1) + "\n")
@@ -306,9 +342,12 @@ def _add_compose_parser(sub) -> None:
     p.add_argument("--examples", required=True,
                    help='JSON lines file, one {"input": ..., "target": ...} per line')
     p.add_argument("--model", help="base model name or path (default: the experts' base model)")
-    p.add_argument("-n", "--n-experts", type=int, default=20, help="experts to sample (default 20)")
+    add_select_options(p)
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--restarts", type=int, default=1,
+                   help="searches from different starts; the lowest few-shot loss is kept "
+                        "(default 1)")
     p.add_argument("--optimizer", default=None, help="any nevergrad optimizer (default Shiwa)")
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="lorahub: the released code's loss scaling and NGOpt")
@@ -316,6 +355,17 @@ def _add_compose_parser(sub) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compose)
+
+
+def add_select_options(p: argparse.ArgumentParser) -> None:
+    from .compose import DEFAULT_N
+    p.add_argument("--select", choices=("loss", "random"), default="loss",
+                   help="how N experts are chosen when more are given: loss (default) scores "
+                        "each alone on the examples and keeps the N lowest; random is "
+                        "LoraHub's seeded draw (the paper's protocol, with -n 20)")
+    p.add_argument("-n", "--n-experts", type=int, default=None,
+                   help=f"experts to compose (default {DEFAULT_N['loss']} with --select loss, "
+                        f"{DEFAULT_N['random']} with --select random)")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -339,9 +389,14 @@ def cmd_compose(args) -> int:
     experts = ExpertLibrary(args.library, create=False) if args.library else args.experts
     options = {"optimizer": args.optimizer} if args.optimizer else {}
     result = compose(experts, read_jsonl(args.examples), model=args.model,
-                     n_experts=args.n_experts, seed=args.seed, budget=args.budget,
-                     objective=args.objective, progress=not args.quiet, **options)
+                     n_experts=args.n_experts, select=args.select, restarts=args.restarts,
+                     seed=args.seed, budget=args.budget, objective=args.objective,
+                     progress=not args.quiet, **options)
     result.save_adapter(out, force=args.force)
+    scores = result.selection.scores
+    if scores:
+        print(f"chose {len(result.experts)} of {len(result.selection.scores)} scored experts by "
+              f"few-shot loss (lowest {min(scores.values()):.4f})")
     print(f"best loss {result.best_loss:.4f} (no composition: {result.zero_loss:.4f})")
     for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
         print(f"  {w:+.3f}  {name}")

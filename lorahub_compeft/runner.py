@@ -21,7 +21,10 @@ from . import bbh
 from .evaluate import accuracy, generate, load_model
 from .files import atomic_write_text
 
-METHODS = ("zeroshot", "icl", "lorahub", "compeft")
+# lorahub / compeft: the paper's protocol (N experts drawn at random per seed, dense or ComPEFT);
+# select / select-compeft: the N of all given experts with the lowest few-shot loss.
+METHODS = ("zeroshot", "icl", "lorahub", "compeft", "select", "select-compeft")
+COMPOSING = {"lorahub": "random", "compeft": "random", "select": "loss", "select-compeft": "loss"}
 RESULTS, PREDICTIONS = "results.jsonl", "predictions.jsonl"
 
 
@@ -33,9 +36,11 @@ class RunConfig:
     methods: list[str]
     seeds: list[int]
     experts: list[str] = field(default_factory=list)
-    n_experts: int = 20
-    density: float = 0.1
-    alpha: float = 1.0
+    n_experts: int = 20          # the random protocol's N
+    select_n: int = 5            # the select methods' N (compose.DEFAULT_N["loss"])
+    density: float = 0.2         # ComPEFT settings: codec.DEFAULT_COMPRESSION
+    alpha: float | str = "auto"
+    per_tensor: bool = True
     shots: int = 5
     budget: int = 40
     bbh_dir: str | None = None
@@ -48,7 +53,7 @@ class RunConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         for task in self.tasks:
             bbh.load_task_spec(task)  # raises with the list of valid names
-        if {"lorahub", "compeft"} & set(self.methods):
+        if set(COMPOSING) & set(self.methods):
             if len(self.experts) < self.n_experts:
                 raise ValueError(f"{len(self.experts)} experts given but --n-experts "
                                  f"{self.n_experts}; pass more experts or lower -n")
@@ -96,15 +101,16 @@ def sample_experts(experts: list[str], n: int, seed: int) -> list[str]:
 
 def compressed_path(cfg: RunConfig, expert: str) -> Path:
     from .library import file_name_for
-    return cfg.out / "compressed" / f"k{cfg.density}-a{cfg.alpha}" / file_name_for(expert)
+    scope = "per-tensor" if cfg.per_tensor else "global"
+    return cfg.out / "compressed" / f"k{cfg.density}-a{cfg.alpha}-{scope}" / file_name_for(expert)
 
 
 def _compressed(cfg: RunConfig, expert: str) -> Path:
-    """Compress an expert once per (density, alpha) and reuse the file across cells."""
+    """Compress an expert once per (density, alpha, scope) and reuse the file across cells."""
     from .expert import compress
     path = compressed_path(cfg, expert)
     if not path.exists():
-        compress(expert, cfg.density, cfg.alpha, name=expert).save(path, force=True)
+        compress(expert, cfg.density, cfg.alpha, cfg.per_tensor, name=expert).save(path, force=True)
     return path
 
 
@@ -148,8 +154,10 @@ def run_cell(cfg: RunConfig, task: str, seed: int, method: str) -> tuple[dict, d
         predictions = generate(model, tok, prompts, spec["max_new_tokens"], cfg.batch_size)
     else:
         from .compose import compose
-        chosen = sample_experts(cfg.experts, cfg.n_experts, seed)
-        if method == "compeft":
+        select = COMPOSING[method]
+        chosen = sample_experts(cfg.experts, cfg.n_experts, seed) if select == "random" \
+            else sorted(cfg.experts)
+        if method.endswith("compeft"):
             sources = [_compressed(cfg, e) for e in chosen]
             row["bytes_read"] = sum(p.stat().st_size for p in sources)
         else:
@@ -157,8 +165,12 @@ def run_cell(cfg: RunConfig, task: str, seed: int, method: str) -> tuple[dict, d
             row["bytes_read"] = sum(_dense_bytes(e) for e in chosen)
         few = [{"input": bbh.format_prompt(instruction, s["input"]), "target": s["target"]}
                for s in shots]
-        result = compose([str(s) for s in sources], few, model=cfg.model, n_experts=len(sources),
-                         seed=seed, budget=cfg.budget, progress=False)
+        result = compose([str(s) for s in sources], few, model=cfg.model,
+                         n_experts=len(sources) if select == "random" else cfg.select_n,
+                         select=select, seed=seed, budget=cfg.budget, progress=False)
+        if select == "loss":  # every expert was read and scored; these were composed
+            chosen = [e for e in chosen if e in result.experts or Path(e).name in result.experts]
+            row["selection_scores"] = result.selection.scores
         prompts = [bbh.format_prompt(instruction, e["input"]) for e in rest]
         predictions = result.generate(prompts, max_new_tokens=spec["max_new_tokens"],
                                       batch_size=cfg.batch_size)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 METHODS = ("reference", "ours-dense", "ours-compeft")
+SELECT = "ours-select"  # choosing N of L library experts by few-shot loss, then the search
 # Five short few-shot examples in the style of BBH (the same for every method).
 EXAMPLES = [
     {"input": "Evaluate the boolean expression : not ( True and False ) is", "target": "True"},
@@ -268,6 +269,25 @@ def run_ours(spec: dict, compressed: bool) -> dict:
     return row
 
 
+def run_select(spec: dict) -> dict:
+    """select="loss" over the first L experts of the largest library, then the search: the
+    selection's and the search's seconds come from the same call (same machine load)."""
+    from lorahub_compeft import ExpertLibrary, compose
+    size = max(spec["libraries"], key=int)
+    library = ExpertLibrary(spec["libraries"][size])
+    names = library.names()[:spec["select_from"]]
+    start = time.perf_counter()
+    result = compose(library, spec["examples"], model=spec["base"], names=names,
+                     n_experts=spec["select_n"], select="loss", seed=spec["seed"],
+                     budget=spec["budget"], objective="lorahub", progress=False)
+    wall = time.perf_counter() - start
+    t = result.timings
+    search = t["mix"] + t["forward"] + t["optimizer"]
+    return {"candidates": len(names), "n": len(result.experts), "select_s": t["select"],
+            "search_s": search, "ratio": (t["select"] + search) / search, "wall_s": wall,
+            "exact": len(result.selection.scores), "forward_s": t["forward"] / t["steps"]}
+
+
 def child(method: str, spec_path: str, out_path: str) -> None:
     import torch
     spec = json.loads(Path(spec_path).read_text())
@@ -281,6 +301,8 @@ def child(method: str, spec_path: str, out_path: str) -> None:
     row = {"rss_start_mb": peak_rss_mb()}  # after imports: the interpreter, torch, transformers
     if method == "reference":
         row.update(run_reference(spec))
+    elif method == SELECT:
+        row.update(run_select(spec))
     else:
         row.update(run_ours(spec, compressed=method == "ours-compeft"))
     Path(out_path).write_text(json.dumps(row))
@@ -337,7 +359,9 @@ def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
             f"experts MB (N={config['n']})", "best loss"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for method in METHODS:
-        r = rows.get(method, {})
+        r = rows.get(method)
+        if r is None:  # not asked for
+            continue
         if "skipped" in r:
             print(f"| {method} | skipped: {r['skipped']} |")
             continue
@@ -357,6 +381,15 @@ def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
             cells = [f"{lib[s]['held_bytes'] / MB:.2f} ({lib[s]['disk_bytes'] / MB:.2f}"
                      f"{'*' if lib[s].get('disk_extrapolated') else ''})" for s in sizes]
             print(f"| {method} | " + " | ".join(cells) + " |")
+    sel = rows.get(SELECT)
+    if sel:
+        print(f"\n### Choosing {sel['n']} of L={sel['candidates']} experts by few-shot loss "
+              f"({sel['exact']} scored exactly after the first-order estimate), then "
+              f"{config['budget']} steps; one call, so both parts ran under the same load\n")
+        print("| selection s | search s | (selection + search) / search (target <= 2) | "
+              "forward ms/step |\n|---|---|---|---|")
+        print(f"| {sel['select_s']:.2f} | {sel['search_s']:.2f} | {sel['ratio']:.2f} | "
+              f"{1e3 * sel['forward_s']:.1f} |")
     found = ratios(rows)
     if not found:
         print("\nNo ratios: the reference was skipped.")
@@ -384,7 +417,10 @@ def main(argv=None) -> None:
     parser.add_argument("--reference-path", default=os.environ.get("LORAHUB_REF_PATH"),
                         help="a directory holding the lorahub package (default: $LORAHUB_REF_PATH, "
                              "else a plain import)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS + (SELECT,)))
+    parser.add_argument("--select-from", type=int, default=196,
+                        help=f"{SELECT}: candidates L, the first L of the largest library")
+    parser.add_argument("--select-n", type=int, default=5, help=f"{SELECT}: experts chosen")
     parser.add_argument("--work-dir", help="where the base and experts are built and kept "
                         "(default: ~/.cache/lorahub-compeft/bench-compose/MODEL; for tiny, a "
                         "temporary dir)")
@@ -412,7 +448,8 @@ def main(argv=None) -> None:
                     base=str(paths["base"]), experts=[str(p) for p in paths["experts"]],
                     compeft=[str(p) for p in paths["compeft"]],
                     libraries={s: str(p) for s, p in paths["libraries"].items()})
-        rows = {m: run_method(m, spec, Path(tmp)) for m in METHODS if m in methods}
+        spec.update(select_from=min(args.select_from, sizes[-1]), select_n=args.select_n)
+        rows = {m: run_method(m, spec, Path(tmp)) for m in METHODS + (SELECT,) if m in methods}
         add_library_rows(rows, paths, sizes)  # reads the files: before a temporary work dir goes
     if "skipped" in rows.get("reference", {}):
         print(f"reference skipped: {rows['reference']['skipped']}", file=sys.stderr)

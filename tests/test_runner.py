@@ -61,7 +61,8 @@ def test_end_to_end_resume_and_report(tiny_t5, experts, tmp_path, monkeypatch):
     table = [line for line in text.splitlines() if line.startswith("| ")]
     header = table[0].split("|")[1:-1]
     assert [h.strip() for h in header] == ["Task", "Zero-shot", "ICL", "LoraHub (avg)", "ComPEFT (avg)",
-                                           "LoraHub (best)", "ComPEFT (best)"]
+                                           "LoraHub (loss-picked)", "ComPEFT (loss-picked)",
+                                           "LoraHub (oracle best)", "ComPEFT (oracle best)"]
     assert sum(1 for line in table if line.startswith("| boolean_expressions") or
                line.startswith("| navigate")) == 2 * 2  # EM table + bytes table
     assert any("**Average**" in line for line in table)
@@ -112,3 +113,24 @@ def test_report_plot_is_a_png(tmp_path):
     rows = [{"task": "t", "seed": 1, "method": m, "em": em} for m, em in [("zeroshot", 0.0), ("icl", 40.0)]]
     path = plot(rows, tmp_path / "r.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_protocols_side_by_side(tiny_t5, experts, tmp_path):
+    """The paper's random draw and selection by loss in one run, labelled in the report."""
+    cfg = RunConfig(model=str(tiny_t5), out=tmp_path / "out", tasks=["navigate"],
+                    methods=["lorahub", "select", "select-compeft"], seeds=[1, 2],
+                    experts=experts, n_experts=2, select_n=1, budget=4, bbh_dir=str(BBH),
+                    max_eval=3)
+    rows = run(cfg, progress=False)
+    by = {(r["method"], r["seed"]): r for r in rows}
+    for seed in cfg.seeds:
+        assert by["lorahub", seed]["experts"] == sample_experts(experts, 2, seed)
+        for method in ("select", "select-compeft"):
+            row = by[method, seed]
+            assert len(row["experts"]) == 1 and len(row["selection_scores"]) == 3
+            best = min(row["selection_scores"], key=row["selection_scores"].get)
+            assert row["experts"][0].endswith(best)
+    text = markdown(read_jsonl(cfg.out / "results.jsonl"))
+    for label in ("LoraHub (avg)", "Select (avg)", "Select ComPEFT (avg)",
+                  "Select (loss-picked)", "LoraHub (oracle best)"):
+        assert label in text

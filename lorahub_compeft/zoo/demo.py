@@ -75,20 +75,22 @@ def bbh_data(task: str, seed: int, shots: int, bbh_dir: str, max_eval: int | Non
 
 
 def run_cell(zoo: Zoo, label: str, few: list[dict], rest: list[dict], seed: int,
-             n_experts: int, budget: int, max_new_tokens: int = 8) -> dict:
+             n_experts: int, budget: int, max_new_tokens: int = 8, select: str = "random") -> dict:
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     row = {"task": label, "seed": seed, "n_eval": len(rest)}
     zero = generate_answers(zoo.model, zoo.tokenizer, inputs, max_new_tokens, batch_size=64)
     row["zeroshot"] = exact_match(zero, targets)
-    names = zoo.library.sample(n_experts, seed)
+    # random: LoraHub's draw of N; loss: all experts are candidates, the N lowest kept
+    names = zoo.library.sample(n_experts, seed) if select == "random" else zoo.library.names()
     for method, experts in (("dense", [zoo.dense_dir(n) for n in names]),
                             ("compeft", [zoo.library.get(n) for n in names])):
         result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer,
-                         n_experts=len(experts), seed=seed, budget=budget, progress=False)
+                         n_experts=n_experts, select=select, seed=seed, budget=budget,
+                         progress=False)
         row[method] = exact_match(result.generate(inputs, max_new_tokens, batch_size=64), targets)
         row[f"{method}_weights"] = result.weights
-    row["dense_bytes"], row["compeft_bytes"] = zoo.bytes_per_expert(names)
+    row["dense_bytes"], row["compeft_bytes"] = zoo.bytes_per_expert(result.experts)
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -96,7 +98,7 @@ def run_cell(zoo: Zoo, label: str, few: list[dict], rest: list[dict], seed: int,
 def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
              n_experts: int = 20, budget: int = 40, shots: int = 5, n_eval: int = 100,
              bbh_dir: str | None = None, max_bbh_eval: int | None = None,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, select: str = "random") -> list[dict]:
     from tqdm.auto import tqdm
     tasks = list(tasks or task_names("heldout"))
     for t in tasks:
@@ -122,7 +124,7 @@ def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
         else:
             few, rest = task_data(task, seed, shots, n_eval)
             label = task
-        rows.append(run_cell(zoo, label, few, rest, seed, n_experts, budget))
+        rows.append(run_cell(zoo, label, few, rest, seed, n_experts, budget, select=select))
         bar.set_postfix_str(f"{label} s{seed}")
     return rows
 
