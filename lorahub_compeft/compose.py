@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # N when experts are chosen by loss (chosen on the zoo's validation seeds, README "Choosing
 # experts"), and LoraHub's N for its random draw.
-DEFAULT_N = {"loss": 5, "random": 20}
+DEFAULT_N = {"loss": 3, "random": 20}
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
            "float32": torch.float32, "float": torch.float32}

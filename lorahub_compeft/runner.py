@@ -37,8 +37,8 @@ class RunConfig:
     seeds: list[int]
     experts: list[str] = field(default_factory=list)
     n_experts: int = 20          # the random protocol's N
-    select_n: int = 5            # the select methods' N (compose.DEFAULT_N["loss"])
-    density: float = 0.2         # ComPEFT settings: codec.DEFAULT_COMPRESSION
+    select_n: int = 3            # the select methods' N (compose.DEFAULT_N["loss"])
+    density: float = 0.1         # ComPEFT settings: codec.DEFAULT_COMPRESSION
     alpha: float | str = "auto"
     per_tensor: bool = True
     shots: int = 5

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,10 +39,12 @@ class Selection:
     scores: dict[str, float] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    estimate_seconds: float = 0.0  # of `seconds`: the first-order estimate of all candidates
 
     def to_json(self) -> dict:
         return {"method": self.method, "chosen": self.chosen, "scores": self.scores,
-                "estimates": self.estimates, "seconds": self.seconds}
+                "estimates": self.estimates, "seconds": self.seconds,
+                "estimate_seconds": self.estimate_seconds}
 
 
 def exact_count(n_candidates: int, n_experts: int, budget: int) -> int:
@@ -68,6 +71,7 @@ def select_by_loss(candidates: list[ExpertSource], n_experts: int, score: Callab
     all candidates first when more than exact_count(...) of them are given."""
     exact = exact_count(len(candidates), n_experts, budget)
     estimates: dict[str, float] = {}
+    start = time.perf_counter()
     if estimate is not None and exact < len(candidates):
         values = estimate(candidates)
         estimates = {s.name: float(v) for s, v in zip(candidates, values)}
@@ -75,6 +79,7 @@ def select_by_loss(candidates: list[ExpertSource], n_experts: int, score: Callab
         to_score = ranked[:exact]
     else:
         to_score = candidates
+    estimate_seconds = time.perf_counter() - start
     scores = {}
     index = {s.name: i for i, s in enumerate(candidates)}
     for source in to_score:
@@ -85,7 +90,8 @@ def select_by_loss(candidates: list[ExpertSource], n_experts: int, score: Callab
     chosen = set(order[:n_experts])
     log.info("selected %s by few-shot loss (%d scored exactly of %d)", sorted(chosen),
              len(scores), len(candidates))
-    return Selection("loss", [s.name for s in candidates if s.name in chosen], scores, estimates)
+    return Selection("loss", [s.name for s in candidates if s.name in chosen], scores, estimates,
+                     estimate_seconds=estimate_seconds)
 
 
 def _finite(x: float) -> float:

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorahub_compeft.codec import DEFAULT_COMPRESSION
 from lorahub_compeft.compose import DEFAULT_N, compose
 from lorahub_compeft.expert import compress
 from lorahub_compeft.zoo.demo import DEMO_EVAL_SEED, SHOT_SEED, Zoo, exact_match
@@ -36,7 +37,6 @@ from lorahub_compeft.zoo.tasks import generate, task_names
 
 VALIDATION_EVAL_SEED = 6_000  # apart from training (1000s), eval (2000s), calibration (3000s),
 #                               shots (4000s) and the demo's evaluation examples (5000)
-DEFAULT_COMPRESSION = {"density": 0.2, "alpha": "auto", "per_tensor": True}
 
 
 def task_data(task: str, seed: int, split: str, n_eval: int = 100):
