@@ -1,7 +1,7 @@
 """The LoraHub composer: learn a weighted mix of N LoRA experts from a few examples.
 
-    experts ──► choose N (sources.py: LoraHub's random draw; selection.py: by few-shot loss)
-            ──► decode each once into a stack (stacks.py)
+    experts ──► choose N (expert_sources.py: LoraHub's random draw; selection.py: by
+                few-shot loss) ──► decode each once into a stack (stacks.py)
     each step:  w (search.py, nevergrad) ──► flat ← mix(w), in place ──► few-shot loss
                 (objective.py) + regularizer ──► back to the optimizer
     (restarts: R searches from different starts, the lowest few-shot loss kept; w = 0 counts)
@@ -26,9 +26,9 @@ import torch
 from .objective import (OBJECTIVES, default_max_length, few_shot_loss, task_loss,
                         tokenize_examples, validate_examples)
 from .result import CompositionResult
+from .expert_sources import ExpertSource, candidate_sources, choose_sources, validate_experts
 from .search import optimizer_class, restart_start, search
 from .selection import SELECTIONS, Selection, first_order, select_by_loss
-from .sources import ExpertSource, candidate_sources, choose_sources, validate_experts
 from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .sources import ExpertSource
+from .expert_sources import ExpertSource
 from .stacks import ADAPTER_NAME, Layout, saved_key
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .sources import ExpertSource
+from .expert_sources import ExpertSource
 
 ADAPTER_NAME = "default"
 _PARALLEL_MIN = 1 << 20  # below this many parameters a thread hand-off costs more than it saves
