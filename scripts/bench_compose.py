@@ -421,7 +421,8 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS + (SELECT,)))
     parser.add_argument("--select-from", type=int, default=196,
                         help=f"{SELECT}: candidates L, the first L of the largest library")
-    parser.add_argument("--select-n", type=int, default=5, help=f"{SELECT}: experts chosen")
+    parser.add_argument("--select-n", type=int, default=3,
+                        help=f"{SELECT}: experts chosen (default 3, compose.DEFAULT_N[\"loss\"])")
     parser.add_argument("--work-dir", help="where the base and experts are built and kept "
                         "(default: ~/.cache/lorahub-compeft/bench-compose/MODEL; for tiny, a "
                         "temporary dir)")

@@ -35,7 +35,11 @@ def test_bench_compose_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows, sizes = report["rows"], report["library_sizes"]
-    assert set(rows) == {"reference", "ours-dense", "ours-compeft"} and sizes == [20, 50, 200]
+    assert set(rows) == {"reference", "ours-dense", "ours-compeft", "ours-select"}
+    assert sizes == [20, 50, 200]
+    select = rows.pop("ours-select")  # choosing 3 of the 196 first experts of the 200 library
+    assert select["candidates"] == 196 and select["n"] == 3 and select["exact"] < 196
+    assert select["select_s"] > select["estimate_s"] > 0 and select["ratio"] > 1
     measured = [m for m in rows if "skipped" not in rows[m]]
     assert {"ours-dense", "ours-compeft"} <= set(measured)
     if "skipped" in rows["reference"]:
@@ -56,4 +60,4 @@ def test_bench_compose_quick(tmp_path):
     assert all(compeft[s]["disk_bytes"] < dense[s]["disk_bytes"] for s in dense)
     assert rows["ours-compeft"]["expert_bytes"] < rows["ours-dense"]["expert_bytes"] / 4
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 2 * 4  # two tables: a header and one row per method
+    assert len(table) == 2 * 4 + 2  # two tables: a header and one row per method; selection

@@ -31,7 +31,7 @@ def experts(tiny_t5, tmp_path_factory):
 @pytest.fixture(scope="module")
 def green(experts):
     return compose([str(experts[w]) for w in WORDS], support.constant_task("green"), budget=40,
-                   seed=1, progress=False)
+                   seed=1, n_experts=4, progress=False)
 
 
 def test_composition_finds_the_matching_expert(green):
@@ -44,7 +44,7 @@ def test_composition_finds_the_matching_expert(green):
 
 def test_same_seed_same_weights(experts, green):
     again = compose([str(experts[w]) for w in WORDS], support.constant_task("green"), budget=40,
-                    seed=1, progress=False)
+                    seed=1, n_experts=4, progress=False)
     assert again.weights == green.weights and again.losses == green.losses
 
 
@@ -94,7 +94,7 @@ def test_compressed_experts_compose_like_their_decoded_dense_weights(experts, tm
     assert compressed.weights == pytest.approx(dense.weights, rel=1e-5, abs=1e-7)
     assert compressed.losses == pytest.approx(dense.losses, rel=1e-5)
     by_object = compose([library.get(n) for n in library.names()], examples, budget=8, seed=3,
-                        progress=False)
+                        n_experts=4, progress=False)
     assert by_object.weights == compressed.weights
     named = compose(library, examples, names=["blue", "red"], budget=3, progress=False)
     assert list(named.weights) == ["blue", "red"]

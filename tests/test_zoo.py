@@ -186,7 +186,8 @@ def test_demo_runs_on_quick_zoo(quick_build, tmp_path, capsys):
     from lorahub_compeft.cli import main
     out = tmp_path / "demo.json"
     rc = main(["demo", "--zoo", str(quick_build["artifacts"]), "--tasks", "heldout_pair_total",
-               "--seeds", "1", "-n", "2", "--budget", "3", "--eval", "10", "--json", str(out)])
+               "--seeds", "1", "-n", "2", "--budget", "3", "--eval", "10", "--json", str(out),
+               "--select", "random"])  # LoraHub's draw: the same N for dense and ComPEFT
     assert rc == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and rows[0]["task"] == "heldout_pair_total" and rows[0]["n_eval"] == 10
