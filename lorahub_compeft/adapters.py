@@ -7,6 +7,8 @@ An adapter is what `PeftModel.save_pretrained` writes: `adapter_config.json` plu
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_dir
+from .files import atomic_dir, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+log = logging.getLogger(__name__)
 
 # Task-vector tensors and the value PEFT initialises them to: LoRA's A is random at init but
 # PEFT does not store it, so, as in ComPEFT, the task vector of A and B is measured from 0.
@@ -61,15 +64,43 @@ class Adapter:
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text())
+        config = read_json(path)
     except FileNotFoundError:
         raise AdapterError(f"{path.parent}: no {CONFIG_NAME}; is this a PEFT adapter directory "
                            "(written by PeftModel.save_pretrained)?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise AdapterError(f"{path}: not a PEFT adapter config (no 'peft_type' field)")
+    except (ValueError, OSError) as err:
+        raise AdapterError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
+    problem = config_problem(config)
+    if problem:
+        raise AdapterError(f"{path}: {problem}")
     return config
+
+
+def is_finite_number(value) -> bool:
+    """A real number (not a bool), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_problem(config) -> str | None:
+    """What is wrong with an adapter_config's types (the fields this package reads), or None.
+    Checked once, where a config is read, so later code can trust it."""
+    if not isinstance(config, dict):
+        return f"not a PEFT adapter config (a JSON {type(config).__name__}, not an object)"
+    if not isinstance(config.get("peft_type"), str) or not config["peft_type"]:
+        return "not a PEFT adapter config ('peft_type' must be a name such as \"LORA\")"
+    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool)
+                              and config["r"] > 0):
+        return f"'r' must be a positive integer, got {config['r']!r}"
+    if config.get("lora_alpha") is not None and not is_finite_number(config["lora_alpha"]):
+        return f"'lora_alpha' must be a finite number, got {config['lora_alpha']!r}"
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return f"'target_modules' must be a list of names or a regex string, got {targets!r}"
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        return f"'base_model_name_or_path' must be a string, got {base!r}"
+    return None
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -96,6 +127,9 @@ def load_adapter(source: str | os.PathLike, revision: str | None = None) -> Adap
     path = Path(source)
     if path.is_dir():
         origin = {"path": str(path.resolve())}
+        if _looks_like_hub_id(str(source)):  # both readings exist: say which one is used
+            log.warning("%s: using the local folder %s, not the Hub id of that name (pass "
+                        "./%s or an absolute path to silence this)", source, path.resolve(), source)
     elif path.exists():
         raise AdapterError(f"{path}: is a file; pass the adapter's directory")
     elif _looks_like_hub_id(str(source)):
@@ -127,11 +161,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 def save_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
                  force: bool = False) -> Path:
-    """Write a standard PEFT adapter dir atomically: built beside the target, then renamed."""
+    """Write a standard PEFT adapter dir atomically: built beside the target, then renamed.
+    `force` replaces an existing adapter dir only if it holds nothing but these two files."""
     target = Path(directory)
-    if target.exists() and not force:
-        raise AdapterError(f"{target}: already exists; choose another path or pass force=True (--force)")
-    with atomic_dir(target) as staging:
+    with atomic_dir(target, force=force, owned=(CONFIG_NAME, WEIGHTS_NAME)) as staging:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS_NAME)
     return target

@@ -41,6 +41,7 @@ __all__ = [
     "load_examples",
     "load_task_spec",
     "normalize_answer",
+    "sample_names",
 ]
 
 BBH_DIR_ENV = "LORAHUB_COMPEFT_BBH_DIR"
@@ -147,7 +148,10 @@ def _validate_examples(task: str, source: str, examples: Sequence[Any]) -> list[
 
 
 def format_prompt(instruction: str, question: str) -> str:
-    """LoraHub's zero-shot prompt: the task instruction, a blank line, then Q/A."""
+    """LoraHub's zero-shot prompt: the task instruction, a blank line, then Q/A (the
+    package's one prompt format; an empty instruction leaves just the Q/A)."""
+    if not instruction:
+        return f"Q: {question}\nA:"
     return f"{instruction}\n\nQ: {question}\nA:"
 
 
@@ -274,8 +278,17 @@ def draw_few_shot(
         raise ValueError(
             f"cannot draw k={k} few-shot examples from {n}: at least one must remain for evaluation"
         )
-    picked = random.Random(seed).sample(range(n), k)
+    picked = random.Random(seed).sample(range(n), k)  # the package's one sampler
     chosen = set(picked)
     shots = [examples[i] for i in picked]
     rest = [ex for i, ex in enumerate(examples) if i not in chosen]
     return shots, rest
+
+
+def sample_names(names: Sequence[str], n: int, seed: int) -> list[str]:
+    """n distinct names drawn with the seed from the sorted names, returned sorted: the same
+    experts for every method of a (task, seed), whatever order they were listed in."""
+    if not 1 <= n <= len(names):
+        raise ValueError(f"cannot sample {n} experts from {len(names)}; pass more experts or "
+                         "lower -n")
+    return sorted(random.Random(seed).sample(sorted(names), n))

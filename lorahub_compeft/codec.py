@@ -11,6 +11,7 @@ Everything here is tensor math; files live in expert.py, bits in coding.py.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 AUTO = "auto"
+log = logging.getLogger(__name__)
 SCALE_DTYPE = torch.float32  # holds fp16/bf16/fp32 scales exactly
 PAPER_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
 # The command line's defaults (README "Defaults"): per-tensor top-k, alpha from the expert, and
@@ -149,12 +151,19 @@ def sparsify(tensors: dict[str, torch.Tensor], density: float, alpha: float | st
         groups = [(flat, index)]
     index = torch.sort(index).values
 
-    def scale_of(values: torch.Tensor, kept: torch.Tensor) -> float:
+    def scale_of(values: torch.Tensor, kept: torch.Tensor, name: str) -> float:
+        mean_kept = float(values[kept].abs().double().mean())
         if magnitude == "stc":
-            return float(values[kept].abs().double().mean())
-        return alpha * _std(values)
+            return mean_kept
+        scale = alpha * _std(values)
+        if scale == 0 and mean_kept > 0:  # a constant or one-element tensor: sigma is 0
+            log.warning("%s: sigma is 0 (constant or single value), so alpha * sigma would "
+                        "erase it; scaling it by its kept values' mean magnitude instead", name)
+            return mean_kept
+        return scale
 
-    raw_scales = [scale_of(v, k) for v, k in groups]
+    group_names = names if per_tensor else ["the task vector"]
+    raw_scales = [scale_of(v, k, n) for (v, k), n in zip(groups, group_names)]
     dtypes = [tensors[n].dtype for n in names]
     signs = torch.where(flat[index] >= 0, 1, -1).to(torch.int8)
     return TernaryVector(names=names, shapes=[tuple(tensors[n].shape) for n in names],
@@ -215,8 +224,14 @@ def _rounded_scales(values: list[float], dtypes: list[torch.dtype], per_tensor: 
     """Round each scale to the dtype it will be applied in, so decoding is bit-exact."""
     if not per_tensor:  # one shared scale: round it to the narrowest dtype present
         dtypes = [min(dtypes, key=lambda d: torch.finfo(d).bits)]
-    return torch.tensor([torch.tensor(v, dtype=d).item() for v, d in zip(values, dtypes)],
-                        dtype=SCALE_DTYPE)
+    scales = torch.tensor([torch.tensor(v, dtype=d).item() for v, d in zip(values, dtypes)],
+                          dtype=SCALE_DTYPE)
+    bad = [(v, d) for v, d, s in zip(values, dtypes, scales) if not math.isfinite(s)]
+    if bad:
+        value, dtype = bad[0]
+        raise CompressionError(f"the scale alpha * sigma = {value:.4g} does not fit in "
+                               f"{str(dtype).removeprefix('torch.')}; lower alpha")
+    return scales
 
 
 def prune(tensors: dict[str, torch.Tensor], density: float, per_tensor: bool = False

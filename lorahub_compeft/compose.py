@@ -18,15 +18,18 @@ import math
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .base_models import looks_like_path
+from .expert_sources import (ExpertSource, base_model_of, candidate_sources, choose_sources,
+                             validate_experts)
 from .objective import (OBJECTIVES, default_max_length, few_shot_loss, task_loss,
                         tokenize_examples, validate_examples)
 from .result import CompositionResult
-from .expert_sources import ExpertSource, candidate_sources, choose_sources, validate_experts
 from .search import optimizer_class, restart_start, search
 from .selection import SELECTIONS, Selection, first_order, select_by_loss
 from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
@@ -55,10 +58,10 @@ def _load_base(model, tokenizer, sources: list[ExpertSource], dtype):
 
     from .evaluate import load_model
     if model is None:
-        model = sources[0].config.get("base_model_name_or_path")
-        if not model:
-            raise ValueError(f"{sources[0].name}: adapter_config has no base_model_name_or_path; "
-                             "pass model=")
+        model = base_model_of(sources[0])
+        if looks_like_path(model) and not Path(model).expanduser().exists():
+            raise ValueError(f"the experts' base model {model} (their base_model_name_or_path) "
+                             "is not here; pass the base with --model (model=)")
     if isinstance(model, (str, os.PathLike)):
         base, loaded_tokenizer = load_model(str(model), dtype)
         tokenizer = tokenizer or loaded_tokenizer
@@ -146,7 +149,9 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
         if isinstance(experts, ExpertLibrary) and names is None and n_experts > len(candidates):
             raise ValueError(f"cannot sample {n_experts} experts from a library of "
                              f"{len(candidates)}; lower n_experts or add experts")
-    validate_experts(candidates)
+    named = model if isinstance(model, (str, os.PathLike)) or model is None else \
+        getattr(model, "name_or_path", None)
+    validate_experts(candidates, str(named) if named else None)
 
     # 2. model, experts, examples
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

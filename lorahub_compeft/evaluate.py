@@ -21,12 +21,25 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
              batch_size: int = 32, max_length: int | None = None) -> list[str]:
     """Greedy answers to `prompts`, decoded without special tokens and stripped."""
     model.eval()
-    device = next(model.parameters()).device
     is_causal = not getattr(model.config, "is_encoder_decoder", False)
-    if is_causal:
-        tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    if not is_causal:
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, False)
+    # Causal LMs pad on the left (new tokens must follow each prompt directly) and need a pad
+    # token: set both for this call only, and leave the caller's tokenizer as it was.
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, True)
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, is_causal):
+    device = next(model.parameters()).device
     # Batch prompts of similar length together (less padding), answer in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)

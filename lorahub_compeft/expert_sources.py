@@ -12,11 +12,13 @@ from typing import Callable
 import torch
 
 from .adapters import CONFIG_NAME, Adapter, _looks_like_hub_id, _read_config, load_adapter
+from .base_models import check_bases
 from .codec import TernaryVector
 from .expert import CompressedExpert, load_expert
 
 # Config fields every composed expert must agree on (LoRA's scaling is lora_alpha / r).
-_MUST_MATCH = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+# The base model is compared by identity, not by this string (base_models.check_bases).
+_MUST_MATCH = ("peft_type", "r", "lora_alpha", "target_modules")
 
 
 @dataclass
@@ -26,6 +28,25 @@ class ExpertSource:
     config: dict
     load: Callable[[], dict[str, torch.Tensor]]
     ternary: Callable[[], TernaryVector] | None = None  # ComPEFT experts: the sparse form
+    origin: Path | None = None  # the file or folder it was read from, if local
+
+
+def base_model_of(source: ExpertSource) -> str:
+    """The base model the expert records. A relative local path that does not exist from the
+    working directory is looked up from the expert's own folder upwards: the shipped zoo
+    records its base relative to the folder that holds the package, so that it works from
+    any working directory without re-shipping the experts."""
+    name = source.config.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{source.name}: adapter_config has no base_model_name_or_path; pass "
+                         "the base model (model= / --model)")
+    path = Path(name)
+    if path.is_absolute() or path.exists() or source.origin is None or _looks_like_hub_id(name):
+        return name
+    for folder in Path(source.origin).resolve().parents:
+        if (folder / path).is_dir():
+            return str(folder / path)
+    return name
 
 
 def _once(expert: CompressedExpert, decode: Callable):
@@ -41,8 +62,10 @@ def _once(expert: CompressedExpert, decode: Callable):
 
 
 def _compressed_source(expert: CompressedExpert) -> ExpertSource:
-    return ExpertSource(expert.name, expert.config, _once(expert, expert.state_dict),
-                        _once(expert, expert.ternary))
+    # Only ComPEFT experts have a sparse form; ERE experts decode to dense LoRA factors.
+    ternary = _once(expert, expert.ternary) if expert.codec == "compeft" else None
+    return ExpertSource(expert.name, expert.config, _once(expert, expert.state_dict), ternary,
+                        expert.path)
 
 
 def to_source(item, index: int) -> ExpertSource:
@@ -59,7 +82,7 @@ def to_source(item, index: int) -> ExpertSource:
             return _compressed_source(load_expert(path))
         if path.is_dir():
             return ExpertSource(path.name, _read_config(path / CONFIG_NAME),
-                                lambda: load_adapter(path).tensors)
+                                lambda: load_adapter(path).tensors, origin=path)
         if _looks_like_hub_id(str(item)):
             adapter = load_adapter(str(item))
             return ExpertSource(str(item), adapter.config, lambda: adapter.tensors)
@@ -121,8 +144,9 @@ def _normal(key: str, value):
     return value
 
 
-def validate_experts(sources: list[ExpertSource]) -> None:
-    """All experts must be LoRA with the same r, alpha, targets and base model."""
+def validate_experts(sources: list[ExpertSource], model: str | None = None) -> None:
+    """All experts must be LoRA with the same r, alpha, targets and base model; with `model`
+    named, a base mismatch is a warning (the caller chose the base)."""
     if not sources:
         raise ValueError("no experts to compose")
     problems = []
@@ -139,5 +163,9 @@ def validate_experts(sources: list[ExpertSource]) -> None:
             mine, theirs = _normal(key, s.config.get(key)), _normal(key, first.config.get(key))
             if mine != theirs and not (key == "peft_type" and problems):
                 problems.append(f"{s.name}: {key} is {mine!r}, but {first.name} has {theirs!r}")
+    problems += check_bases({s.name: s.config.get("base_model_name_or_path") for s in sources},
+                            model)
     if problems:
-        raise ValueError("these experts cannot be composed together:\n  " + "\n  ".join(problems))
+        raise ValueError("these experts cannot be composed together:\n  " + "\n  ".join(problems)
+                         + ("\n(pass --model / model= to choose the base model)"
+                            if any("base_model" in p for p in problems) else ""))

@@ -186,6 +186,14 @@ def _warn_ignored(ignored: set[str]) -> None:
                       f"{sorted(ignored)[0]}); only lora_A/lora_B are composed", stacklevel=4)
 
 
+def _check_finite(source, tensors) -> None:
+    """One NaN in one expert would make every mix NaN, the zero composition included (0 * NaN):
+    refuse it by name."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError(f"{source.name}: holds NaN or infinite values and cannot be composed; "
+                         "recompress or retrain it, or leave it out")
+
+
 def build_stack(sources: list[ExpertSource], layout: Layout, device) -> tuple[Stack, float]:
     """Decode each expert once into the stack; returns it and the seconds decoding took.
     ComPEFT experts (all of them) stay sparse in a TernaryStack; otherwise E is dense."""
@@ -199,6 +207,7 @@ def build_stack(sources: list[ExpertSource], layout: Layout, device) -> tuple[St
         tensors = source.load()
         decode += time.perf_counter() - start
         _check_tensors(source, {k: v.shape for k, v in tensors.items()}, layout)
+        _check_finite(source, [tensors[k] for k in layout.keys])
         for key, off in zip(layout.keys, layout.offsets):
             value = tensors[key]
             matrix[row, off:off + value.numel()] = value.reshape(-1).to(device, torch.float32)
@@ -217,6 +226,7 @@ def _build_ternary_stack(sources, layout: Layout, device) -> tuple[TernaryStack,
         t = source.ternary()
         decode += time.perf_counter() - start
         _check_tensors(source, dict(zip(t.names, t.shapes)), layout)
+        _check_finite(source, [t.scales])
         ignored |= set(t.names) - set(layout.keys)
         own = t.offsets()  # the expert's own flat order: tensor j spans own[j]:own[j+1]
         bounds = np.searchsorted(t.positions, own)

@@ -37,3 +37,30 @@ def lora_head_dir(tiny_t5, tmp_path_factory):
 def ia3_dir(tiny_t5, tmp_path_factory):
     out = tmp_path_factory.mktemp("ia3") / "expert-blue-ia3"
     return support.train_expert(tiny_t5, out, support.constant_task("blue"), kind="ia3", steps=30)
+
+
+# --- a small BBH run (2 tasks x 2 seeds x 4 methods) for the runner and Ray tests -------------
+BBH = SHARED_DATA / "bbh" / "tasks"
+TASKS, SEEDS, METHOD_NAMES = ["boolean_expressions", "navigate"], [1, 2], ["zeroshot", "icl", "lorahub", "compeft"]
+
+
+def bbh_argv(tiny_t5, experts, out, *extra):
+    return ["bbh", "--model", str(tiny_t5), "--experts", *experts, "--tasks", ",".join(TASKS),
+            "--seeds", "1-2", "-n", "2", "--density", "0.3", "--budget", "3", "--bbh-dir", str(BBH),
+            "--max-eval", "4", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def experts(tiny_t5, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bbh-experts")
+    return [str(support.train_expert(tiny_t5, root / w, support.constant_task(w), steps=15))
+            for w in ("red", "green", "blue")]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_t5, experts, tmp_path_factory):
+    """The reference: one whole `bbh` run through the command line, never interrupted."""
+    from lorahub_compeft.cli import main
+    out = tmp_path_factory.mktemp("reference")
+    assert main(bbh_argv(tiny_t5, experts, out)) == 0
+    return out

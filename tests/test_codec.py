@@ -143,3 +143,21 @@ def test_auto_alpha_without_lora_pairs_fits_the_vector():
     assert err(auto.to_tensors()) < err(sparsify(tv, 0.3, 1.0).to_tensors())
     with pytest.raises(CompressionError, match="auto"):
         sparsify(tv, 0.3, "best")
+
+
+def test_a_scale_that_overflows_its_dtype_is_refused():
+    from lorahub_compeft.codec import CompressionError
+    tau = {"a.lora_A.weight": ((torch.rand(8, 8) * 2 - 1) * 3e4).half()}  # finite in fp16
+    with pytest.raises(CompressionError, match="does not fit in float16"):
+        sparsify(tau, 0.5, alpha=5.0)  # 5 * 1.7e4 > 65504
+
+
+def test_sigma_zero_falls_back_to_the_kept_magnitude_with_a_warning(caplog):
+    tau = {"one.lora_A.weight": torch.tensor([[0.25]]), "flat.lora_B.weight": torch.full((2, 2), -0.5)}
+    ternary = sparsify(tau, 1.0, per_tensor=True)
+    out = ternary.to_tensors()
+    assert torch.equal(out["one.lora_A.weight"], tau["one.lora_A.weight"])
+    assert torch.equal(out["flat.lora_B.weight"], tau["flat.lora_B.weight"])
+    assert "sigma is 0" in caplog.text
+    only = sparsify({"x.lora_A.weight": torch.tensor([0.75])}, 1.0)  # global, one element
+    assert only.to_tensors()["x.lora_A.weight"].item() == 0.75

@@ -1,5 +1,8 @@
+import base64
+import hashlib
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lorahub_compeft import (AdapterError, CompressionError, ExpertFileError, coding, compress,
                              load_adapter, load_expert)
-from lorahub_compeft.expert import FORMAT_VERSION
+from lorahub_compeft.expert import FORMAT_VERSION, canonical_json
 
 
 def _kept_values(state):
@@ -177,6 +180,19 @@ def _rewrite_header(path, mutate):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
 
+def _forge(path, mutate):
+    """Edit a v2 file's decoded header and sign it again, as a forger would: what is left to
+    stop it is validation, not the digest."""
+    def edit(h):
+        meta = h["__metadata__"]
+        body = json.loads(zlib.decompress(base64.b85decode(meta["header"])))
+        mutate(body)
+        raw = canonical_json(body)
+        meta.update(header=base64.b85encode(zlib.compress(raw)).decode(),
+                    header_sha256=hashlib.sha256(raw).hexdigest())
+    _rewrite_header(path, edit)
+
+
 @pytest.fixture
 def saved(lora_dir, tmp_path):
     return compress(lora_dir, density=0.1).save(tmp_path / "e.safetensors")
@@ -217,17 +233,17 @@ def test_flipped_payload_byte_fails_the_checksum(saved):
 
 
 def test_forged_sizes_are_refused_before_allocating(saved):
-    _rewrite_header(saved, lambda h: h["__metadata__"].update(numel=str(10 ** 12)))
+    _forge(saved, lambda meta: meta.update(numel=meta["numel"] + 1))
     with pytest.raises(ExpertFileError, match="add up"):
         load_expert(saved)
+    _forge(saved, lambda meta: meta.update(numel=10 ** 12))
+    with pytest.raises(ExpertFileError, match="more than a file of this size can hold"):
+        load_expert(saved)
 
-    def huge(h):
-        meta = h["__metadata__"]
-        tensors = json.loads(meta["tensors"])
-        tensors[0]["shape"] = [10 ** 6, 10 ** 6]
-        meta["tensors"] = json.dumps(tensors)
-        meta["numel"] = str(sum(t["shape"][0] * t["shape"][1] for t in tensors))
-    _rewrite_header(saved, huge)
+    def huge(meta):
+        meta["tensors"][0]["shape"] = [10 ** 3, 10 ** 3]
+        meta["numel"] = sum(t["shape"][0] * t["shape"][1] for t in meta["tensors"])
+    _forge(saved, huge)
     with pytest.raises(ExpertFileError, match="does not match density"):
         load_expert(saved)
 
@@ -236,17 +252,14 @@ def test_indices_out_of_range_are_refused(lora_dir, tmp_path):
     expert = compress(lora_dir, density=0.1)
     path = expert.save(tmp_path / "e.safetensors")
 
-    def shrink(h):  # claim the last tensor is smaller than the stream says
-        meta = h["__metadata__"]
-        tensors = json.loads(meta["tensors"])
-        numel = int(meta["numel"])
-        last = tensors[-1]
+    def shrink(meta):  # claim the last tensor is smaller than the stream says
+        numel = meta["numel"]
+        last = meta["tensors"][-1]
         cut = last["shape"][0] * last["shape"][1] - 1
         last["shape"] = [1, 1]
-        meta["tensors"] = json.dumps(tensors)
-        meta["numel"] = str(numel - cut)
-        meta["density"] = str(json.loads(meta["coding"])["count"] / (numel - cut))
-    _rewrite_header(path, shrink)
+        meta["numel"] = numel - cut
+        meta["density"] = meta["coding"]["count"] / (numel - cut)
+    _forge(path, shrink)
     with pytest.raises(ExpertFileError, match="out of range"):
         load_expert(path).state_dict()
 

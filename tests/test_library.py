@@ -46,7 +46,7 @@ def test_sample_is_seeded_and_checked(lora_dir, tmp_path):
     assert len(set(lib.sample(6, seed=2))) == 6
     with pytest.raises(LibraryError, match="cannot sample 7"):
         lib.sample(7, seed=1)
-    assert (tmp_path / "lib" / "owner--e0.safetensors").exists()
+    assert (tmp_path / "lib" / "owner%2Fe0.safetensors").exists()
 
 
 def test_crash_during_add_leaves_the_library_as_it_was(lora_dir, tmp_path, monkeypatch):

@@ -1,110 +1,224 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
 import pytest
 
 import support  # noqa: F401  (tests/ is on sys.path via conftest)
-from conftest import SHARED_DATA
+from conftest import BBH, METHOD_NAMES, SEEDS, TASKS, bbh_argv
 from lorahub_compeft import runner
+from lorahub_compeft.cli import main
+from lorahub_compeft.methods import METHODS, CompeftParams, Compeft, make_method, register
+from lorahub_compeft.pool import ExpertPool
 from lorahub_compeft.report import markdown, report
-from lorahub_compeft.runner import RunConfig, read_jsonl, run, sample_experts
+from lorahub_compeft.runner import plan, read_jsonl, run, setting_key
+from lorahub_compeft.sources import BBHSource
 
-BBH = SHARED_DATA / "bbh" / "tasks"
 pytestmark = pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
 
 
-@pytest.fixture(scope="module")
-def experts(tiny_t5, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bbh-experts")
-    return [str(support.train_expert(tiny_t5, root / w, support.constant_task(w), steps=15))
-            for w in ("red", "green", "blue")]
+def cells_for(tiny_t5, experts, out, density=0.3, methods=METHOD_NAMES, tasks=TASKS):
+    options = {"n_experts": 2, "budget": 3, "density": density}
+    made = [make_method(m, **{k: v for k, v in options.items() if k in
+                              METHODS[m].Params.__dataclass_fields__}) for m in methods]
+    return plan(BBHSource(str(BBH), 5, max_eval=4), tasks, SEEDS, made, str(tiny_t5),
+                ExpertPool.from_sources(experts, out / "compressed"))
 
 
-def _config(tiny_t5, experts, out):
-    return RunConfig(model=str(tiny_t5), out=out, tasks=["boolean_expressions", "navigate"],
-                     methods=["zeroshot", "icl", "lorahub", "compeft"], seeds=[1, 2],
-                     experts=experts, n_experts=2, density=0.3, budget=3, bbh_dir=str(BBH),
-                     max_eval=4)
+def by_key(out):
+    rows = {r["key"]: r for r in read_jsonl(out / "results.jsonl")}
+    preds = {p["key"]: p["predictions"] for p in read_jsonl(out / "predictions.jsonl")}
+    return rows, preds
 
 
-def test_end_to_end_resume_and_report(tiny_t5, experts, tmp_path, monkeypatch):
-    cfg = _config(tiny_t5, experts, tmp_path / "out")
-    rows = run(cfg, progress=False)
-    assert len(rows) == 2 * 2 * 4
-    for r in rows:
-        assert 0 <= r["em"] <= 100 and r["n_eval"] == 4 and r["seconds"] > 0
-    composed = [r for r in rows if r["method"] in ("lorahub", "compeft")]
-    assert all(len(r["weights"]) == 2 and r["bytes_read"] > 0 for r in composed)
-    # same seed: same expert sample for both composition methods, and smaller files for compeft
-    for task in cfg.tasks:
-        for seed in cfg.seeds:
-            dense, small = (next(r for r in rows if (r["task"], r["seed"], r["method"]) == (task, seed, m))
-                            for m in ("lorahub", "compeft"))
-            assert dense["experts"] == small["experts"] == sample_experts(experts, 2, seed)
-            assert small["bytes_read"] < dense["bytes_read"]
-    preds = read_jsonl(cfg.out / "predictions.jsonl")
-    assert len(preds) == 16 and all(len(p["predictions"]) == 4 for p in preds)
+def same_results(out, reference):
+    rows, preds = by_key(out)
+    ref_rows, ref_preds = by_key(reference)
+    assert set(rows) == set(ref_rows) and len(rows) == 16
+    for key, r in rows.items():
+        assert r["em"] == ref_rows[key]["em"] and preds[key] == ref_preds[key]
+        assert r.get("weights") == pytest.approx(ref_rows[key].get("weights"), abs=1e-6) \
+            if r.get("weights") else True
 
-    # Interrupt: drop two finished cells and leave a half-written line behind.
-    results = cfg.out / "results.jsonl"
-    lines = results.read_text().splitlines(keepends=True)
-    results.write_text("".join(lines[:-2]) + lines[-2][:25])
-    calls = []
-    real = runner.run_cell
-    monkeypatch.setattr(runner, "run_cell", lambda *a: calls.append(a[1:]) or real(*a))
-    rows = run(cfg, progress=False)
-    assert len(calls) == 2  # only the lost cells were recomputed
-    assert len(rows) == 16 and len(read_jsonl(results)) == 16
-    assert all(line.endswith("}") for line in results.read_text().splitlines())
-    calls.clear()
-    run(cfg, progress=False)
-    assert calls == []
 
-    text = report(cfg.out)
-    table = [line for line in text.splitlines() if line.startswith("| ")]
-    header = table[0].split("|")[1:-1]
-    assert [h.strip() for h in header] == ["Task", "Zero-shot", "ICL", "LoraHub (avg)", "ComPEFT (avg)",
-                                           "LoraHub (loss-picked)", "ComPEFT (loss-picked)",
-                                           "LoraHub (oracle best)", "ComPEFT (oracle best)"]
-    assert sum(1 for line in table if line.startswith("| boolean_expressions") or
-               line.startswith("| navigate")) == 2 * 2  # EM table + bytes table
-    assert any("**Average**" in line for line in table)
-    assert (cfg.out / "report.md").exists()
+def test_rows_hold_their_setting_and_report(uninterrupted, experts):
+    rows, preds = by_key(uninterrupted)
+    assert len(rows) == 16 and set(preds) == set(rows)
+    for key, r in rows.items():
+        s = r["setting"]
+        assert setting_key(s) == key and (r["task"], r["seed"], r["method"]) == (s["task"], s["seed"], s["method"])
+        assert s["data"]["source"] == "bbh" and s["data"]["max_eval"] == 4 and len(s["data"]["sha256"]) == 64
+        assert os.path.isabs(s["model"]) and 0 <= r["em"] <= 100 and r["n_eval"] == 4
+        if r["method"] in ("lorahub", "compeft"):
+            assert s["params"]["n_experts"] == 2 and s["params"]["budget"] == 3
+            assert s["experts"]["count"] == 3 and len(r["experts"]) == 2
+            assert all(len(e["sha256"]) == 64 for e in r["experts"])
+        else:
+            assert s["experts"] is None
+    compeft = [r for r in rows.values() if r["method"] == "compeft"]
+    assert all(r["setting"]["params"]["density"] == 0.3 for r in compeft)
+    for r in compeft:  # same seed: the same experts as lorahub, in smaller files
+        dense = next(d for d in rows.values() if d["method"] == "lorahub"
+                     and (d["task"], d["seed"]) == (r["task"], r["seed"]))
+        assert r["experts"] == dense["experts"] and r["bytes_read"] < dense["bytes_read"]
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert config["runs"][0]["argv"][:2] == ["lorahub-compeft", "bbh"]
+    text = report(uninterrupted)
+    header = [h.strip() for h in text.splitlines()[2].split("|")[1:-1]]
+    assert header == ["Task", "Zero-shot", "ICL", "LoraHub (avg)", "ComPEFT (avg)",
+                      "LoraHub (best)", "ComPEFT (best)"]
+    assert "density=0.3" in text and "**Average**" in text
+
+
+def test_another_setting_computes_new_cells_and_report_shows_both(uninterrupted, tiny_t5, experts,
+                                                                   tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    for name in ("results.jsonl", "predictions.jsonl"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text((uninterrupted / name).read_text())
+    ran = []
+    real = runner.Worker.run
+    monkeypatch.setattr(runner.Worker, "run", lambda self, cell: ran.append(cell) or real(self, cell))
+    assert main(bbh_argv(tiny_t5, experts, out, "--density", "0.5", "--alpha", "2")) == 0
+    assert sorted({(c.method.name, c.method.params.density, c.method.params.alpha) for c in ran}) == \
+        [("compeft", 0.5, 2.0)] and len(ran) == 4  # only the cells of the new setting
+    rows = read_jsonl(out / "results.jsonl")
+    assert len(rows) == 20
+    text = report(out)
+    assert "ComPEFT [2] (avg)" in text
+    assert "density=0.3" in text and "density=0.5" in text and "alpha=2.0" in text
+    ran.clear()
+    assert main(bbh_argv(tiny_t5, experts, out, "--density", "0.5", "--alpha", "2")) == 0
+    assert ran == []  # nothing left to do
+    assert len(json.loads((out / "config.json").read_text())["runs"]) == 2
+
+
+def test_torn_line_in_the_middle_skips_only_that_line(uninterrupted, tiny_t5, experts, tmp_path,
+                                                      monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = (uninterrupted / "results.jsonl").read_text().splitlines(keepends=True)
+    torn = json.loads(lines[5])["key"]
+    lines[5] = lines[5][:40] + "\n"
+    (out / "results.jsonl").write_text("".join(lines))
+    (out / "predictions.jsonl").write_text((uninterrupted / "predictions.jsonl").read_text())
+    assert len(read_jsonl(out / "results.jsonl")) == 15  # every whole line, before and after
+    ran = []
+    real = runner.Worker.run
+    monkeypatch.setattr(runner.Worker, "run", lambda self, cell: ran.append(cell) or real(self, cell))
+    run(cells_for(tiny_t5, experts, out), out, progress=False)
+    assert [setting_key(c.setting()) for c in ran] == [torn]
+    same_results(out, uninterrupted)
+    assert all(json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())
+
+
+def test_kill_between_the_two_appends_leaves_no_duplicate(uninterrupted, tiny_t5, experts, tmp_path,
+                                                          monkeypatch):
+    out = tmp_path / "out"
+    real_append = runner._append
+
+    def dies_after_predictions(path, row):
+        real_append(path, row)
+        if path.name == "predictions.jsonl":
+            raise KeyboardInterrupt  # as if killed before the results line
+    monkeypatch.setattr(runner, "_append", dies_after_predictions)
+    with pytest.raises(KeyboardInterrupt):
+        run(cells_for(tiny_t5, experts, out), out, progress=False)
+    assert len(read_jsonl(out / "predictions.jsonl")) == 1 and not read_jsonl(out / "results.jsonl")
+    monkeypatch.setattr(runner, "_append", real_append)
+    run(cells_for(tiny_t5, experts, out), out, progress=False)
+    keys = [p["key"] for p in read_jsonl(out / "predictions.jsonl")]
+    assert len(keys) == len(set(keys)) == 16
+    same_results(out, uninterrupted)
+
+
+def test_kill_9_during_a_real_run_resumes_to_the_uninterrupted_results(uninterrupted, tiny_t5,
+                                                                       experts, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "lorahub_compeft.cli", *bbh_argv(tiny_t5, experts, out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(read_jsonl(out / "results.jsonl")) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(read_jsonl(out / "results.jsonl"))
+    assert 3 <= killed_at < 16, "the run finished before it could be killed"
+    assert main(bbh_argv(tiny_t5, experts, out)) == 0
+    same_results(out, uninterrupted)
+    keys = [p["key"] for p in read_jsonl(out / "predictions.jsonl")]
+    assert len(keys) == len(set(keys))
+
+
+def test_one_model_per_worker_and_composition_does_not_reload_it(tiny_t5, experts, tmp_path,
+                                                                 monkeypatch):
+    import lorahub_compeft.evaluate as evaluate
+    loads = []
+    real = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    rows = run(cells_for(tiny_t5, experts, tmp_path, tasks=["navigate"]), progress=False)
+    assert len(rows) == 8 and len(loads) == 1
+
+
+def test_worker_processes_give_the_same_results(uninterrupted, tiny_t5, experts, tmp_path):
+    out = tmp_path / "parallel"
+    run(cells_for(tiny_t5, experts, out), out, workers=2, progress=False)
+    same_results(out, uninterrupted)
+    assert len({r["worker"] for r in read_jsonl(out / "results.jsonl")}) <= 2
+
+
+@dataclass(frozen=True)
+class SelectParams(CompeftParams):
+    select: str = "random"
+    restarts: int = 1
+
+
+def test_a_new_method_is_a_small_class_and_its_parameters_key_its_results(tiny_t5, experts, tmp_path):
+    @register
+    class CompeftSelect(Compeft):  # the shape of a selection protocol
+        name, Params = "compeft-select-test", SelectParams
+
+    try:
+        params = SelectParams(n_experts=2, budget=3, density=0.3, alpha="auto", restarts=3)
+        assert SelectParams.from_json(json.loads(json.dumps(params.to_json()))) == params
+        with pytest.raises(ValueError, match="unknown parameter"):
+            make_method("compeft-select-test", sparsity=0.3)
+        one, other = (make_method("compeft-select-test", select=s, n_experts=2) for s in ("random", "loss"))
+        keys = {setting_key(c.setting()) for m in (one, other) for c in
+                plan(BBHSource(str(BBH), 5, 4), ["navigate"], [1], [m], str(tiny_t5),
+                     ExpertPool.from_sources(experts))}
+        assert len(keys) == 2
+        with pytest.raises(ValueError, match="taken"):
+            register(type("Clash", (Compeft,), {"name": "compeft"}))
+    finally:
+        METHODS.pop("compeft-select-test", None)
+
+
+def test_bad_configuration_is_refused_before_any_cell(tiny_t5, experts, tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("magic")
+    with pytest.raises(ValueError, match="3 were given"):
+        plan(BBHSource(str(BBH)), ["navigate"], [1], [make_method("lorahub", n_experts=5)],
+             str(tiny_t5), ExpertPool.from_sources(experts))
+    with pytest.raises(ValueError, match="no_such_task"):
+        plan(BBHSource(str(BBH)), ["no_such_task"], [1], [make_method("zeroshot")], str(tiny_t5))
+    with pytest.raises(ValueError, match="not a Hub id"):
+        ExpertPool.from_sources(["./no/such/dir"])
+    assert main(["bbh", "--model", str(tiny_t5), "--experts", "./nope", "--tasks", "navigate",
+                 "--bbh-dir", str(BBH), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_report_math_on_hand_written_rows():
     rows = [{"task": "t", "seed": s, "method": m, "em": em}
             for s, m, em in [(1, "lorahub", 10.0), (2, "lorahub", 30.0), (1, "zeroshot", 5.0),
                              (2, "zeroshot", 5.0)]]
-    text = markdown(rows)
-    assert "| t | 5.0 | 20.0 | 30.0 |" in text
-
-
-def test_bad_configuration_is_refused(tiny_t5, experts, tmp_path):
-    cfg = _config(tiny_t5, experts, tmp_path / "o")
-    cfg.methods = ["zeroshot", "magic"]
-    with pytest.raises(ValueError, match="unknown method"):
-        run(cfg, progress=False)
-    cfg = _config(tiny_t5, experts, tmp_path / "o")
-    cfg.n_experts = 5
-    with pytest.raises(ValueError, match="3 experts given"):
-        run(cfg, progress=False)
-    cfg = _config(tiny_t5, experts, tmp_path / "o")
-    cfg.tasks = ["no_such_task"]
-    with pytest.raises(ValueError, match="no_such_task"):
-        run(cfg, progress=False)
-
-
-def test_worker_processes_give_the_same_results(tiny_t5, experts, tmp_path):
-    cfg = _config(tiny_t5, experts, tmp_path / "serial")
-    cfg.methods, cfg.tasks = ["zeroshot", "compeft"], ["navigate"]
-    serial = run(cfg, progress=False)
-    cfg.out = tmp_path / "parallel"
-    parallel = run(cfg, workers=2, progress=False)
-    key = lambda r: (r["task"], r["seed"], r["method"])
-    assert sorted(map(key, serial)) == sorted(map(key, parallel))
-    by_key = {key(r): r for r in serial}
-    for r in parallel:
-        assert r["em"] == by_key[key(r)]["em"]
-        assert r.get("weights") == by_key[key(r)].get("weights")
-    assert len(read_jsonl(cfg.out / "predictions.jsonl")) == len(parallel)
+    assert "| t | 5.0 | 20.0 | 30.0 |" in markdown(rows)
 
 
 def test_report_plot_is_a_png(tmp_path):
@@ -113,24 +227,3 @@ def test_report_plot_is_a_png(tmp_path):
     rows = [{"task": "t", "seed": 1, "method": m, "em": em} for m, em in [("zeroshot", 0.0), ("icl", 40.0)]]
     path = plot(rows, tmp_path / "r.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_both_protocols_side_by_side(tiny_t5, experts, tmp_path):
-    """The paper's random draw and selection by loss in one run, labelled in the report."""
-    cfg = RunConfig(model=str(tiny_t5), out=tmp_path / "out", tasks=["navigate"],
-                    methods=["lorahub", "select", "select-compeft"], seeds=[1, 2],
-                    experts=experts, n_experts=2, select_n=1, budget=4, bbh_dir=str(BBH),
-                    max_eval=3)
-    rows = run(cfg, progress=False)
-    by = {(r["method"], r["seed"]): r for r in rows}
-    for seed in cfg.seeds:
-        assert by["lorahub", seed]["experts"] == sample_experts(experts, 2, seed)
-        for method in ("select", "select-compeft"):
-            row = by[method, seed]
-            assert len(row["experts"]) == 1 and len(row["selection_scores"]) == 3
-            best = min(row["selection_scores"], key=row["selection_scores"].get)
-            assert row["experts"][0].endswith(best)
-    text = markdown(read_jsonl(cfg.out / "results.jsonl"))
-    for label in ("LoraHub (avg)", "Select (avg)", "Select ComPEFT (avg)",
-                  "Select (loss-picked)", "LoraHub (oracle best)"):
-        assert label in text

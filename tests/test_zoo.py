@@ -1,6 +1,9 @@
 """The zoo: task specs and generators, tokenizer round trips, and a quick end-to-end build."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,7 +161,7 @@ def test_quick_build_end_to_end(quick_build):
 
 def test_quick_ship_calibrates_and_manifests(quick_build):
     from lorahub_compeft.library import ExpertLibrary
-    from lorahub_compeft.zoo.ship import verify
+    from lorahub_compeft.zoo.artifacts import verify
     root = quick_build["artifacts"]
     manifest = verify(root)
     assert (manifest["density"], manifest["alpha"]) in {(k, a) for k in (0.1, 0.3) for a in (1, 2)}
@@ -186,8 +189,7 @@ def test_demo_runs_on_quick_zoo(quick_build, tmp_path, capsys):
     from lorahub_compeft.cli import main
     out = tmp_path / "demo.json"
     rc = main(["demo", "--zoo", str(quick_build["artifacts"]), "--tasks", "heldout_pair_total",
-               "--seeds", "1", "-n", "2", "--budget", "3", "--eval", "10", "--json", str(out),
-               "--select", "random"])  # LoraHub's draw: the same N for dense and ComPEFT
+               "--seeds", "1", "-n", "2", "--budget", "3", "--eval", "10", "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and rows[0]["task"] == "heldout_pair_total" and rows[0]["n_eval"] == 10
@@ -213,7 +215,7 @@ def test_shipped_artifacts_match_manifest_and_load():
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, T5ForConditionalGeneration
     from lorahub_compeft.library import ExpertLibrary
-    from lorahub_compeft.zoo.ship import ARTIFACTS, verify
+    from lorahub_compeft.zoo.artifacts import ARTIFACTS, verify
 
     manifest = verify(ARTIFACTS)
     assert manifest["total_bytes"] < 16e6
@@ -234,8 +236,28 @@ def test_shipped_artifacts_match_manifest_and_load():
         base = model.unload()
 
 
-def test_demo_on_shipped_zoo(capsys):
-    from lorahub_compeft.cli import main
-    assert main(["demo", "--tasks", "heldout_pair_total", "--seeds", "2", "-n", "4",
-                 "--budget", "5", "--eval", "20"]) == 0
-    assert "| heldout_pair_total |" in capsys.readouterr().out
+def test_demo_on_shipped_zoo_imports_no_training_code():
+    code = ("import sys; from lorahub_compeft.cli import main; "
+            "rc = main(['demo', '--tasks', 'heldout_pair_total', '--seeds', '2', '-n', '4', "
+            "'--budget', '5', '--eval', '20']); "
+            "print(sorted(m for m in sys.modules if m.startswith('lorahub_compeft.zoo'))); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| heldout_pair_total |" in proc.stdout
+    loaded = proc.stdout.strip().splitlines()[-1]
+    assert "lorahub_compeft.zoo.artifacts" in loaded
+    assert "lorahub_compeft.zoo.build" not in loaded and "lorahub_compeft.zoo.ship" not in loaded
+
+
+def test_shipped_experts_compose_without_model_from_any_directory(tmp_path):
+    from lorahub_compeft.zoo.artifacts import ARTIFACTS
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text("".join(json.dumps(e) + "\n" for e in generate("heldout_pair_total", 3, seed=7)))
+    proc = subprocess.run([sys.executable, "-m", "lorahub_compeft.cli", "compose", "--library",
+                           str(ARTIFACTS / "experts"), "--examples", str(examples), "-n", "2",
+                           "--budget", "2", "--quiet", "--out", str(tmp_path / "adapter")],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
+from ..bbh import exact_match
 from ..evaluate import accuracy, generate as generate_answers
 from .tasks import generate, get_task, task_names
 from .tokenizer import build_zoo_tokenizer
@@ -127,11 +128,12 @@ def _train(model, params, stream, steps: int, lr: float, warmup: int, desc: str)
 
 
 # ---------------------------------------------------------------------------- eval
-def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 8) -> float:
-    """Fraction of examples whose greedy answer equals the target exactly."""
+def answer_accuracy(model, tokenizer, examples: list[dict], max_new_tokens: int = 8) -> float:
+    """Fraction of examples whose greedy answer matches the target (the package's one
+    exact match, `bbh.exact_match`)."""
     preds = generate_answers(model, tokenizer, [e["input"] for e in examples], max_new_tokens,
                              batch_size=100)
-    return accuracy(preds, [e["target"] for e in examples], str.__eq__)
+    return accuracy(preds, [e["target"] for e in examples], exact_match)
 
 
 def eval_set(task: str, n: int, seed: int) -> list[dict]:
@@ -226,13 +228,13 @@ def report(base_dir: Path, expert_dirs: dict[str, Path], tokenizer, spec: BuildS
         if get_task(task).split == "upstream" and task not in upstream_tasks(spec):
             continue
         data = eval_set(task, spec.eval_examples, spec.seed)
-        row = {"split": get_task(task).split, "base": exact_match(base, tokenizer, data)}
+        row = {"split": get_task(task).split, "base": answer_accuracy(base, tokenizer, data)}
         if task in expert_dirs:
             model = PeftModel.from_pretrained(load_base(base_dir), expert_dirs[task]).eval()
-            row["expert"] = exact_match(model, tokenizer, data)
+            row["expert"] = answer_accuracy(model, tokenizer, data)
             bare = [{"input": "Q: " + x["input"].split("\n\nQ: ", 1)[1], "target": x["target"]}
                     for x in data]
-            row["expert_no_instruction"] = exact_match(model, tokenizer, bare)
+            row["expert_no_instruction"] = answer_accuracy(model, tokenizer, bare)
         rows[task] = row
         log.info("EM %-26s %s", task, {k: (round(v, 3) if isinstance(v, float) else v)
                                         for k, v in row.items()})

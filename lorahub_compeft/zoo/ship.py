@@ -13,7 +13,6 @@ least `min_ratio` times smaller than fp16.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -31,47 +30,13 @@ from ..codec import PAPER_ALPHAS, PAPER_DENSITIES, prune, sparsify, sparsify_res
 from ..expert import compress
 from ..files import atomic_dir, atomic_write_text
 from ..library import ExpertLibrary
-from .build import exact_match, load_base
+from .artifacts import ARTIFACTS, BASE_NAME, MANIFEST, manifest_files
+from .build import answer_accuracy, load_base
 from .tasks import generate
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-MANIFEST = "manifest.json"
 VAL_SEED = 3_000        # validation examples for calibration; the demo never draws from it
-BASE_NAME = "lorahub_compeft/zoo/artifacts/base"  # base_model_name_or_path of shipped experts
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def manifest_files(root: Path) -> dict[str, dict]:
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
-
-
-def verify(root: Path = ARTIFACTS) -> dict:
-    """Check every shipped file against the manifest; returns the manifest."""
-    path = root / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no zoo manifest; build the zoo with "
-                                "`python scripts/build_zoo.py` first")
-    manifest = json.loads(path.read_text())
-    found = manifest_files(root)
-    if found != manifest["files"]:
-        missing = sorted(set(manifest["files"]) - set(found))
-        extra = sorted(set(found) - set(manifest["files"]))
-        changed = sorted(k for k in set(found) & set(manifest["files"])
-                         if found[k] != manifest["files"][k])
-        raise ValueError(f"{root}: zoo artifacts differ from {MANIFEST} (missing {missing}, "
-                         f"unexpected {extra}, changed {changed}); rebuild with "
-                         "`python scripts/build_zoo.py`")
-    return manifest
 
 
 def write_dense_fp16(src: Path, dst: Path) -> Path:
@@ -114,7 +79,7 @@ def calibrate_experts(base_dir: Path, dense_dirs: dict[str, Path], n_val: int, s
         model = PeftModel.from_pretrained(load_base(base_dir), path).eval()
         tau = {k: v.float() for k, v in load_adapter(path).tensors.items()}  # LoRA init is 0
         val = generate(task, n_val, seed=VAL_SEED + seed, instruction="")
-        dense_em = 100 * exact_match(model, tok, val)
+        dense_em = 100 * answer_accuracy(model, tok, val)
         rows.append({"expert": task, "method": "dense", "density": 1.0, "alpha": None,
                      "em": dense_em})
         for method, k, a, tensors in _variants(tau, densities, alphas):
@@ -122,7 +87,7 @@ def calibrate_experts(base_dir: Path, dense_dirs: dict[str, Path], n_val: int, s
             if result.unexpected_keys:
                 raise RuntimeError(f"{path}: keys the model lacks: {result.unexpected_keys[:3]}")
             rows.append({"expert": task, "method": method, "density": k, "alpha": a,
-                         "em": 100 * exact_match(model, tok, val)})
+                         "em": 100 * answer_accuracy(model, tok, val)})
         log.info("calibrated %s in %.1fs (dense EM %.1f)", task, time.time() - start, dense_em)
     return rows
 
@@ -167,7 +132,8 @@ def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
     """Write the artifacts into `out` (replaced whole, atomically) and return the manifest."""
     build_dir, out = Path(build_dir), Path(out)
     start = time.time()
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, force=True, owned=("base", "dense", "experts", "calibration.json",
+                                            MANIFEST)) as staging:
         shutil.copytree(build_dir / "base", staging / "base", dirs_exist_ok=True)
         dense = {p.name: write_dense_fp16(p, staging / "dense" / p.name)
                  for p in sorted((build_dir / "experts").iterdir()) if (p / CONFIG_NAME).exists()}

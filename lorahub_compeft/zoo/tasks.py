@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from ..bbh import format_prompt  # one prompt format for BBH and the zoo
+
 # ---------------------------------------------------------------------------- word pools
 ANIMALS = ["dog", "cat", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf",
            "fox", "rabbit", "mouse", "duck", "goose", "eagle", "owl", "frog", "snake", "whale"]
@@ -424,13 +426,6 @@ class ZooTask:
         return format_prompt(self.instruction, question)
 
 
-def format_prompt(instruction: str, question: str) -> str:
-    """BBH's prompt shape; an empty instruction leaves just the question and answer cue."""
-    if not instruction:
-        return f"Q: {question}\nA:"
-    return f"{instruction}\n\nQ: {question}\nA:"
-
-
 def spec_dir() -> Path:
     """Where the JSON specs live: the installed `lorahub_compeft.tasks` package's zoo/."""
     return Path(str(resources.files("lorahub_compeft.tasks"))) / "zoo"
@@ -463,12 +458,15 @@ def generate(task_name: str, n: int, seed: int = 0, instruction: str | None = No
              ) -> list[dict[str, str]]:
     """`n` examples of a task, deterministic in (task_name, seed). `instruction` overrides
     the spec's (used to train experts on prompts without their instruction)."""
-    task = get_task(task_name)
+    text = get_task(task_name).instruction if instruction is None else instruction
+    return [{"input": format_prompt(text, e["input"]), "target": e["target"]}
+            for e in questions(task_name, n, seed)]
+
+
+def questions(task_name: str, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """`n` bare questions and answers of a task (no instruction, no Q/A), deterministic in
+    (task_name, seed); `generate` wraps the same ones in the prompt."""
+    get_task(task_name)  # a clear error for an unknown name
     rng = random.Random(f"{task_name}/{seed}")  # str seeds hash stably across runs
     make = QUESTIONS[task_name]
-    text = task.instruction if instruction is None else instruction
-    out = []
-    for _ in range(n):
-        question, target = make(rng)
-        out.append({"input": format_prompt(text, question), "target": target})
-    return out
+    return [dict(zip(("input", "target"), make(rng))) for _ in range(n)]

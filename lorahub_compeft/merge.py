@@ -1,0 +1,158 @@
+"""Merging LoRA experts, dense or compressed, into one adapter (ComPEFT §4.3).
+
+The merge is done on each module's product ΔW_i = s_i·B_i·A_i, never on A and B apart:
+A and B are only defined up to B·G, G⁻¹·A (an ERE expert's factors are an SVD of the product,
+a ComPEFT expert's are sparse ternary), so element-wise operations on them (TIES's trimming and
+sign election, or even a plain sum, which adds the cross terms B_i·A_j) depend on the
+factorization and not on what the expert does. On ΔW:
+  task_arithmetic  ΔW = Σ w_i ΔW_i   (Ilharco et al.; weights default to 1/N, a mean)
+  ties             per module: keep the top `density` of each |ΔW_i|, elect the sign of
+                   Σ trimmed ΔW_i, and average, weighted by w_i, the trimmed entries that agree
+                   with it (Yadav et al.; weights default to 1)
+The result is written back as one LoRA adapter by SVD: rank `rank` (default Σ r_i, which keeps
+a task-arithmetic merge exact), lora_alpha = rank so PEFT's scaling is 1. This is what PEFT's
+`add_weighted_adapter` computes with combination_type "svd" and "ties_svd" (density trimming
+per module, majority sign "total"); a test checks both against it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import Adapter, load_adapter
+from .ere import lora_modules, lora_scaling
+
+log = logging.getLogger(__name__)
+METHODS = ("task_arithmetic", "ties")
+_MUST_MATCH = ("peft_type", "base_model_name_or_path", "task_type")
+
+
+@dataclass
+class MergeResult:
+    adapter: Adapter
+    energy_kept: float  # share of Σ‖ΔW‖² the rank-`rank` factors keep (1.0: exact)
+
+
+def _as_adapter(item) -> Adapter:
+    from .expert import CompressedExpert, load_expert
+    if isinstance(item, Adapter):
+        return item
+    if isinstance(item, CompressedExpert):
+        return item.to_adapter()
+    path = Path(item) if isinstance(item, (str, os.PathLike)) else None
+    if path is not None and path.is_file() and path.suffix == ".safetensors":
+        return load_expert(path).to_adapter()
+    if path is not None:
+        return load_adapter(item)
+    raise ValueError(f"cannot merge a {type(item).__name__}; pass expert files, PEFT adapter "
+                     "dirs, Hub ids, CompressedExperts or Adapters")
+
+
+def _check(adapters: list[Adapter], weights) -> list[float]:
+    if not adapters:
+        raise ValueError("no experts to merge")
+    for i, a in enumerate(adapters):
+        cfg = a.config
+        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+            raise ValueError(f"expert {i} is {cfg.get('peft_type')!r}{' (DoRA)' if cfg.get('use_dora') else ''}; "
+                             "only plain LoRA experts can be merged")
+        for key in _MUST_MATCH:
+            if cfg.get(key) != adapters[0].config.get(key):
+                raise ValueError(f"expert {i} has {key}={cfg.get(key)!r}, expert 0 has "
+                                 f"{adapters[0].config.get(key)!r}; merge experts of one base model")
+        if set(a.tensors) != set(adapters[0].tensors):
+            raise ValueError(f"expert {i} has other LoRA modules than expert 0; merge experts "
+                             "with the same target modules")
+    if weights is None:
+        return weights
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(weights)} weights for {len(adapters)} experts; give one weight "
+                         "per expert")
+    return weights
+
+
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density·numel) entries of largest magnitude, zero the rest."""
+    keep = int(density * delta.numel())
+    if keep >= delta.numel():
+        return delta
+    out = torch.zeros_like(delta).reshape(-1)
+    index = torch.topk(delta.abs().reshape(-1), keep).indices
+    out[index] = delta.reshape(-1)[index]
+    return out.view_as(delta)
+
+
+def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """TIES on one module: trim each, elect the sign of the trimmed sum, and take the weighted
+    sum of the agreeing entries divided by how many agree (a disjoint mean)."""
+    trimmed = torch.stack([trim(d, density) for d in deltas])
+    elected = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0).to(trimmed.dtype)
+    agree = torch.sign(trimmed) == elected
+    weighted = trimmed * torch.tensor(weights, dtype=trimmed.dtype).view(-1, *[1] * (trimmed.dim() - 1))
+    return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+
+
+def merge_deltas(experts, method: str = "task_arithmetic", weights=None, density: float = 0.2
+                 ) -> tuple[dict[tuple[str, str], torch.Tensor], list[Adapter], list[float]]:
+    """The merged ΔW per LoRA module {(A name, B name): out×in float64}, the adapters merged
+    and the weights used."""
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "ties" and not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1] for TIES, got {density!r}")
+    adapters = [_as_adapter(e) for e in experts]
+    weights = _check(adapters, weights)
+    if weights is None:
+        weights = [1.0 / len(adapters)] * len(adapters) if method == "task_arithmetic" \
+            else [1.0] * len(adapters)
+    lora = [n for n in adapters[0].tensors if any(m in n for m in ("lora_A", "lora_B",
+                                                                    "lora_embedding"))]
+    if len(lora) != len(adapters[0].tensors):
+        other = sorted(set(adapters[0].tensors) - set(lora))[0]
+        raise ValueError(f"the experts carry non-LoRA tensors (e.g. {other}, modules_to_save); "
+                         "merging those is not supported")
+    pairs = lora_modules(lora)
+    scales = [lora_scaling(a.config) for a in adapters]
+    merged = {}
+    for a_name, b_name in pairs:
+        deltas = [s * ad.tensors[b_name].double() @ ad.tensors[a_name].double()
+                  for ad, s in zip(adapters, scales)]
+        if method == "task_arithmetic":
+            merged[(a_name, b_name)] = sum(w * d for w, d in zip(weights, deltas))
+        else:
+            merged[(a_name, b_name)] = ties_merge(deltas, weights, density)
+    return merged, adapters, weights
+
+
+def merge(experts, method: str = "task_arithmetic", weights=None, density: float = 0.2,
+          rank: int | None = None) -> MergeResult:
+    """Merge LoRA experts (expert files, PEFT dirs, Hub ids, CompressedExperts or Adapters) into
+    one LoRA adapter of rank `rank` (default Σ r_i); see the module docstring."""
+    merged, adapters, weights = merge_deltas(experts, method, weights, density)
+    rank = rank or sum(a.config["r"] for a in adapters)
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    dtype = next(iter(adapters[0].tensors.values())).dtype
+    tensors, total, kept = {}, 0.0, 0.0
+    for (a_name, b_name), delta in merged.items():
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        k = min(rank, len(s))
+        root = s[:k].sqrt()
+        b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+        a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+        b[:, :k], a[:k] = u[:, :k] * root, root[:, None] * vh[:k]
+        tensors[a_name], tensors[b_name] = a.to(dtype), b.to(dtype)
+        total += float((s ** 2).sum())
+        kept += float((s[:k] ** 2).sum())
+    config = dict(adapters[0].config, r=rank, lora_alpha=rank, use_rslora=False,
+                  rank_pattern={}, alpha_pattern={}, inference_mode=True)
+    source = {"merged": method, "weights": weights, "experts": [a.source for a in adapters]}
+    energy = kept / total if total > 0 else 1.0
+    if energy < 0.999:
+        log.info("rank %d keeps %.1f%% of the merged update's energy", rank, 100 * energy)
+    return MergeResult(Adapter(tensors, config, source), energy)

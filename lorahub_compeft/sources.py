@@ -1,0 +1,133 @@
+"""Where a task's examples come from: one `TaskSource` per kind of data, one `TaskData` per
+(task, seed) that every method receives.
+
+A source draws a task's few-shot examples with the seed and gives the evaluation rows;
+prompts (`bbh.format_prompt`), the answer check (`bbh.exact_match`) and the draw
+(`bbh.draw_few_shot`) are the package's one implementation of each.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bbh
+
+ZOO_SHOT_SEED, ZOO_EVAL_SEED = 4_000, 5_000  # apart from the zoo's training and validation
+
+
+@dataclass
+class TaskData:
+    """One task for one seed: bare questions (`input`) and answers (`target`)."""
+    task: str
+    instruction: str
+    shots: list[dict]
+    rows: list[dict]
+    answer: dict | None  # the spec's answer kind for exact_match (None: common rules only)
+    max_new_tokens: int = 8
+
+    def prompt(self, question: str) -> str:
+        return bbh.format_prompt(self.instruction, question)
+
+    def icl_prompt(self, question: str) -> str:
+        return bbh.format_icl_prompt(self.instruction, self.shots, question)
+
+    def few_shot_examples(self) -> list[dict]:
+        """The shots as composition examples: prompt in, answer out."""
+        return [{"input": self.prompt(s["input"]), "target": s["target"]} for s in self.shots]
+
+    def score(self, predictions: list[str]) -> float:
+        """Exact match in %, over the evaluation rows."""
+        from .evaluate import accuracy
+        return 100 * accuracy(predictions, [r["target"] for r in self.rows],
+                              lambda p, t: bbh.exact_match(p, t, self.answer))
+
+
+class TaskSource:
+    """A kind of task data. `identity(task)` goes into every result's setting, so a change
+    of data (another folder, file, number of shots or rows) makes new results."""
+    kind = ""
+
+    def check(self, tasks: list[str]) -> None:
+        raise NotImplementedError
+
+    def load(self, task: str, seed: int) -> TaskData:
+        raise NotImplementedError
+
+    def identity(self, task: str) -> dict:
+        raise NotImplementedError
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class BBHSource(TaskSource):
+    """Big-Bench Hard from a folder of `<task>.json` files, else the Hub's lukaemon/bbh."""
+    bbh_dir: str | None = None
+    shots: int = 5
+    max_eval: int | None = None  # evaluate at most this many rows (smoke runs)
+    kind = "bbh"
+
+    def __post_init__(self):
+        self.bbh_dir = self.bbh_dir or os.environ.get(bbh.BBH_DIR_ENV) or None
+        if self.bbh_dir:
+            self.bbh_dir = str(Path(self.bbh_dir).resolve())
+
+    def check(self, tasks: list[str]) -> None:
+        for task in tasks:
+            bbh.load_task_spec(task)  # raises with the list of valid names
+            if self.bbh_dir:
+                self._file(task)
+
+    def _file(self, task: str) -> Path:
+        candidates = [Path(self.bbh_dir) / f"{task}.json", Path(self.bbh_dir) / "tasks" / f"{task}.json"]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise bbh.BBHDataError(f"BBH task {task!r}: no data file in {self.bbh_dir} (tried "
+                                   f"{', '.join(map(str, candidates))}); point --bbh-dir at the "
+                                   "folder of BBH <task>.json files")
+        return found
+
+    def load(self, task: str, seed: int) -> TaskData:
+        spec = bbh.load_task_spec(task)
+        shots, rest = bbh.draw_few_shot(bbh.load_examples(task, self.bbh_dir), self.shots, seed=seed)
+        return TaskData(task, spec["instruction"], shots, rest[:self.max_eval] if self.max_eval
+                        else rest, spec["answer"], spec["max_new_tokens"])
+
+    def identity(self, task: str) -> dict:
+        where = ({"dir": self.bbh_dir, "sha256": _sha256(self._file(task))} if self.bbh_dir
+                 else {"hub": bbh.BBH_HUB_DATASET})
+        return {"source": self.kind, **where, "shots": self.shots, "max_eval": self.max_eval}
+
+
+@dataclass
+class ZooSource(TaskSource):
+    """The zoo's generated held-out tasks: shots drawn with the seed, the same evaluation
+    rows for every seed (less any that is also a shot)."""
+    shots: int = 5
+    n_eval: int = 100
+    kind = "zoo"
+
+    def check(self, tasks: list[str]) -> None:
+        from .zoo.tasks import get_task, task_names
+        heldout = task_names("heldout")
+        for task in tasks:
+            if task not in task_names():
+                raise ValueError(f"unknown zoo task {task!r}; the held-out tasks are "
+                                 f"{', '.join(heldout)}")
+            if get_task(task).split != "heldout":
+                raise ValueError(f"{task} is an upstream task (the base and an expert were "
+                                 f"trained on it); choose held-out tasks: {', '.join(heldout)}")
+
+    def load(self, task: str, seed: int) -> TaskData:
+        from .zoo.tasks import get_task, questions
+        shots = questions(task, self.shots, seed=ZOO_SHOT_SEED + seed)
+        seen = {s["input"] for s in shots}
+        rows = [e for e in questions(task, self.n_eval, seed=ZOO_EVAL_SEED) if e["input"] not in seen]
+        return TaskData(task, get_task(task).instruction, shots, rows, None)
+
+    def identity(self, task: str) -> dict:
+        return {"source": self.kind, "shots": self.shots, "n_eval": self.n_eval}

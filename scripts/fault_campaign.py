@@ -1,0 +1,336 @@
+"""Fault and fuzz campaign against expert files and the library; prints the figures README's
+"Guarantees" section quotes.
+
+Fuzz: mutated copies of two expert files (a v2 file compressed now, and a shipped v1 zoo file):
+byte flips, truncations, and header edits (field values of other types, swapped or renamed
+tensors, forged shapes, counts and a huge last tensor with numel and density adjusted, deep
+JSON, many empty entries), each header edit with and without its digests recomputed as a
+forger would. Each file goes through load_expert, summary() and state_dict() in a worker
+subprocess with an address-space cap and a timeout. Outcomes:
+  refused    ExpertFileError
+  identical  decoded to the original's weights
+  different  decoded to other (finite) weights without error: only possible for a forger
+             who recomputed the digests (counted apart), never for plain damage
+  nonfinite  decoded to NaN/inf            escaped:<Type>  another exception
+  memory     hit the cap                   timeout         hit the timeout
+
+Kill: `library add` of 4 adapters into a library killed with SIGKILL at a random moment; then
+the index must parse, every listed expert must decode, and the same command rerun must finish
+(every name listed, no temporary file left).
+
+    python scripts/fault_campaign.py            # the full campaign (about 20 min on 2 cores)
+    python scripts/fault_campaign.py --quick    # a few seconds' worth, for CI
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import hashlib
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ROOT / "lorahub_compeft" / "zoo" / "artifacts"
+
+WORKER = r"""
+import json, resource, sys, torch
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+from lorahub_compeft import load_expert
+from lorahub_compeft.expert import ExpertFileError
+refs = {}
+for line in sys.stdin:
+    path, ref = json.loads(line)
+    if ref not in refs:
+        refs[ref] = load_expert(ref).state_dict()
+    try:
+        expert = load_expert(path)
+        expert.summary()
+        state = expert.state_dict()
+        if not all(torch.isfinite(t).all() for t in state.values()):
+            out = "nonfinite"
+        else:
+            same = state.keys() == refs[ref].keys() and all(
+                state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in refs[ref].items())
+            out = "identical" if same else "different"
+    except ExpertFileError:
+        out = "refused"
+    except MemoryError:
+        out = "memory"
+    except BaseException as err:
+        out = "escaped:" + type(err).__name__
+    print(out, flush=True)
+"""
+
+
+# ------------------------------------------------------------------------------ mutations
+def _split(data: bytes):
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _join(header: dict, rest: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + rest
+
+
+def _read_meta(meta: dict) -> dict:
+    if meta.get("format_version") == "2":
+        return json.loads(zlib.decompress(base64.b85decode(meta["header"])))
+    return {k: v if k in ("format", "encoding", "selection", "payload_sha256", "name")
+            else json.loads(v) for k, v in meta.items()}
+
+
+def _write_meta(meta: dict, body: dict, sign: bool, payload_sha: str | None) -> dict:
+    if payload_sha is not None:
+        body["payload_sha256"] = payload_sha
+    if meta.get("format_version") == "2":
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        out = dict(meta, header=base64.b85encode(zlib.compress(raw)).decode())
+        if sign:
+            out["header_sha256"] = hashlib.sha256(raw).hexdigest()
+        return out
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in body.items()}
+
+
+JUNK = [None, True, -1, 0, 1.5, 10 ** 15, "x", "", [], {}, [1], {"a": 1}, [[[]]], "1e309"]
+
+
+def _edit_body(body: dict, rng: random.Random) -> str:
+    """One header edit; returns its kind."""
+    kind = rng.choice(["field", "swap", "rename", "shape", "dtype", "init", "order", "numel",
+                       "huge_last", "deep", "empty_entries", "entry_field", "delete", "scale_meta"])
+    tensors = body.get("tensors") if isinstance(body.get("tensors"), list) else []
+    if kind == "field":
+        body[rng.choice(sorted(body))] = copy.deepcopy(rng.choice(JUNK))
+    elif kind == "swap" and len(tensors) > 1:
+        i, j = rng.sample(range(len(tensors)), 2)
+        tensors[i]["name"], tensors[j]["name"] = tensors[j]["name"], tensors[i]["name"]
+    elif kind == "rename" and tensors:
+        rng.choice(tensors)["name"] += ".x"
+    elif kind == "shape" and tensors:
+        entry = rng.choice(tensors)
+        entry["shape"] = list(reversed(entry["shape"])) if rng.random() < 0.5 else [rng.choice([0, 1, 7, 10 ** 6])] + entry["shape"][1:]
+    elif kind == "dtype" and tensors:
+        rng.choice(tensors)["dtype"] = rng.choice(["float16", "bfloat16", "float64", "int8", None])
+    elif kind == "init" and tensors:
+        rng.choice(tensors)["init"] = rng.choice([0.5, 1.0, -3, None, "0"])
+    elif kind == "order":
+        rng.shuffle(tensors)
+    elif kind == "numel":
+        body["numel"] = rng.choice([0, 1, body.get("numel", 1) + 1, 2 ** 40])
+    elif kind == "huge_last" and tensors:
+        tensors[-1]["shape"] = [rng.choice([10 ** 5, 10 ** 6, 10 ** 7]), 10 ** 3]
+        numel = sum(_prod(t["shape"]) for t in tensors)
+        count = (body.get("coding") or {}).get("count", 1) if isinstance(body.get("coding"), dict) else 1
+        body["numel"], body["density"] = numel, max(count, 1) / numel
+    elif kind == "deep":
+        body[rng.choice(["source", "adapter_config", "coding", "name"])] = _deep(rng.choice([100, 5000, 50000]))
+    elif kind == "empty_entries":
+        body["carried"] = [{"name": f"e{i}", "shape": [0], "dtype": "float32"} for i in range(rng.choice([1000, 100000]))]
+    elif kind == "entry_field" and tensors:
+        entry = rng.choice(tensors)
+        entry[rng.choice(["name", "shape", "dtype", "init"])] = copy.deepcopy(rng.choice(JUNK))
+    elif kind == "delete":
+        body.pop(rng.choice(sorted(body)), None)
+    elif kind == "scale_meta":
+        body[rng.choice(["sigma", "alpha", "density"])] = rng.choice([0, -1, 1e308, 2.0, 1e-12])
+    return kind
+
+
+def _prod(shape) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+def _deep(depth: int):
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def mutate(original: bytes, rng: random.Random) -> tuple[bytes, str]:
+    kind = rng.choice(["flip", "flip", "truncate", "header", "header", "header"])
+    if kind == "flip":
+        data = bytearray(original)
+        for _ in range(rng.choice([1, 1, 2, 8])):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        return bytes(data), "flip"
+    if kind == "truncate":
+        return original[:rng.randrange(len(original))], "truncate"
+    header, rest = _split(original)
+    meta = header["__metadata__"]
+    body = _read_meta(meta)
+    edit = _edit_body(body, rng)
+    forged = rng.random() < 0.5  # recompute the digests as a forger would
+    version = meta.get("format_version")
+    try:
+        header["__metadata__"] = _write_meta(meta, body, forged, None)
+    except (TypeError, ValueError, RecursionError):
+        return original[:-1], "truncate"  # an edit JSON cannot express
+    return _join(header, rest), f"header:{edit}:{'forged' if forged else 'plain'}:v{version}"
+
+
+# ------------------------------------------------------------------------------ fuzz runner
+class Worker:
+    def __init__(self, mem_bytes: int):
+        self.mem = mem_bytes
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(self.mem)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def run(self, path: Path, ref: Path, timeout: float) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self.proc.stdin.write(json.dumps([str(path), str(ref)]) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.stop()
+            return "timeout"
+        line = self.proc.stdout.readline().strip()
+        if not line:  # died: killed for memory by the cap, or crashed
+            code = self.proc.wait()
+            self.proc = None
+            return "memory" if code in (-signal.SIGKILL, -signal.SIGSEGV, -signal.SIGABRT) else f"died:{code}"
+        return line
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def fuzz(n: int, seed: int, work: Path, mem_gb: float, timeout: float) -> dict:
+    from lorahub_compeft import load_expert
+    v1 = ZOO / "experts" / "bool_value.safetensors"
+    v2 = work / "v2.safetensors"
+    load_expert(v1).save(v2, force=True)
+    refs = [v1, v2]
+    rng = random.Random(seed)
+    worker = Worker(int(mem_gb * 2 ** 30))
+    outcomes, by_kind = Counter(), Counter()
+    start = time.time()
+    worker.start()
+    # the first request also decodes the reference: give it time
+    try:
+        for i in range(n):
+            ref = refs[i % 2]
+            data, kind = mutate(ref.read_bytes(), rng)
+            path = work / f"m{i % 4}.safetensors"
+            path.write_bytes(data)
+            out = worker.run(path, ref, timeout if i >= 2 else 120)
+            outcomes[out] += 1
+            origin = f"v{1 if ref == v1 else 2} {'forged' if 'forged' in kind else 'damage'}"
+            by_kind[(out, origin)] += 1
+    finally:
+        worker.stop()
+    return {"files": n, "outcomes": dict(outcomes), "seconds": round(time.time() - start),
+            "by_origin": {f"{o} ({k})": c for (o, k), c in sorted(by_kind.items())}}
+
+
+# ------------------------------------------------------------------------------ kill -9
+def _library_state(root: Path) -> tuple[int, int, int, bool]:
+    """(listed, stray files, temp files, every listed expert decodes), read-only."""
+    from lorahub_compeft import ExpertLibrary
+    lib = ExpertLibrary(root, read_only=True)
+    try:
+        for name in lib.names():
+            lib.get(name).state_dict()
+        intact = True
+    except Exception:
+        intact = False
+    return len(lib), len(lib.stray_files()), len(lib.temp_files()), intact
+
+
+def kills(n: int, seed: int, work: Path) -> dict:
+    sources = [str(p) for p in sorted(p for p in (ZOO / "dense").iterdir() if p.is_dir())[:4]]
+    rng = random.Random(seed)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "lorahub_compeft.cli", "library", "add"]
+    start = time.time()  # one uninterrupted run sets the window the kills fall in
+    subprocess.run(command + [str(work / "calibrate")] + sources, cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    window = time.time() - start
+    stats = Counter(trials=0, killed=0, index_invalid=0, listed_damaged=0, temp_left=0,
+                    stray_left=0, rerun_finished=0)
+    for trial in range(n):
+        root = work / f"lib{trial}"
+        proc = subprocess.Popen(command + [str(root)] + sources, cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, window))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            stats["killed"] += 1
+        proc.wait()
+        stats["trials"] += 1
+        if (root / "index.json").exists():
+            try:
+                json.loads((root / "index.json").read_text())["experts"].items()
+            except (ValueError, KeyError, AttributeError):
+                stats["index_invalid"] += 1
+        if root.is_dir():
+            listed, stray, temp, intact = _library_state(root)
+            stats["listed_damaged"] += not intact
+            stats["stray_left"] += stray > 0
+            stats["temp_left"] += temp > 0
+        rerun = subprocess.run(command + [str(root)] + sources, cwd=ROOT, env=env, capture_output=True)
+        listed, stray, temp, intact = _library_state(root)
+        stats["rerun_finished"] += (rerun.returncode == 0 and listed == len(sources) and intact
+                                    and not stray and not temp)
+        shutil.rmtree(root, ignore_errors=True)
+    return dict(stats, window_s=round(window, 1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small campaign, for CI")
+    parser.add_argument("--files", type=int, help="mutated files (default 2000; quick 40)")
+    parser.add_argument("--kills", type=int, help="kill -9 trials (default 30; quick 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mem-gb", type=float, default=4.0, help="address-space cap per worker")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per file")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    files = args.files if args.files is not None else (40 if args.quick else 2000)
+    n_kills = args.kills if args.kills is not None else (1 if args.quick else 30)
+    with tempfile.TemporaryDirectory(prefix="fault-campaign-") as tmp:
+        work = Path(tmp)
+        figures = {"fuzz": fuzz(files, args.seed, work, args.mem_gb, args.timeout),
+                   "kill": kills(n_kills, args.seed, work)}
+    print(json.dumps(figures, indent=1, sort_keys=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+    fz, kl = figures["fuzz"]["outcomes"], figures["kill"]
+    bad = {k: v for k, v in fz.items() if k.startswith(("escaped", "died", "timeout", "memory", "nonfinite"))}
+    # v1 files carry no header digest: undetected header damage there is reported, not failed
+    bad.update({k: v for k, v in figures["fuzz"]["by_origin"].items() if k == "different (v2 damage)"})
+    bad.update({k: kl.get(k, 0) for k in ("index_invalid", "listed_damaged") if kl.get(k)})
+    if kl.get("rerun_finished", 0) != kl.get("trials", 0):
+        bad["rerun_not_finished"] = kl.get("trials", 0) - kl.get("rerun_finished", 0)
+    print("FAILURES: " + json.dumps(bad) if bad else "no failure", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

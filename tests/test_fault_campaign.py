@@ -1,0 +1,22 @@
+"""The fault campaign's quick mode: a few dozen mutated files and one kill -9 of `library add`
+end in a refusal, the original weights, or a forger's (finite) weights, and the rerun
+finishes the job. The full campaign's figures are in README ("Guarantees")."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_campaign.py"
+
+
+def test_quick_campaign_finds_no_failure(tmp_path):
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--files", "30", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    outcomes = figures["fuzz"]["outcomes"]
+    assert sum(outcomes.values()) == 30 and outcomes.get("refused", 0) > 0
+    assert set(outcomes) <= {"refused", "identical", "different"}
+    kill = figures["kill"]
+    assert kill["trials"] == 1 and kill["rerun_finished"] == 1 and kill["listed_damaged"] == 0

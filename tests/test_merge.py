@@ -1,0 +1,108 @@
+"""Merging experts on each module's ΔW: task arithmetic and TIES, dense and compressed."""
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSeq2SeqLM
+
+import support
+from lorahub_compeft import compress, load_adapter
+from lorahub_compeft.merge import merge, merge_deltas, ties_merge
+
+
+@pytest.fixture(scope="module")
+def second_lora(tiny_t5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora2") / "expert-blue"
+    return support.train_expert(tiny_t5, out, support.constant_task("blue"), steps=30, seed=1)
+
+
+def _deltas(adapter):
+    scale = adapter.config["lora_alpha"] / adapter.config["r"]
+    return {k: scale * adapter.tensors[k.replace("lora_A", "lora_B")].double()
+            @ adapter.tensors[k].double() for k in adapter.tensors if "lora_A" in k}
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_merge_of_one_expert_with_weight_one_is_that_expert(lora_dir, method):
+    result = merge([lora_dir], method=method, weights=[1.0], density=1.0)
+    want, got = _deltas(load_adapter(lora_dir)), _deltas(result.adapter)
+    assert result.energy_kept == pytest.approx(1.0)
+    for key in want:
+        assert torch.allclose(got[key], want[key], atol=1e-6), key
+
+
+def test_ties_sign_election_on_a_hand_made_case():
+    d1 = torch.tensor([[3.0, -1.0], [2.0, 0.5]])
+    d2 = torch.tensor([[-1.0, -2.0], [-4.0, 0.0]])
+    d3 = torch.tensor([[-1.0, 4.0], [1.0, 0.0]])
+    merged = ties_merge([d1, d2, d3], [1.0, 1.0, 1.0], density=1.0)
+    # entry (0,0): sum 1 > 0 elects +, only d1 agrees -> 3; (0,1): sum 1 -> +, only d3 -> 4;
+    # (1,0): sum -1 -> -, only d2 -> -4; (1,1): only d1 is non-zero -> 0.5
+    assert torch.equal(merged, torch.tensor([[3.0, 4.0], [-4.0, 0.5]]))
+    # trimming to 1 of 4 entries per expert leaves 3, -2 (wait: |-4| is d2's largest) and 4
+    trimmed = ties_merge([d1, d2, d3], [1.0, 1.0, 1.0], density=0.25)
+    assert torch.equal(trimmed, torch.tensor([[3.0, 4.0], [-4.0, 0.0]]))
+    # weights scale after the election: halving d1 halves its entry only
+    assert ties_merge([d1, d2, d3], [0.5, 1.0, 1.0], density=1.0)[0, 0] == 1.5
+
+
+def test_task_arithmetic_is_the_weighted_sum_of_products(lora_dir, second_lora):
+    merged, _, weights = merge_deltas([lora_dir, second_lora], "task_arithmetic", [0.7, -0.4])
+    assert weights == [0.7, -0.4]
+    assert merge_deltas([lora_dir, second_lora])[2] == [0.5, 0.5]  # default: the mean
+    one, two = _deltas(load_adapter(lora_dir)), _deltas(load_adapter(second_lora))
+    for (a_name, _), delta in merged.items():
+        assert torch.allclose(delta, 0.7 * one[a_name] - 0.4 * two[a_name])
+
+
+@pytest.mark.parametrize("method,peft_type", [("task_arithmetic", "svd"), ("ties", "ties_svd")])
+def test_matches_peft_add_weighted_adapter(tiny_t5, lora_dir, second_lora, method, peft_type):
+    weights, density = [0.6, 0.9], 0.3
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5), lora_dir,
+                                      adapter_name="one")
+    model.load_adapter(second_lora, adapter_name="two")
+    model.add_weighted_adapter(["one", "two"], weights, "merged", combination_type=peft_type,
+                               svd_rank=32, density=density)  # full rank: no truncation
+    ours = _deltas(merge([lora_dir, second_lora], method, weights, density, rank=32).adapter)
+    assert ours
+    for key, delta in ours.items():
+        module = model.base_model.model.get_submodule(key.removeprefix("base_model.model.")
+                                                      .removesuffix(".lora_A.weight"))
+        theirs = module.get_delta_weight("merged").double()
+        # PEFT trims in float32, we in float64: entries tied at the trim threshold up to
+        # rounding may fall either way (2 of 1024 entries in one module here); all else agrees.
+        differ = (delta - theirs).abs() > 1e-5
+        assert int(differ.sum()) <= (2 if method == "ties" else 0), key
+        assert torch.allclose(delta[~differ], theirs[~differ], atol=1e-5)
+
+
+def test_compressed_experts_merge_like_their_decoded_adapters(lora_dir, second_lora):
+    experts = [compress(lora_dir, density=0.3, alpha=2), compress(second_lora, codec="ere")]
+    via_experts = merge(experts, "ties").adapter
+    via_adapters = merge([e.to_adapter() for e in experts], "ties").adapter
+    assert all(torch.equal(via_experts.tensors[k], via_adapters.tensors[k])
+               for k in via_experts.tensors)
+
+
+def test_bad_merge_input_is_a_clear_error(lora_dir, ia3_dir, lora_head_dir):
+    with pytest.raises(ValueError, match="unknown merge method"):
+        merge([lora_dir], method="dare")
+    with pytest.raises(ValueError, match="one weight per expert"):
+        merge([lora_dir], weights=[1, 2])
+    with pytest.raises(ValueError, match="only plain LoRA"):
+        merge([lora_dir, ia3_dir])
+    with pytest.raises(ValueError, match="non-LoRA tensors"):
+        merge([lora_head_dir])
+    with pytest.raises(ValueError, match="no experts"):
+        merge([])
+
+
+def test_cli_merge_writes_a_peft_adapter(tiny_t5, lora_dir, second_lora, tmp_path, capsys):
+    from lorahub_compeft.cli import main
+    out = tmp_path / "merged"
+    assert main(["merge", str(lora_dir), str(second_lora), "-o", str(out), "--method", "ties",
+                 "--weights", "1,1", "--density", "0.5"]) == 0
+    assert "ties" in capsys.readouterr().out
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5), out)
+    assert model.peft_config["default"].r == 8
+    assert main(["merge", str(lora_dir), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
