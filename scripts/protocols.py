@@ -32,8 +32,29 @@ from pathlib import Path
 from lorahub_compeft.codec import DEFAULT_COMPRESSION
 from lorahub_compeft.compose import DEFAULT_N, compose
 from lorahub_compeft.expert import compress
-from lorahub_compeft.zoo.demo import DEMO_EVAL_SEED, SHOT_SEED, Zoo, exact_match
+from lorahub_compeft.library import ExpertLibrary
+from lorahub_compeft.sources import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
+from lorahub_compeft.zoo.artifacts import Zoo as ShippedZoo
 from lorahub_compeft.zoo.tasks import generate, task_names
+
+
+class Zoo:
+    """The shipped zoo as this script uses it: base model, tokenizer, expert names, dense dirs."""
+    def __init__(self):
+        shipped = ShippedZoo.load()
+        self.root, self.model, self.tokenizer = shipped.root, shipped.base.model, shipped.base.tokenizer
+        self.library = ExpertLibrary(self.root / "experts", create=False)
+
+    @classmethod
+    def load(cls) -> "Zoo":
+        return cls()
+
+    def dense_dir(self, name: str) -> Path:
+        return self.root / "dense" / name
+
+
+def exact_match(predictions: list[str], targets: list[str]) -> float:
+    return 100 * statistics.fmean(p == t for p, t in zip(predictions, targets))
 
 VALIDATION_EVAL_SEED = 6_000  # apart from training (1000s), eval (2000s), calibration (3000s),
 #                               shots (4000s) and the demo's evaluation examples (5000)
