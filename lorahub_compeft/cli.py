@@ -77,13 +77,42 @@ def _apply_threads(args) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def _add_compression_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--density", "-k", type=float, default=0.1,
-                   help="fraction of task-vector entries kept, in (0, 1] (default 0.1)")
-    p.add_argument("--alpha", type=float, default=1.0,
-                   help="kept entries become sign * alpha * std(tau) (default 1)")
-    p.add_argument("--per-tensor", action="store_true",
-                   help="select the top-k and scale within each tensor, not over the whole adapter")
+def parse_alpha(text: str):
+    """'auto' or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a positive number or 'auto', got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"alpha must be positive, got {text}")
+    return value
+
+
+def add_selection_scope(p: argparse.ArgumentParser) -> None:
+    """--per-tensor (the default) or --global top-k selection and scale."""
+    from .codec import DEFAULT_COMPRESSION
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--per-tensor", dest="per_tensor", action="store_true",
+                       default=DEFAULT_COMPRESSION["per_tensor"],
+                       help="top-k and scale within each tensor (default)")
+    scope.add_argument("--global", dest="per_tensor", action="store_false",
+                       help="top-k and one scale over the whole adapter (the paper's code)")
+
+
+def _add_compression_options(p: argparse.ArgumentParser, encoding: bool = True) -> None:
+    from .codec import DEFAULT_COMPRESSION as d, PAPER_COMPRESSION as paper
+    p.add_argument("--density", "-k", type=float, default=d["density"],
+                   help=f"fraction of task-vector entries kept, in (0, 1] (default {d['density']}, "
+                        f"chosen on the zoo's validation seeds; the paper's: {paper['density']})")
+    p.add_argument("--alpha", type=parse_alpha, default=d["alpha"],
+                   help="kept entries become sign * alpha * std(tau); 'auto' (default) picks the "
+                        "alpha whose LoRA products B·A are closest to the original's; the paper's: "
+                        f"{paper['alpha']:g}")
+    add_selection_scope(p)
+    if not encoding:
+        return
     p.add_argument("--encoding", choices=("golomb", "bitmask"), default="golomb",
                    help="golomb: near the entropy bound (default); bitmask: two bit masks")
     p.add_argument("--codec", choices=("compeft", "ere"), default="compeft",
@@ -484,10 +513,13 @@ def _add_compose_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16,
                    help="answer length for --eval (default 16)")
     p.add_argument("--model", help="base model name or path (default: the experts' base model)")
-    p.add_argument("-n", "--n-experts", type=int, default=20, help="experts to sample (default 20)")
+    add_select_options(p)
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
     p.add_argument("--seed", type=int, default=1, help="seed of the expert sample and the "
                                                          "optimizer (default 1)")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="searches from different starts; the lowest few-shot loss is kept "
+                        "(default 1)")
     p.add_argument("--optimizer", default=None, help="any nevergrad optimizer (default Shiwa)")
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="lorahub: the released code's loss scaling and NGOpt")
@@ -503,6 +535,17 @@ def _add_compose_parser(sub) -> None:
                    help="candidates scored per forward (default 1; more helps on GPUs)")
     _add_threads_option(p)
     p.set_defaults(func=cmd_compose)
+
+
+def add_select_options(p: argparse.ArgumentParser) -> None:
+    from .compose import DEFAULT_N
+    p.add_argument("--select", choices=("loss", "random"), default="loss",
+                   help="how N experts are chosen when more are given: loss (default) scores "
+                        "each alone on the examples and keeps the N lowest; random is "
+                        "LoraHub's seeded draw (the paper's protocol, with -n 20)")
+    p.add_argument("-n", "--n-experts", type=int, default=None,
+                   help=f"experts to compose (default {DEFAULT_N['loss']} with --select loss, "
+                        f"{DEFAULT_N['random']} with --select random)")
 
 
 def _add_merge_parser(sub) -> None:
@@ -572,11 +615,15 @@ def cmd_compose(args) -> int:
     experts = ExpertLibrary(args.library, read_only=True) if args.library else listed
     options = {"optimizer": args.optimizer} if args.optimizer else {}
     result = compose(experts, read_jsonl(args.examples), model=args.model,
-                     n_experts=args.n_experts, seed=args.seed, budget=args.budget,
-                     objective=args.objective, dtype=args.dtype,
-                     candidates_per_step=args.candidates_per_step, progress=not args.quiet,
-                     **options)
+                     n_experts=args.n_experts, select=args.select, restarts=args.restarts,
+                     seed=args.seed, budget=args.budget, objective=args.objective,
+                     dtype=args.dtype, candidates_per_step=args.candidates_per_step,
+                     progress=not args.quiet, **options)
     result.save_adapter(out, force=args.force)
+    scores = result.selection.scores
+    if scores:
+        print(f"chose {len(result.experts)} of {len(result.selection.scores)} scored experts by "
+              f"few-shot loss (lowest {min(scores.values()):.4f})")
     print(f"best loss {result.best_loss:.4f} (no composition: {result.zero_loss:.4f})")
     for name, w in sorted(result.weights.items(), key=lambda kv: -abs(kv[1])):
         print(f"  {w:+.3f}  {name}")

@@ -5,6 +5,7 @@ top-k fraction of entries by |tau|, keep their signs, and give every kept entry 
 magnitude alpha * std(tau). Selection is over the whole adapter by default, as the paper's code
 does, or per tensor with one scale per tensor. `magnitude="stc"` uses the mean kept |tau|
 instead (Sparse Ternary Compression, an ablation); `prune` keeps the original values.
+`alpha="auto"` picks alpha from the adapter itself, no data (see `auto_alpha`).
 
 Everything here is tensor math; files live in expert.py, bits in coding.py.
 """
@@ -18,9 +19,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+AUTO = "auto"
 log = logging.getLogger(__name__)
 SCALE_DTYPE = torch.float32  # holds fp16/bf16/fp32 scales exactly
 PAPER_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
+# The command line's defaults (README "Defaults"): per-tensor top-k, alpha from the expert, and
+# the density chosen on the zoo's validation seeds; and the paper's settings, one flag each away.
+DEFAULT_COMPRESSION = {"density": 0.1, "alpha": "auto", "per_tensor": True}
+PAPER_COMPRESSION = {"density": 0.1, "alpha": 1.0, "per_tensor": False}
 PAPER_ALPHAS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10)
 
 
@@ -42,6 +48,7 @@ class TernaryVector:
     signs: np.ndarray
     scales: torch.Tensor
     sigma: float
+    alpha: float = 1.0  # the alpha the scales were made with (the chosen one for "auto")
 
     @property
     def numel(self) -> int:
@@ -78,12 +85,14 @@ class TernaryVector:
                 for i, (name, shape, dtype) in enumerate(zip(self.names, self.shapes, self.dtypes))}
 
 
-def _check_arguments(density: float, alpha: float) -> None:
+def _check_arguments(density: float, alpha: float | str) -> None:
     if not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise CompressionError(f"density must be in (0, 1], got {density!r}; "
                                "e.g. 0.1 keeps the 10% largest entries")
+    if alpha == AUTO:
+        return
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
-        raise CompressionError(f"alpha must be a positive number, got {alpha!r}")
+        raise CompressionError(f"alpha must be a positive number or 'auto', got {alpha!r}")
 
 
 def check_task_vector(tensors: dict[str, torch.Tensor]) -> None:
@@ -113,13 +122,19 @@ def _topk_flat(flat_abs: torch.Tensor, density: float) -> torch.Tensor:
     return torch.topk(flat_abs, keep, sorted=False).indices
 
 
-def sparsify(tensors: dict[str, torch.Tensor], density: float, alpha: float = 1.0,
+def sparsify(tensors: dict[str, torch.Tensor], density: float, alpha: float | str = 1.0,
              per_tensor: bool = False, magnitude: str = "compeft") -> TernaryVector:
-    """ComPEFT-compress a task vector given as {name: tau}. `magnitude` is compeft or stc."""
+    """ComPEFT-compress a task vector given as {name: tau}. `magnitude` is compeft or stc;
+    alpha="auto" chooses alpha by `auto_alpha` (the chosen value is in the result's .alpha)."""
     _check_arguments(density, alpha)
     check_task_vector(tensors)
     if magnitude not in ("compeft", "stc"):
         raise CompressionError(f"magnitude must be 'compeft' or 'stc', got {magnitude!r}")
+    if alpha == AUTO:
+        if magnitude != "compeft":
+            raise CompressionError("alpha='auto' scales ComPEFT's magnitude; use magnitude='compeft'")
+        base = sparsify(tensors, density, 1.0, per_tensor)
+        return sparsify_rescaled(base, tensors, auto_alpha(tensors, base), per_tensor)
     names = list(tensors)
     flats = [tensors[n].detach().reshape(-1).float() for n in names]
     sizes = [f.numel() for f in flats]
@@ -154,7 +169,55 @@ def sparsify(tensors: dict[str, torch.Tensor], density: float, alpha: float = 1.
     return TernaryVector(names=names, shapes=[tuple(tensors[n].shape) for n in names],
                          dtypes=dtypes, positions=index.numpy().astype(np.int64),
                          signs=signs.numpy(), scales=_rounded_scales(raw_scales, dtypes, per_tensor),
-                         sigma=sigma)
+                         sigma=sigma, alpha=float(alpha) if magnitude == "compeft" else 1.0)
+
+
+def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """(A name, B name) of every LoRA module in `names` (lora_A/lora_B, lora_embedding_A/_B)."""
+    present = set(names)
+    pairs = []
+    for name in names:
+        for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
+            if f".{a}." in f".{name}." and name.replace(a, b) in present:
+                pairs.append((name, name.replace(a, b)))
+    return pairs
+
+
+def auto_alpha(tensors: dict[str, torch.Tensor], base: TernaryVector) -> float:
+    """The alpha that makes the compressed adapter closest to the original, from the adapter
+    alone (no data), given the selection and signs of `base` (made with alpha = 1).
+
+    A LoRA module adds B·A to its weight. Compressed with alpha, A-hat = alpha·a·S_A and
+    B-hat = alpha·b·S_B (S: the ternary signs, a, b: the alpha=1 scales, shared or per
+    tensor), so B-hat·A-hat = alpha²·Q with Q = a·b·S_B·S_A. Over all modules,
+    sum_m ||P_m - alpha²·Q_m||²_F (P = B·A) is least at
+        alpha² = sum_m <P_m, Q_m> / sum_m ||Q_m||²_F.
+    Adapters without LoRA pairs ((IA)³ vectors) add tau itself, linear in alpha:
+        alpha = <tau, T> / ||T||²  with T = the alpha=1 ternary vector.
+    Falls back to 1 if the fit is not positive (signs that disagree with the products)."""
+    dense = base.to_tensors()
+    pairs = lora_pairs(base.names)
+    num = den = 0.0
+    if pairs:
+        for a_name, b_name in pairs:
+            p = _product(tensors[b_name].double(), tensors[a_name].double(), b_name)
+            q = _product(dense[b_name].double(), dense[a_name].double(), b_name)
+            num += float((p * q).sum())
+            den += float((q * q).sum())
+        fit = math.sqrt(num / den) if num > 0 and den > 0 else 1.0
+    else:
+        for name in base.names:
+            t, q = tensors[name].double(), dense[name].double()
+            num += float((t * q).sum())
+            den += float((q * q).sum())
+        fit = num / den if num > 0 and den > 0 else 1.0
+    return fit
+
+
+def _product(b: torch.Tensor, a: torch.Tensor, b_name: str) -> torch.Tensor:
+    """What a LoRA module adds, up to its constant scaling: B·A (embedding LoRA stores A as
+    [r, num_embeddings] and B as [dim, r], so the same product)."""
+    return b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
 
 
 def _rounded_scales(values: list[float], dtypes: list[torch.dtype], per_tensor: bool) -> torch.Tensor:
@@ -221,4 +284,4 @@ def sparsify_rescaled(base: TernaryVector, tensors: dict[str, torch.Tensor], alp
     stds = [_std(tensors[n]) for n in base.names] if per_tensor else [base.sigma]
     scales = _rounded_scales([alpha * s for s in stds], base.dtypes, per_tensor)
     return TernaryVector(base.names, base.shapes, base.dtypes, base.positions, base.signs,
-                         scales, base.sigma)
+                         scales, base.sigma, float(alpha))

@@ -1,8 +1,10 @@
 """The LoraHub composer: learn a weighted mix of N LoRA experts from a few examples.
 
-    experts ──► choose N (expert_sources.py) ──► decode each once into a stack (stacks.py)
+    experts ──► choose N (expert_sources.py: LoraHub's random draw; selection.py: by
+                few-shot loss) ──► decode each once into a stack (stacks.py)
     each step:  w (search.py, nevergrad) ──► flat ← mix(w), in place ──► few-shot loss
                 (objective.py) + regularizer ──► back to the optimizer
+    (restarts: R searches from different starts, the lowest few-shot loss kept; w = 0 counts)
     ──► CompositionResult (result.py): the best w, the composed model, the adapter to save
 
 `compose()` is the one public entry; the modules named above hold one step each.
@@ -23,14 +25,22 @@ import numpy as np
 import torch
 
 from .base_models import looks_like_path
+from .expert_sources import (ExpertSource, base_model_of, candidate_sources, choose_sources,
+                             validate_experts)
 from .forward import Scorer, resolve_dtype
-from .objective import OBJECTIVES, default_max_length, tokenize_examples, validate_examples
+from .objective import (OBJECTIVES, default_max_length, few_shot_loss, task_loss,
+                        tokenize_examples, validate_examples)
 from .result import CompositionResult
-from .search import optimizer_class, search
-from .expert_sources import ExpertSource, base_model_of, choose_sources, validate_experts
+from .search import optimizer_class, restart_start, search
+from .selection import SELECTIONS, Selection, first_order, select_by_loss
 from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
 
 log = logging.getLogger(__name__)
+
+# N when experts are chosen by loss (chosen on the zoo's validation seeds, README "Choosing
+# experts"), and LoraHub's N for its random draw.
+DEFAULT_N = {"loss": 3, "random": 20}
+
 
 # --- the base model ------------------------------------------------------------------------------
 def _load_base(model, tokenizer, sources: list[ExpertSource], dtype):
@@ -72,7 +82,8 @@ def _peft_model(base, config: dict, device):
 
 # --- compose -----------------------------------------------------------------------------------
 def compose(experts, examples, model=None, *, names: list[str] | None = None, tokenizer=None,
-            n_experts: int = 20, seed: int = 1, budget: int = 40, optimizer: str | None = None,
+            n_experts: int | None = None, select: str | None = None, restarts: int = 1,
+            seed: int = 1, budget: int = 40, optimizer: str | None = None,
             objective: str = "paper", loss_fn: Callable | None = None,
             regularizer: Callable | None = None, l1: float = 0.05, bounds: float = 1.5,
             batch_size: int | None = None, max_length: int | None = None, device=None,
@@ -80,10 +91,16 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
             ) -> CompositionResult:
     """Learn weights w for N LoRA experts so that the mix fits `examples` (LoraHub).
 
-    experts: an ExpertLibrary (n_experts names sampled with seed, or the given `names`), or a
-      list of CompressedExperts, expert files (.safetensors), PEFT dirs, Hub ids or Adapters;
-      a longer list than n_experts is sampled with random.Random(seed). Only the chosen experts
-      are decoded, once each.
+    experts: an ExpertLibrary (all its experts, or the given `names`), or a list of
+      CompressedExperts, expert files (.safetensors), PEFT dirs, Hub ids or Adapters.
+    select: how N = n_experts of them are chosen when more are given. "loss" (the default):
+      each candidate alone (w = 1, the rest 0) is scored with the search's objective and the N
+      lowest are kept, ties by name (large libraries: a first-order estimate ranks all, the
+      best 3/4 budget are scored exactly; see selection.py); result.selection records the scores.
+      "random": LoraHub's draw (a library's sample(n, seed); a list's random.Random(seed)).
+      n_experts defaults to DEFAULT_N[select]. Only the chosen experts are put in the stack.
+    restarts: R searches over the same experts, the first from w = 0, the others from seeded
+      random starts; the one with the lowest few-shot loss is kept (w = 0 itself included).
     examples: [{"input": str, "target": str}, ...].
     model: a transformers model (copied, then wrapped), a name/path, or None for the experts'
       base_model_name_or_path. Pass tokenizer= with a model object (else it is loaded by name).
@@ -109,6 +126,10 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
     examples = validate_examples(examples)
+    if select not in (None, *SELECTIONS):
+        raise ValueError(f"unknown select {select!r}; use one of {SELECTIONS}")
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be a positive number of searches, got {restarts!r}")
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
     if batch_size is not None and batch_size < 1:
@@ -122,55 +143,92 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
         raise ValueError("loss_fn scores one model at a time; use candidates_per_step=1 with it")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
-    sources = choose_sources(experts, names, n_experts, seed)
+    from .library import ExpertLibrary
+    select = select or "loss"
+    n_experts = DEFAULT_N[select] if n_experts is None else n_experts
+    if not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be at least 1, got {n_experts!r}")
+    if select == "random":
+        candidates = choose_sources(experts, names, n_experts, seed)
+    else:
+        candidates = candidate_sources(experts, names)
+        if isinstance(experts, ExpertLibrary) and names is None and n_experts > len(candidates):
+            raise ValueError(f"cannot sample {n_experts} experts from a library of "
+                             f"{len(candidates)}; lower n_experts or add experts")
     named = model if isinstance(model, (str, os.PathLike)) or model is None else \
         getattr(model, "name_or_path", None)
-    validate_experts(sources, str(named) if named else None)
-    names = [s.name for s in sources]
+    validate_experts(candidates, str(named) if named else None)
 
     # 2. model, experts, examples
     setup_start = time.perf_counter()
-    base, tokenizer = _load_base(model, tokenizer, sources, dtype)
-    peft_model = _peft_model(base, sources[0].config, device)
+    base, tokenizer = _load_base(model, tokenizer, candidates, dtype)
+    peft_model = _peft_model(base, candidates[0].config, device)
     params = lora_params(peft_model)
     layout = layout_of(params)
-    stack, decode_s = build_stack(sources, layout, device)
     flat = bind_flat(params, layout, device)
     batches = tokenize_examples(examples, tokenizer, bool(peft_model.config.is_encoder_decoder),
                                 max_length or default_max_length(tokenizer, peft_model),
                                 batch_size or len(examples), device)
+
+    def regularize(w: np.ndarray) -> float:
+        return float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))
+
+    # 3. which experts (the model is needed to score them)
+    select_start = time.perf_counter()
+    if len(candidates) > n_experts and select == "loss":
+        def score(i: int) -> float:
+            alone = np.zeros(len(candidates))
+            alone[i] = 1.0
+            loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
+            return loss + regularize(alone)
+        estimate = None if loss_fn is not None else first_order(
+            peft_model, lambda: task_loss(peft_model, batches, len(examples), objective),
+            layout, flat)
+        selection = select_by_loss(candidates, n_experts, score, flat, layout, budget, estimate)
+    else:
+        selection = Selection(select if select == "random" else "all",
+                              [s.name for s in candidates])
+    selection.seconds = time.perf_counter() - select_start
+    sources = [s for s in candidates if s.name in set(selection.chosen)]
+    names = [s.name for s in sources]
+    stack, decode_s = build_stack(sources, layout, device)
     scorer = Scorer(peft_model, stack, flat, batches, len(examples), objective, loss_fn,
                     candidates_per_step)
 
-    # 3. the search
+    # 4. the search
     def evaluate(ws: np.ndarray) -> list[float]:
-        reg = [float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))
-               for w in ws]
-        return [loss + r for loss, r in zip(scorer.score_candidates(ws), reg)]
+        return [loss + regularize(w) for loss, w in zip(scorer.score_candidates(ws), ws)]
 
     n = len(sources)
-    setup_s = time.perf_counter() - setup_start - decode_s
+    setup_s = time.perf_counter() - setup_start - decode_s - selection.seconds
     zero_loss = evaluate(np.zeros((1, n)))[0]
     scorer.reset_timings()  # the steps' totals only
     loop_start = time.perf_counter()
-    outcome = search(evaluate, n, budget, optimizer, bounds, seed, progress, candidates_per_step)
+    outcomes = [search(evaluate, n, budget, optimizer, bounds,
+                       seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0]),
+                       progress, candidates_per_step, start=restart_start(n, seed, r, bounds))
+                for r in range(restarts)]
     loop_s = time.perf_counter() - loop_start
-    best_loss = outcome.best_loss
+    outcome = min(outcomes, key=lambda o: o.best_loss)  # the first on ties
+    best_w, best_loss = outcome.best_w, outcome.best_loss
     if not math.isfinite(best_loss):
         warnings.warn("every step's loss was non-finite; returning the zero composition",
                       stacklevel=2)
-        best_loss = zero_loss
+    if not best_loss < zero_loss:  # w = 0 is a candidate: never worse than no composition
+        best_w, best_loss = np.zeros(n), zero_loss
 
     result = CompositionResult(
-        weights={name: float(x) for name, x in zip(names, outcome.best_w)}, losses=outcome.losses,
-        best_loss=best_loss, zero_loss=zero_loss, nonfinite_steps=outcome.nonfinite,
+        weights={name: float(x) for name, x in zip(names, best_w)},
+        losses=[x for o in outcomes for x in o.losses], best_loss=best_loss, zero_loss=zero_loss,
+        nonfinite_steps=sum(o.nonfinite for o in outcomes),
         timings={"decode": decode_s, "mix": scorer.timings["mix"],
                  "forward": scorer.timings["forward"],
                  "optimizer": loop_s - scorer.timings["mix"] - scorer.timings["forward"],
-                 "setup": setup_s, "steps": budget,
-                 "forwards": math.ceil(budget / candidates_per_step)},
+                 "setup": setup_s, "select": selection.seconds, "steps": budget * restarts,
+                 "forwards": restarts * math.ceil(budget / candidates_per_step)},
         experts=names, optimizer=optimizer, objective=objective, model=peft_model,
-        tokenizer=tokenizer, stack=stack, flat=flat, config=dict(sources[0].config))
+        tokenizer=tokenizer, stack=stack, flat=flat, config=dict(sources[0].config),
+        selection=selection, restart_losses=[o.best_loss for o in outcomes])
     result._apply_best()
     log.info("composed %d experts: best loss %.4f (no composition %.4f)", n, best_loss, zero_loss)
     return result

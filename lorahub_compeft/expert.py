@@ -256,7 +256,7 @@ def _nbytes(value: np.ndarray | torch.Tensor) -> int:
     return value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
 
 
-def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: float = 1.0,
+def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: float | str = 1.0,
              per_tensor: bool = False, encoding: str = "golomb", name: str | None = None,
              revision: str | None = None, codec: str = "compeft", budget_bits: float = 1.0,
              quant_bits: int = ere.DEFAULT_QUANT_BITS) -> CompressedExpert:
@@ -286,7 +286,7 @@ def compress(source: str | os.PathLike | Adapter, density: float = 0.1, alpha: f
         ternary = sparsify(tau, density, alpha, per_tensor)
         payload, coding_params = _encode_payload(ternary, encoding, {})
         fields = {"encoding": encoding, "selection": "per_tensor" if per_tensor else "global",
-                  "density": density, "alpha": alpha, "sigma": ternary.sigma,
+                  "density": density, "alpha": ternary.alpha, "sigma": ternary.sigma,
                   "numel": ternary.numel, "coding": coding_params}
     payload.update({f"full.{k}": v for k, v in carried.items()})
     dense = adapter.tensors.values()

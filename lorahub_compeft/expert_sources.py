@@ -49,22 +49,23 @@ def base_model_of(source: ExpertSource) -> str:
     return name
 
 
-def _ternary_once(expert: CompressedExpert) -> Callable[[], TernaryVector]:
-    """Decode for the stack without leaving the decoded arrays cached in the expert (a
-    library's cache), so that the stack holds the only copy."""
+def _once(expert: CompressedExpert, decode: Callable):
+    """Decode for the stack (or for scoring) without leaving the decoded arrays cached in the
+    expert (a library's cache), so that the caller holds the only copy."""
     def load():
         cached = expert.is_decoded
-        ternary = expert.ternary()
+        value = decode()
         if not cached and expert.path is not None:
             expert.release()
-        return ternary
+        return value
     return load
 
 
 def _compressed_source(expert: CompressedExpert) -> ExpertSource:
     # Only ComPEFT experts have a sparse form; ERE experts decode to dense LoRA factors.
-    ternary = _ternary_once(expert) if expert.codec == "compeft" else None
-    return ExpertSource(expert.name, expert.config, expert.state_dict, ternary, expert.path)
+    ternary = _once(expert, expert.ternary) if expert.codec == "compeft" else None
+    return ExpertSource(expert.name, expert.config, _once(expert, expert.state_dict), ternary,
+                        expert.path)
 
 
 def to_source(item, index: int) -> ExpertSource:
@@ -91,6 +92,30 @@ def to_source(item, index: int) -> ExpertSource:
                      "files, PEFT dirs, Hub ids or Adapters")
 
 
+def candidate_sources(experts, names) -> list[ExpertSource]:
+    """Every expert composition may choose from: a library's (or the given `names` of it), or
+    every item of a list (names made unique)."""
+    from .library import ExpertLibrary
+    if isinstance(experts, ExpertLibrary):
+        return [to_source(experts.get(n), i) for i, n in enumerate(names or experts.names())]
+    if names is not None:
+        raise ValueError("names= picks experts from an ExpertLibrary; pass the experts themselves "
+                         "otherwise")
+    items = list(experts)
+    if not items:
+        raise ValueError("no experts to compose")
+    return _unique([to_source(item, i) for i, item in enumerate(items)])
+
+
+def _unique(sources: list[ExpertSource]) -> list[ExpertSource]:
+    seen: dict[str, int] = {}
+    for s in sources:  # weights are keyed by name: make names unique
+        seen[s.name] = seen.get(s.name, 0) + 1
+        if seen[s.name] > 1:
+            s.name = f"{s.name}#{seen[s.name]}"
+    return sources
+
+
 def choose_sources(experts, names, n_experts: int, seed: int) -> list[ExpertSource]:
     """The experts to compose: from a library, the given `names` or n_experts sampled with the
     seed; from a list, all of them, or n_experts sampled with random.Random(seed) if longer."""
@@ -110,13 +135,7 @@ def choose_sources(experts, names, n_experts: int, seed: int) -> list[ExpertSour
     if len(items) > n_experts:
         keep = sorted(random.Random(seed).sample(range(len(items)), n_experts))
         items = [items[i] for i in keep]
-    sources = [to_source(item, i) for i, item in enumerate(items)]
-    seen: dict[str, int] = {}
-    for s in sources:  # weights are keyed by name: make names unique
-        seen[s.name] = seen.get(s.name, 0) + 1
-        if seen[s.name] > 1:
-            s.name = f"{s.name}#{seen[s.name]}"
-    return sources
+    return _unique([to_source(item, i) for i, item in enumerate(items)])
 
 
 def _normal(key: str, value):

@@ -345,6 +345,8 @@ class ExpertLibrary:
             wanted = {"hub_id": str(source), "revision": revision or "main"}
         settings = {"density": density, "alpha": alpha, "encoding": encoding,
                     "selection": "per_tensor" if per_tensor else "global"}
+        if alpha == "auto":  # stored as the number it chose, known only after compressing
+            del settings["alpha"]
         if codec != entry.get("codec", "compeft") or codec != "compeft":
             return None  # another codec, or ERE's budget: compress again
         if entry.get("source") == wanted and all(entry.get(k) == v for k, v in settings.items()):

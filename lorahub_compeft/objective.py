@@ -136,6 +136,19 @@ def candidate_losses(model, batches: list[dict[str, torch.Tensor]], n_examples: 
     return totals.tolist()
 
 
+def task_loss(model, batches: list[dict[str, torch.Tensor]], n_examples: int,
+              objective: str = "paper") -> torch.Tensor:
+    """The objective's task loss as a float64 tensor (differentiable when grad is enabled)."""
+    if objective == "lorahub":
+        total = torch.zeros((), dtype=torch.float64)
+        for b in batches:
+            s, n = token_losses(model, b)
+            total = total + s.double().cpu() / max(n, 1)
+        return total / n_examples
+    sums, counts = zip(*(token_losses(model, b) for b in batches))
+    return torch.stack([s.double().cpu() for s in sums]).sum() / max(sum(counts), 1)
+
+
 def few_shot_loss(model, batches: list[dict[str, torch.Tensor]], n_examples: int,
                   objective: str = "paper", loss_fn: Callable | None = None) -> float:
     """The objective's task loss of `model` on the tokenized examples (no regularizer).
@@ -143,11 +156,4 @@ def few_shot_loss(model, batches: list[dict[str, torch.Tensor]], n_examples: int
     with torch.no_grad():
         if loss_fn is not None:
             return sum(float(loss_fn(model, b)) * len(b["input_ids"]) for b in batches) / n_examples
-        if objective == "lorahub":
-            total = 0.0
-            for b in batches:
-                s, n = token_losses(model, b)
-                total += float(s) / max(n, 1)
-            return total / n_examples
-        sums, counts = zip(*(token_losses(model, b) for b in batches))
-        return float(sum(sums)) / max(sum(counts), 1)
+        return float(task_loss(model, batches, n_examples, objective))

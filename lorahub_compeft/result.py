@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,11 @@ import numpy as np
 import torch
 
 from .adapters import save_adapter as _save_adapter_dir
+from .files import atomic_write_text
+from .selection import Selection
 from .stacks import Stack
+
+COMPOSITION_NAME = "composition.json"  # beside the adapter: which experts, their scores, w
 
 
 @dataclass
@@ -21,7 +26,8 @@ class CompositionResult:
     losses: the objective at each step (non-finite ones as measured). timings, in seconds:
     decode (reading/decoding the chosen experts), setup (model load and LoRA injection), and
     over all steps: mix (w @ E into the LoRA buffer), forward (the loss), optimizer (nevergrad's
-    ask/tell and the rest of the loop); steps = the budget.
+    ask/tell and the rest of the loop); select (choosing the experts); steps = budget x restarts.
+    selection: how the experts were chosen and their scores; restart_losses: each restart's best.
     """
     weights: dict[str, float]
     losses: list[float]
@@ -37,6 +43,8 @@ class CompositionResult:
     stack: Stack | None = field(default=None, repr=False)
     flat: torch.Tensor | None = field(default=None, repr=False)
     config: dict = field(default_factory=dict, repr=False)
+    selection: Selection | None = None
+    restart_losses: list[float] = field(default_factory=list)
 
     def _apply_best(self) -> None:
         w = np.array([self.weights[n] for n in self.experts])
@@ -61,7 +69,16 @@ class CompositionResult:
         """A standard PEFT adapter dir (first expert's config) that PeftModel.from_pretrained loads."""
         config = {k: v for k, v in self.config.items() if k != "modules_to_save"}
         config["inference_mode"] = True
-        return _save_adapter_dir(directory, self.lora_tensors(), config, force=force)
+        target = _save_adapter_dir(directory, self.lora_tensors(), config, force=force)
+        atomic_write_text(target / COMPOSITION_NAME, json.dumps(self.summary(), indent=1) + "\n")
+        return target
+
+    def summary(self) -> dict:
+        """What composition chose and learnt, as JSON: experts, weights, losses, selection."""
+        return {"experts": self.experts, "weights": self.weights, "best_loss": self.best_loss,
+                "zero_loss": self.zero_loss, "restart_losses": self.restart_losses,
+                "objective": self.objective, "optimizer": self.optimizer,
+                "selection": self.selection.to_json() if self.selection else None}
 
     def merged_model(self):
         """A plain transformers model with the composed LoRA merged into its weights (a copy)."""

@@ -33,10 +33,22 @@ def optimizer_class(name: str):
     return cls
 
 
+def restart_start(n: int, seed: int, restart: int, bounds: float) -> np.ndarray:
+    """Where restart r starts: w = 0 for the first (LoraHub's start), then a point drawn
+    uniformly in [-bounds/3, bounds/3]^n from (seed, r). Different starts, not only different
+    optimizer seeds: nevergrad 1.0.12's Shiwa/NGOpt run COBYLA on LoraHub's problem sizes,
+    which is deterministic from its start, so a new seed alone repeats the same search."""
+    if restart == 0:
+        return np.zeros(n)
+    rng = np.random.default_rng([seed, restart])
+    return rng.uniform(-bounds / 3, bounds / 3, size=n)
+
+
 def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, optimizer: str,
-           bounds: float, seed: int, progress: bool = True,
-           candidates_per_step: int = 1) -> SearchOutcome:
-    """Minimise the loss over w in [-bounds, bounds]^n from w = 0 with `budget` evaluations.
+           bounds: float, seed: int, progress: bool = True, candidates_per_step: int = 1,
+           start: np.ndarray | None = None) -> SearchOutcome:
+    """Minimise the loss over w in [-bounds, bounds]^n from `start` (default w = 0) with
+    `budget` evaluations.
 
     evaluate(W) gets K candidates as the rows of W [K, n] and returns their K losses; the
     optimizer is asked for K = candidates_per_step of them before it is told any loss
@@ -45,7 +57,8 @@ def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, o
     from tqdm.auto import tqdm
 
     k = candidates_per_step
-    parametrization = ng.p.Array(init=np.zeros(n), lower=-bounds, upper=bounds)
+    init = np.zeros(n) if start is None else np.asarray(start, dtype=np.float64)
+    parametrization = ng.p.Array(init=init, lower=-bounds, upper=bounds)
     parametrization.random_state = np.random.RandomState(seed)
     opt = optimizer_class(optimizer)(parametrization=parametrization, budget=budget, num_workers=k)
     losses: list[float] = []

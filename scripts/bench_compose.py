@@ -42,6 +42,7 @@ OURS = {"ours-dense": (False, {}), "ours-compeft": (True, {}),
         "ours-compeft-k8": (True, {"candidates_per_step": 8})}
 METHODS = ("reference", *OURS)
 DEFAULT = "ours-compeft"
+SELECT = "ours-select"  # choosing N of L library experts by few-shot loss, then the search
 # Five short few-shot examples in the style of BBH (the same for every method).
 EXAMPLES = [
     {"input": "Evaluate the boolean expression : not ( True and False ) is", "target": "True"},
@@ -279,6 +280,26 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
     return row
 
 
+def run_select(spec: dict) -> dict:
+    """select="loss" over the first L experts of the largest library, then the search: the
+    selection's and the search's seconds come from the same call (same machine load)."""
+    from lorahub_compeft import ExpertLibrary, compose
+    size = max(spec["libraries"], key=int)
+    library = ExpertLibrary(spec["libraries"][size])
+    names = library.names()[:spec["select_from"]]
+    start = time.perf_counter()
+    result = compose(library, spec["examples"], model=spec["base"], names=names,
+                     n_experts=spec["select_n"], select="loss", seed=spec["seed"],
+                     budget=spec["budget"], objective="lorahub", progress=False)
+    wall = time.perf_counter() - start
+    t = result.timings
+    search = t["mix"] + t["forward"] + t["optimizer"]
+    return {"candidates": len(names), "n": len(result.experts), "select_s": t["select"],
+            "search_s": search, "ratio": (t["select"] + search) / search, "wall_s": wall,
+            "exact": len(result.selection.scores), "forward_s": t["forward"] / t["steps"],
+            "estimate_s": result.selection.estimate_seconds}
+
+
 def child(method: str, spec_path: str, out_path: str) -> None:
     import torch
     spec = json.loads(Path(spec_path).read_text())
@@ -292,6 +313,8 @@ def child(method: str, spec_path: str, out_path: str) -> None:
     row = {"rss_start_mb": peak_rss_mb()}  # after imports: the interpreter, torch, transformers
     if method == "reference":
         row.update(run_reference(spec))
+    elif method == SELECT:
+        row.update(run_select(spec))
     else:
         compressed, forward_options = OURS[method]
         row.update(run_ours(spec, compressed, forward_options, libraries=method == DEFAULT))
@@ -349,8 +372,8 @@ def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
             "steps s", "wall s", "peak RSS MB", f"experts MB (N={config['n']})", "best loss"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for method in METHODS:
-        r = rows.get(method, {})
-        if not r:
+        r = rows.get(method)
+        if not r:  # not asked for
             continue
         if "skipped" in r:
             print(f"| {method} | skipped: {r['skipped']} |")
@@ -372,6 +395,15 @@ def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
             cells = [f"{lib[s]['held_bytes'] / MB:.2f} ({lib[s]['disk_bytes'] / MB:.2f}"
                      f"{'*' if lib[s].get('disk_extrapolated') else ''})" for s in sizes]
             print(f"| {method} | " + " | ".join(cells) + " |")
+    sel = rows.get(SELECT)
+    if sel:
+        print(f"\n### Choosing {sel['n']} of L={sel['candidates']} experts by few-shot loss "
+              f"({sel['exact']} scored exactly after the first-order estimate), then "
+              f"{config['budget']} steps; one call, so both parts ran under the same load\n")
+        print("| selection s (first-order estimate s) | search s | (selection + search) / search "
+              "(target <= 2) | forward ms/step |\n|---|---|---|---|")
+        print(f"| {sel['select_s']:.2f} ({sel['estimate_s']:.2f}) | {sel['search_s']:.2f} | "
+              f"{sel['ratio']:.2f} | {1e3 * sel['forward_s']:.1f} |")
     found = ratios(rows)
     if not found:
         print("\nNo ratios: the reference was skipped.")
@@ -399,7 +431,11 @@ def main(argv=None) -> None:
     parser.add_argument("--reference-path", default=os.environ.get("LORAHUB_REF_PATH"),
                         help="a directory holding the lorahub package (default: $LORAHUB_REF_PATH, "
                              "else a plain import)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS + (SELECT,)))
+    parser.add_argument("--select-from", type=int, default=196,
+                        help=f"{SELECT}: candidates L, the first L of the largest library")
+    parser.add_argument("--select-n", type=int, default=3,
+                        help=f"{SELECT}: experts chosen (default 3, compose.DEFAULT_N[\"loss\"])")
     parser.add_argument("--work-dir", help="where the base and experts are built and kept "
                         "(default: ~/.cache/lorahub-compeft/bench-compose/MODEL; for tiny, a "
                         "temporary dir)")
@@ -427,7 +463,8 @@ def main(argv=None) -> None:
                     base=str(paths["base"]), experts=[str(p) for p in paths["experts"]],
                     compeft=[str(p) for p in paths["compeft"]],
                     libraries={s: str(p) for s, p in paths["libraries"].items()})
-        rows = {m: run_method(m, spec, Path(tmp)) for m in METHODS if m in methods}
+        spec.update(select_from=min(args.select_from, sizes[-1]), select_n=args.select_n)
+        rows = {m: run_method(m, spec, Path(tmp)) for m in METHODS + (SELECT,) if m in methods}
         add_library_rows(rows, paths, sizes)  # reads the files: before a temporary work dir goes
     if "skipped" in rows.get("reference", {}):
         print(f"reference skipped: {rows['reference']['skipped']}", file=sys.stderr)

@@ -38,7 +38,10 @@ def test_bench_compose_quick(tmp_path):
     rows, sizes = report["rows"], report["library_sizes"]
     ours = {"ours-dense", "ours-compeft", "ours-compeft-fp32", "ours-compeft-bf16",
             "ours-compeft-k4", "ours-compeft-k8"}
-    assert set(rows) == {"reference"} | ours and sizes == [20, 50, 200]
+    assert set(rows) == {"reference", "ours-select"} | ours and sizes == [20, 50, 200]
+    select = rows.pop("ours-select")  # choosing 3 of the 196 first experts of the 200 library
+    assert select["candidates"] == 196 and select["n"] == 3 and select["exact"] < 196
+    assert select["select_s"] > select["estimate_s"] > 0 and select["ratio"] > 1
     measured = [m for m in rows if "skipped" not in rows[m]]
     assert ours <= set(measured)
     if "skipped" in rows["reference"]:
@@ -67,5 +70,5 @@ def test_bench_compose_quick(tmp_path):
     assert rows["ours-compeft"]["expert_bytes"] < rows["ours-dense"]["expert_bytes"] / 4
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     # A header and one row per method; the library table has the reference and the two
-    # methods measured on libraries.
-    assert len(table) == (1 + 7) + (1 + 3)
+    # methods measured on libraries; the selection table a header and one row.
+    assert len(table) == (1 + 7) + (1 + 3) + (1 + 1)

@@ -101,6 +101,50 @@ def test_calibrate_finds_the_pair_closest_to_the_original():
         calibrate(tv, metric, densities=(0.0,), alphas=(1.0,))
 
 
+def _product_error(original: dict, decoded: dict) -> float:
+    from lorahub_compeft.codec import lora_pairs
+    total = 0.0
+    for a, b in lora_pairs(list(original)):
+        p = original[b].double() @ original[a].double()
+        q = decoded[b].double() @ decoded[a].double()
+        total += float(((p - q) ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_auto_alpha_fits_the_lora_products_better_and_is_stored(lora_dir, tmp_path, per_tensor):
+    from lorahub_compeft.adapters import load_adapter
+    from lorahub_compeft.codec import lora_pairs
+    from lorahub_compeft.expert import compress, load_expert
+    tensors = load_adapter(lora_dir).tensors  # a really trained LoRA expert
+    assert len(lora_pairs(list(tensors))) == 12
+    auto = sparsify(tensors, 0.2, "auto", per_tensor)
+    one = sparsify(tensors, 0.2, 1.0, per_tensor)
+    assert auto.alpha != 1.0 and torch.equal(torch.from_numpy(auto.positions),
+                                            torch.from_numpy(one.positions))
+    assert _product_error(tensors, auto.to_tensors()) < _product_error(tensors, one.to_tensors())
+    # the least-squares alpha: a little more or less does worse
+    for factor in (0.95, 1.05):
+        other = sparsify(tensors, 0.2, auto.alpha * factor, per_tensor)
+        assert _product_error(tensors, auto.to_tensors()) < _product_error(tensors, other.to_tensors())
+    expert = compress(lora_dir, density=0.2, alpha="auto", per_tensor=per_tensor)
+    assert expert.alpha == auto.alpha  # a number in the header, like any alpha
+    expert.save(tmp_path / "e.safetensors")
+    loaded = load_expert(tmp_path / "e.safetensors")
+    assert isinstance(loaded.alpha, float) and loaded.alpha == auto.alpha
+    for name, value in loaded.task_vector().items():
+        torch.testing.assert_close(value, auto.to_tensors()[name])
+
+
+def test_auto_alpha_without_lora_pairs_fits_the_vector():
+    tv = _tv()
+    auto = sparsify(tv, 0.3, "auto")
+    err = lambda t: sum(float(((tv[n] - t[n]) ** 2).sum()) for n in tv)
+    assert err(auto.to_tensors()) < err(sparsify(tv, 0.3, 1.0).to_tensors())
+    with pytest.raises(CompressionError, match="auto"):
+        sparsify(tv, 0.3, "best")
+
+
 def test_a_scale_that_overflows_its_dtype_is_refused():
     from lorahub_compeft.codec import CompressionError
     tau = {"a.lora_A.weight": ((torch.rand(8, 8) * 2 - 1) * 3e4).half()}  # finite in fp16

@@ -31,7 +31,7 @@ def experts(tiny_t5, tmp_path_factory):
 @pytest.fixture(scope="module")
 def green(experts):
     return compose([str(experts[w]) for w in WORDS], support.constant_task("green"), budget=40,
-                   seed=1, progress=False)
+                   seed=1, n_experts=4, progress=False)
 
 
 def test_composition_finds_the_matching_expert(green):
@@ -44,7 +44,7 @@ def test_composition_finds_the_matching_expert(green):
 
 def test_same_seed_same_weights(experts, green):
     again = compose([str(experts[w]) for w in WORDS], support.constant_task("green"), budget=40,
-                    seed=1, progress=False)
+                    seed=1, n_experts=4, progress=False)
     assert again.weights == green.weights and again.losses == green.losses
 
 
@@ -94,7 +94,7 @@ def test_compressed_experts_compose_like_their_decoded_dense_weights(experts, tm
     assert compressed.weights == pytest.approx(dense.weights, rel=1e-5, abs=1e-7)
     assert compressed.losses == pytest.approx(dense.losses, rel=1e-5)
     by_object = compose([library.get(n) for n in library.names()], examples, budget=8, seed=3,
-                        progress=False)
+                        n_experts=4, progress=False)
     assert by_object.weights == compressed.weights
     named = compose(library, examples, names=["blue", "red"], budget=3, progress=False)
     assert list(named.weights) == ["blue", "red"]
@@ -116,7 +116,7 @@ def test_only_the_sampled_experts_are_decoded(experts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(CompressedExpert, "ternary", counting)
     result = compose(library, support.constant_task("red"), n_experts=5, budget=2, seed=7,
-                     progress=False)
+                     select="random", progress=False)
     assert sorted(decoded) == sorted(result.experts) == library.sample(5, 7)
     assert len(set(decoded)) == 5 and expert
     assert result.timings["decode"] > 0
@@ -156,8 +156,10 @@ def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path, monke
 
 def test_a_longer_list_is_sampled_reproducibly(experts):
     dirs = [str(experts[w]) for w in WORDS]
-    a = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5, progress=False)
-    b = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5, progress=False)
+    a = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5,
+                select="random", progress=False)
+    b = compose(dirs, support.constant_task("red"), n_experts=2, budget=2, seed=5,
+                select="random", progress=False)
     assert a.experts == b.experts and len(a.experts) == 2
 
 

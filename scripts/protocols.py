@@ -1,0 +1,185 @@
+"""LoraHub's protocol against expert selection on the shipped zoo, and how the defaults were chosen.
+
+Every method composes for each held-out zoo task and seed from 5 shots, then answers the
+task's evaluation examples (exact match). Methods:
+
+    zeroshot          the base alone
+    lorahub-dense     LoraHub's protocol: 20 experts drawn at random, the zoo's dense fp16 experts
+    lorahub-compeft   the same draw, ComPEFT experts at the given compression settings
+    select-dense      N experts chosen by few-shot loss (select="loss"), dense
+    select-compeft    the same, ComPEFT experts
+
+The ComPEFT experts are compressed here, in memory, from the zoo's shipped dense experts.
+
+    --split validation   shot seeds SHOT_SEED+101.. and evaluation examples drawn with
+                         VALIDATION_EVAL_SEED: data the demo never reports; used to choose N
+                         and the density (--sweep n | density)
+    --split demo         the demo's data (shots SHOT_SEED+seed, evaluation DEMO_EVAL_SEED)
+
+    python scripts/protocols.py --split validation --sweep n --seeds 101-105
+    python scripts/protocols.py --split validation --sweep density --seeds 101-105
+    python scripts/protocols.py --split demo --seeds 1-5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from lorahub_compeft.codec import DEFAULT_COMPRESSION
+from lorahub_compeft.compose import DEFAULT_N, compose
+from lorahub_compeft.expert import compress
+from lorahub_compeft.library import ExpertLibrary
+from lorahub_compeft.sources import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
+from lorahub_compeft.zoo.artifacts import Zoo as ShippedZoo
+from lorahub_compeft.zoo.tasks import generate, task_names
+
+
+class Zoo:
+    """The shipped zoo as this script uses it: base model, tokenizer, expert names, dense dirs."""
+    def __init__(self):
+        shipped = ShippedZoo.load()
+        self.root, self.model, self.tokenizer = shipped.root, shipped.base.model, shipped.base.tokenizer
+        self.library = ExpertLibrary(self.root / "experts", create=False)
+
+    @classmethod
+    def load(cls) -> "Zoo":
+        return cls()
+
+    def dense_dir(self, name: str) -> Path:
+        return self.root / "dense" / name
+
+
+def exact_match(predictions: list[str], targets: list[str]) -> float:
+    return 100 * statistics.fmean(p == t for p, t in zip(predictions, targets))
+
+VALIDATION_EVAL_SEED = 6_000  # apart from training (1000s), eval (2000s), calibration (3000s),
+#                               shots (4000s) and the demo's evaluation examples (5000)
+
+
+def task_data(task: str, seed: int, split: str, n_eval: int = 100):
+    few = generate(task, 5, seed=SHOT_SEED + seed)
+    eval_seed = DEMO_EVAL_SEED if split == "demo" else VALIDATION_EVAL_SEED
+    seen = {e["input"] for e in few}
+    return few, [e for e in generate(task, n_eval, seed=eval_seed) if e["input"] not in seen]
+
+
+def compressed_library(zoo: Zoo, density: float, alpha, per_tensor: bool) -> dict:
+    return {n: compress(zoo.dense_dir(n), density=density, alpha=alpha, per_tensor=per_tensor,
+                        name=n) for n in zoo.library.names()}
+
+
+def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None) -> dict:
+    start = time.perf_counter()
+    inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
+    if method == "zeroshot":
+        from lorahub_compeft.evaluate import generate as answer
+        em = exact_match(answer(zoo.model, zoo.tokenizer, inputs, 8, batch_size=64), targets)
+        return {"em": em, "loss": None, "seconds": time.perf_counter() - start}
+    names = zoo.library.names()
+    experts = [compeft[x] for x in names] if method.endswith("compeft") else \
+        [zoo.dense_dir(x) for x in names]
+    select = "random" if method.startswith("lorahub") else "loss"
+    result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer, n_experts=n,
+                     select=select, seed=seed, budget=40, progress=False)
+    em = exact_match(result.generate(inputs, 8, batch_size=64), targets)
+    return {"em": em, "loss": result.best_loss, "experts": result.experts,
+            "seconds": time.perf_counter() - start}
+
+
+def summarize(rows: list[dict], key) -> dict:
+    """Per method: mean EM over tasks of (seed average, loss-picked seed, oracle seed), mean
+    per-task seed std, mean seconds per cell."""
+    out = {}
+    for method in sorted({key(r) for r in rows}):
+        mine = [r for r in rows if key(r) == method]
+        tasks = sorted({r["task"] for r in mine})
+        avg, picked, oracle, std = [], [], [], []
+        for t in tasks:
+            rs = [r for r in mine if r["task"] == t]
+            ems = [r["em"] for r in rs]
+            avg.append(statistics.fmean(ems))
+            std.append(statistics.stdev(ems) if len(ems) > 1 else 0.0)
+            oracle.append(max(ems))
+            lossy = [r for r in rs if r["loss"] is not None]
+            picked.append(min(lossy, key=lambda r: r["loss"])["em"] if lossy else avg[-1])
+        out[method] = {"mean": statistics.fmean(avg), "std": statistics.fmean(std),
+                       "loss_picked": statistics.fmean(picked), "oracle": statistics.fmean(oracle),
+                       "seconds": statistics.fmean(r["seconds"] for r in mine),
+                       "per_task": dict(zip(tasks, avg))}
+    return out
+
+
+def configs_for(sweep: str) -> list[tuple[str, int, float | None]]:
+    """(method, N, density) to run: the N sweep, the density sweep, or the demo table."""
+    if sweep == "n":
+        return [("select-dense", n, None) for n in (3, 5, 8, 10, 20)]
+    if sweep == "density":
+        return [("lorahub-dense", 20, None)] + [("lorahub-compeft", 20, k) for k in (0.1, 0.2, 0.3)]
+    k, n = DEFAULT_COMPRESSION["density"], DEFAULT_N["loss"]
+    return [("zeroshot", 0, None), ("lorahub-dense", 20, None), ("lorahub-compeft", 20, k),
+            ("select-dense", n, None), ("select-compeft", n, k)]
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    label = lambda r: f"{r['method']} N={r['n']}" + (f" k={r['density']}" if r["density"] else "")
+    print(f"\n### {title} (mean EM over the held-out zoo tasks)\n")
+    print("| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
+          "s per cell |\n|---|---|---|---|---|---|")
+    for name, s in summarize(rows, label).items():
+        print(f"| {name} | {s['mean']:.1f} | {s['std']:.1f} | {s['loss_picked']:.1f} | "
+              f"{s['oracle']:.1f} | {s['seconds']:.1f} |")
+
+
+def main(argv=None):
+    from lorahub_compeft.cli import parse_seeds
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--split", choices=("validation", "demo"), required=True)
+    parser.add_argument("--sweep", choices=("n", "density", "none"), default="none")
+    parser.add_argument("--seeds", type=parse_seeds, required=True)
+    parser.add_argument("--tasks", default="all")
+    parser.add_argument("--methods", help="only these methods (comma-separated)")
+    parser.add_argument("--rows", required=True,
+                        help="JSON lines file: rows are appended as they come, cells already "
+                             "there are skipped (a rerun resumes); the table is made from it")
+    args = parser.parse_args(argv)
+    if args.split == "demo" and args.sweep != "none":
+        parser.error("choose defaults on --split validation only")
+    if args.split == "validation" and set(args.seeds) & set(range(1, 6)):
+        parser.error("seeds 1-5 are the demo's; validate on others, e.g. 101-105")
+    path = Path(args.rows)
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    key = lambda r: (r["task"], r["seed"], r["method"], r["n"], r["density"])
+    seen = {key(r) for r in done}
+    configs = [c for c in configs_for(args.sweep)
+               if not args.methods or c[0] in args.methods.split(",")]
+    zoo = Zoo.load()
+    tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
+    libraries: dict = {}
+    for seed in args.seeds:  # seed-major: a cut-short run still covers every task
+        for task in tasks:
+            few, rest = task_data(task, seed, args.split)
+            for method, n, k in configs:
+                if (task, seed, method, n, k) in seen:
+                    continue
+                if k is not None and k not in libraries:
+                    c = DEFAULT_COMPRESSION
+                    libraries[k] = compressed_library(zoo, k, c["alpha"], c["per_tensor"])
+                row = run_method(zoo, method, few, rest, seed, n, libraries.get(k))
+                row = dict(row, task=task, seed=seed, method=method, n=n, density=k)
+                with path.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                done.append(row)
+                print(f"{task} s{seed} {method} N={n} k={k}: {row['em']:.1f} "
+                      f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    wanted = {(m, n, k) for m, n, k in configs}
+    rows = [r for r in done if (r["method"], r["n"], r["density"]) in wanted
+            and r["task"] in tasks and r["seed"] in args.seeds]
+    print_table(rows, f"{args.split} split, seeds {','.join(map(str, args.seeds))}")
+
+
+if __name__ == "__main__":
+    main()
