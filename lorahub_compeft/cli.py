@@ -364,6 +364,8 @@ def read_experts_file(path: str) -> list[str]:
 
 def _add_bbh_parsers(sub) -> None:
     from .methods import METHODS
+    # The default reproduces the paper's Table 7; add select,select-compeft for the package's
+    # protocol beside it.
     names = [m for m in METHODS if m in ("zeroshot", "icl", "lorahub", "compeft")]
     p = sub.add_parser("bbh", help="evaluate zero-shot, ICL, LoraHub and ComPEFT on Big-Bench Hard",
                        description="Per task and seed: 5 seeded few-shot examples, the rest "
@@ -379,10 +381,23 @@ def _add_bbh_parsers(sub) -> None:
                    help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(names)})")
     p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
     p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
-    p.add_argument("-n", "--n-experts", type=int, default=20, help="experts per composition (default 20)")
-    p.add_argument("--density", type=float, default=0.1, help="compeft: fraction kept (default 0.1)")
-    p.add_argument("--alpha", type=float, default=1.0, help="compeft: scale factor (default 1)")
-    p.add_argument("--per-tensor", action="store_true", help="compeft: top-k and scale per tensor")
+    # Each method's own defaults unless given: lorahub/compeft are the paper's protocol (random
+    # 20; k=0.1, alpha 1, global top-k), select/select-compeft the package's (3 chosen by loss;
+    # k=0.1, alpha auto, per tensor).
+    p.add_argument("-n", "--n-experts", type=int,
+                   help="experts per composition (default: 20 for lorahub/compeft, 3 for select*)")
+    p.add_argument("--density", type=float,
+                   help="ComPEFT fraction kept (default 0.1 for every method)")
+    p.add_argument("--alpha", type=parse_alpha,
+                   help="ComPEFT scale factor or 'auto' (default: 1 for compeft, auto for "
+                        "select-compeft)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--per-tensor", dest="per_tensor", action="store_const", const=True,
+                       help="ComPEFT top-k and scale per tensor (default for select-compeft)")
+    scope.add_argument("--global", dest="per_tensor", action="store_const", const=False,
+                       help="ComPEFT top-k and one scale over the adapter (default for compeft)")
+    p.add_argument("--restarts", type=int,
+                   help="select*: searches from different starts, kept by few-shot loss (default 1)")
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="composition objective (default paper)")
@@ -424,8 +439,9 @@ def cmd_bbh(args) -> int:
     check_model_reference(args.model)
     experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
     options = {"n_experts": args.n_experts, "density": args.density, "alpha": args.alpha,
-               "per_tensor": args.per_tensor, "budget": args.budget,
+               "per_tensor": args.per_tensor, "restarts": args.restarts, "budget": args.budget,
                "objective": args.objective, "optimizer": args.optimizer}
+    options = {k: v for k, v in options.items() if v is not None}  # else each method's default
     methods = [make_method(m, **method_options(m, options)) for m in args.methods.split(",")]
     out = Path(args.out)
     pool = ExpertPool.from_sources(experts, out / "compressed") if experts else None
@@ -462,7 +478,13 @@ def _add_demo_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="all", help="comma-separated held-out zoo tasks (default all)")
     p.add_argument("--seeds", type=parse_seeds, default=[1], help="e.g. 1-5 (default 1)")
-    p.add_argument("-n", "--n-experts", type=int, default=20, help="experts to sample (default 20)")
+    p.add_argument("--select", choices=("random", "loss"), default="random",
+                   help="random: LoraHub's protocol, N experts drawn with the seed (default, the "
+                        "table in README); loss: the package's, every expert scored alone and "
+                        "the N with the lowest few-shot loss composed (ComPEFT at the default "
+                        "compression: k=0.1, alpha auto, per tensor)")
+    p.add_argument("-n", "--n-experts", type=int,
+                   help="experts to compose (default 20 with --select random, 3 with loss)")
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
     p.add_argument("--eval", type=int, default=100, dest="n_eval",
                    help="evaluation examples per task (default 100)")
@@ -486,12 +508,16 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     tasks = None if args.tasks == "all" else args.tasks.split(",")
     zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
-    rows = run_demo(zoo, tasks, args.seeds, args.n_experts, args.budget, n_eval=args.n_eval,
-                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval)
-    c = zoo.compression
+    from .codec import DEFAULT_COMPRESSION
+    from .compose import DEFAULT_N
+    n_experts = args.n_experts or DEFAULT_N[args.select]
+    rows = run_demo(zoo, tasks, args.seeds, n_experts, args.budget, n_eval=args.n_eval,
+                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select)
+    c = zoo.compression if args.select == "random" else DEFAULT_COMPRESSION
     setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
+    setting += "; N chosen by few-shot loss" if args.select == "loss" else "; N drawn at random"
     print(format_table(rows, setting))
-    print(f"\n{len(rows)} cells, N={args.n_experts} experts, budget {args.budget}, seeds "
+    print(f"\n{len(rows)} cells, N={n_experts} experts, budget {args.budget}, seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=1) + "\n")

@@ -148,8 +148,10 @@ class ComposeParams(Params):
     optimizer: str | None = None  # None: the objective's default
 
     def compose_options(self) -> dict:
-        """What `compose()` takes beyond experts, examples and model."""
-        options = {"budget": self.budget, "objective": self.objective}
+        """What `compose()` takes beyond experts, examples and model: LoraHub's protocol
+        composes the N experts `choose` drew, all of them."""
+        options = {"n_experts": self.n_experts, "select": "random", "budget": self.budget,
+                   "objective": self.objective}
         return options | ({"optimizer": self.optimizer} if self.optimizer else {})
 
 
@@ -168,15 +170,20 @@ class LoraHub(Method):
 
     def run(self, task, model, experts, seed):
         from .compose import compose
+        from .expert_sources import candidate_sources
         names = self.choose(task, model, experts, seed)
         sources, nbytes = self.sources(experts, names)
-        result = compose([str(s) for s in sources], task.few_shot_examples(), model.model,
-                         tokenizer=model.tokenizer, n_experts=len(sources), seed=seed,
-                         progress=False, **self.params.compose_options())
+        sources = [str(s) for s in sources]
+        # compose names a dense dir by its folder: map its names back to the pool's
+        pool_name = dict(zip((s.name for s in candidate_sources(sources, None)), names))
+        result = compose(sources, task.few_shot_examples(), model.model,
+                         tokenizer=model.tokenizer, seed=seed, progress=False,
+                         **self.params.compose_options())
         predictions = result.generate([task.prompt(r["input"]) for r in task.rows],
                                       task.max_new_tokens, batch_size=model.batch_size)
         return Answers(predictions, {
-            "experts": [experts.identities[n] for n in names], "bytes_read": nbytes,
+            "experts": [experts.identities[pool_name[k]] for k in result.experts],
+            "bytes_read": nbytes, "files_read": len(sources),
             "weights": [result.weights[k] for k in result.experts],
             "best_loss": result.best_loss, "zero_loss": result.zero_loss,
             "compose_timings": result.timings})
@@ -198,3 +205,36 @@ class Compeft(LoraHub):
         p = self.params
         paths = [experts.compressed(n, p.density, p.alpha, p.per_tensor) for n in names]
         return paths, sum(path.stat().st_size for path in paths)
+
+
+@dataclass(frozen=True)
+class SelectParams(ComposeParams):
+    n_experts: int = 3  # compose.DEFAULT_N["loss"], chosen on the zoo's validation seeds
+    restarts: int = 1
+
+    def compose_options(self) -> dict:
+        return super().compose_options() | {"select": "loss", "restarts": self.restarts}
+
+
+@register
+class Select(LoraHub):
+    """The package's default protocol: every expert of the pool scored alone on the few-shot
+    examples, the N lowest composed (dense experts)."""
+    name, Params = "select", SelectParams
+
+    def choose(self, task, model, experts, seed):
+        return sorted(experts.identities)  # every expert is a candidate; compose() picks N
+
+
+@dataclass(frozen=True)
+class SelectCompeftParams(SelectParams):
+    density: float = 0.1      # codec.DEFAULT_COMPRESSION
+    alpha: float | str = "auto"
+    per_tensor: bool = True
+
+
+@register
+class SelectCompeft(Select):
+    """The default protocol over ComPEFT experts at the default compression."""
+    name, Params = "select-compeft", SelectCompeftParams
+    sources = Compeft.sources

@@ -85,7 +85,9 @@ def test_version_and_help_texts(capsys):
     for argv, words in ((["library", "remove", "-h"], ["library folder", "expert names"]),
                         (["export", "-h"], ["expert file", "never other files"]),
                         (["compose", "-h"], ["(default 1)", "never other files"]),
-                        (["bbh", "-h"], ["(default 20)", "(default 0.1)", "(default 1)", "(default 40)"])):
+                        (["bbh", "-h"], ["(default: 20 for lorahub/compeft, 3 for select*)",
+                                          "(default 0.1", "(default: 1 for compeft, auto for",
+                                          "(default 40)"])):
         with pytest.raises(SystemExit):
             main(argv)
         text = " ".join(capsys.readouterr().out.split())

@@ -227,3 +227,24 @@ def test_report_plot_is_a_png(tmp_path):
     rows = [{"task": "t", "seed": 1, "method": m, "em": em} for m, em in [("zeroshot", 0.0), ("icl", 40.0)]]
     path = plot(rows, tmp_path / "r.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_selection_protocols_run_beside_the_papers(tiny_t5, experts, tmp_path):
+    """select / select-compeft (the package's protocol) and lorahub (the paper's) in one run:
+    each keyed by its own setting; selection composes the N of the pool with the lowest loss."""
+    options = {"n_experts": 2, "budget": 3}
+    methods = [make_method("lorahub", **options), make_method("select", **options),
+               make_method("select-compeft", **options)]
+    assert make_method("select").params.n_experts == 3
+    assert make_method("select-compeft").params.alpha == "auto"
+    cells = plan(BBHSource(str(BBH), 5, max_eval=4), ["navigate"], [1], methods, str(tiny_t5),
+                 ExpertPool.from_sources(experts, tmp_path / "compressed"))
+    rows = {r["method"]: r for r in run(cells, tmp_path / "out", progress=False)}
+    assert set(rows) == {"lorahub", "select", "select-compeft"}
+    assert len({r["key"] for r in rows.values()}) == 3
+    for method in ("select", "select-compeft"):
+        r = rows[method]
+        assert r["setting"]["params"]["restarts"] == 1 and len(r["experts"]) == 2
+        assert {e["name"] for e in r["experts"]} <= set(experts)
+        assert r["files_read"] == 3  # every expert of the pool was a candidate
+    assert rows["select-compeft"]["setting"]["params"]["per_tensor"] is True

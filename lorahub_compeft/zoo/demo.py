@@ -14,22 +14,29 @@ from ..sources import BBHSource, ZooSource
 from .artifacts import Zoo
 from .tasks import get_task, task_names
 
-DEMO_METHODS = (("zeroshot", "zeroshot"), ("lorahub", "dense"), ("compeft", "compeft"))
+DEMO_METHODS = (("zeroshot", "zeroshot"), ("lorahub", "dense"), ("compeft", "compeft"),
+                ("select", "dense"), ("select-compeft", "compeft"))
 
 
 def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
              n_experts: int = 20, budget: int = 40, shots: int = 5, n_eval: int = 100,
              bbh_dir: str | None = None, max_bbh_eval: int | None = None,
-             progress: bool = True) -> list[dict]:
-    """One row per (task, seed) with the three methods' EM, their weights and bytes."""
+             progress: bool = True, select: str = "random") -> list[dict]:
+    """One row per (task, seed) with the three methods' EM, their weights and bytes.
+    select="random": LoraHub's protocol (the zoo's shipped ComPEFT setting); "loss": the
+    package's (experts chosen by few-shot loss, ComPEFT at the default compression)."""
     tasks = list(tasks or task_names("heldout"))
     pool = zoo.pool()
     if not 1 <= n_experts <= len(pool):
         raise ValueError(f"--n-experts must be between 1 and {len(pool)} (the zoo's "
                          f"experts), got {n_experts}")
     compose = {"n_experts": n_experts, "budget": budget}
-    methods = [make_method("zeroshot"), make_method("lorahub", **compose),
-               make_method("compeft", **compose, **zoo.compression)]
+    if select == "loss":
+        methods = [make_method("zeroshot"), make_method("select", **compose),
+                   make_method("select-compeft", **compose)]
+    else:
+        methods = [make_method("zeroshot"), make_method("lorahub", **compose),
+                   make_method("compeft", **compose, **zoo.compression)]
     model = str(zoo.root / "base")
     cells = plan(ZooSource(shots, n_eval), tasks, list(seeds), methods, model, pool)
     mirrored = [get_task(t).bbh_task for t in tasks if get_task(t).bbh_task]
@@ -54,7 +61,7 @@ def _demo_rows(rows: list[dict], n_experts: int) -> list[dict]:
         row["seconds"] += r["seconds"]
         if "weights" in r:
             row[f"{column}_weights"] = dict(zip((e["name"] for e in r["experts"]), r["weights"]))
-            row[f"{column}_bytes"] = r["bytes_read"] / n_experts
+            row[f"{column}_bytes"] = r["bytes_read"] / r.get("files_read", n_experts)
     return list(out.values())
 
 
