@@ -7,6 +7,7 @@ large penalty and counted, never kept as the best point.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,20 +65,25 @@ def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, o
     losses: list[float] = []
     nonfinite = 0
     best_loss, best_w = math.inf, np.zeros(n)
-    bar = tqdm(total=budget, desc="composing", unit="step", disable=not progress)
-    while len(losses) < budget:
-        asked = [opt.ask() for _ in range(min(k, budget - len(losses)))]
-        ws = np.stack([np.asarray(c.value, dtype=np.float64) for c in asked])
-        for candidate, w, value in zip(asked, ws, evaluate(ws)):
-            losses.append(value)
-            if not math.isfinite(value):
-                nonfinite += 1
-                opt.tell(candidate, NONFINITE_PENALTY)
-                continue
-            opt.tell(candidate, value)
-            if value < best_loss:
-                best_loss, best_w = value, w.copy()
-        bar.update(len(asked))
-        bar.set_postfix(best=f"{best_loss:.4f}")
+    with warnings.catch_warnings():
+        # scipy's COBYLA (which nevergrad picks for LoraHub's sizes) warns about the
+        # tolerances nevergrad hands it on every search; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"COBYLA: Invalid (RHOEND|MAXFUN)",
+                                category=UserWarning)
+        bar = tqdm(total=budget, desc="composing", unit="step", disable=not progress)
+        while len(losses) < budget:
+            asked = [opt.ask() for _ in range(min(k, budget - len(losses)))]
+            ws = np.stack([np.asarray(c.value, dtype=np.float64) for c in asked])
+            for candidate, w, value in zip(asked, ws, evaluate(ws)):
+                losses.append(value)
+                if not math.isfinite(value):
+                    nonfinite += 1
+                    opt.tell(candidate, NONFINITE_PENALTY)
+                    continue
+                opt.tell(candidate, value)
+                if value < best_loss:
+                    best_loss, best_w = value, w.copy()
+            bar.update(len(asked))
+            bar.set_postfix(best=f"{best_loss:.4f}")
     bar.close()
     return SearchOutcome(best_w, best_loss, losses, nonfinite)
