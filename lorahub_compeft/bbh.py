@@ -262,6 +262,13 @@ def exact_match(prediction: str, target: str, spec_answer: Mapping[str, Any] | N
 # ----------------------------------------------------------------------- few-shot
 
 
+def sample_indices(n: int, k: int, seed: int) -> list[int]:
+    """k distinct positions of n, in drawn order, from a private random.Random(seed): the
+    package's one sampler (few-shot draws, expert samples). The global RNG is neither read nor
+    advanced, and the draw depends only on (n, k, seed)."""
+    return random.Random(seed).sample(range(n), k)
+
+
 def draw_few_shot(
     examples: Sequence[dict[str, str]], k: int = 5, *, seed: int
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -278,7 +285,7 @@ def draw_few_shot(
         raise ValueError(
             f"cannot draw k={k} few-shot examples from {n}: at least one must remain for evaluation"
         )
-    picked = random.Random(seed).sample(range(n), k)  # the package's one sampler
+    picked = sample_indices(n, k, seed)
     chosen = set(picked)
     shots = [examples[i] for i in picked]
     rest = [ex for i, ex in enumerate(examples) if i not in chosen]
@@ -291,4 +298,5 @@ def sample_names(names: Sequence[str], n: int, seed: int) -> list[str]:
     if not 1 <= n <= len(names):
         raise ValueError(f"cannot sample {n} experts from {len(names)}; pass more experts or "
                          "lower -n")
-    return sorted(random.Random(seed).sample(sorted(names), n))
+    ordered = sorted(names)
+    return sorted(ordered[i] for i in sample_indices(len(ordered), n, seed))

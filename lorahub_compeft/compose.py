@@ -97,7 +97,7 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
       each candidate alone (w = 1, the rest 0) is scored with the search's objective and the N
       lowest are kept, ties by name (large libraries: a first-order estimate ranks all, the
       best 3/4 budget are scored exactly; see selection.py); result.selection records the scores.
-      "random": LoraHub's draw (a library's sample(n, seed); a list's random.Random(seed)).
+      "random": LoraHub's draw (a library's sample(n, seed); a list's, with the same sampler).
       n_experts defaults to DEFAULT_N[select]. Only the chosen experts are put in the stack.
     restarts: R searches over the same experts, the first from w = 0, the others from seeded
       random starts; the one with the lowest few-shot loss is kept (w = 0 itself included).

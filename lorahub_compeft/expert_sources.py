@@ -4,7 +4,6 @@ be composable together."""
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,6 +12,7 @@ import torch
 
 from .adapters import CONFIG_NAME, Adapter, _looks_like_hub_id, _read_config, load_adapter
 from .base_models import check_bases
+from .bbh import sample_indices
 from .codec import TernaryVector
 from .expert import CompressedExpert, load_expert
 
@@ -118,7 +118,7 @@ def _unique(sources: list[ExpertSource]) -> list[ExpertSource]:
 
 def choose_sources(experts, names, n_experts: int, seed: int) -> list[ExpertSource]:
     """The experts to compose: from a library, the given `names` or n_experts sampled with the
-    seed; from a list, all of them, or n_experts sampled with random.Random(seed) if longer."""
+    seed; from a list, all of them, or n_experts sampled with the seed (bbh.sample_indices) if longer."""
     from .library import ExpertLibrary
     if isinstance(experts, ExpertLibrary):
         if names is None:
@@ -133,7 +133,7 @@ def choose_sources(experts, names, n_experts: int, seed: int) -> list[ExpertSour
     if n_experts < 1:
         raise ValueError(f"n_experts must be at least 1, got {n_experts}")
     if len(items) > n_experts:
-        keep = sorted(random.Random(seed).sample(range(len(items)), n_experts))
+        keep = sorted(sample_indices(len(items), n_experts, seed))
         items = [items[i] for i in keep]
     return _unique([to_source(item, i) for i, item in enumerate(items)])
 
