@@ -117,25 +117,20 @@ def _unique(sources: list[ExpertSource]) -> list[ExpertSource]:
 
 
 def choose_sources(experts, names, n_experts: int, seed: int) -> list[ExpertSource]:
-    """The experts to compose: from a library, the given `names` or n_experts sampled with the
-    seed; from a list, all of them, or n_experts sampled with the seed (bbh.sample_indices) if longer."""
+    """LoraHub's draw: from a library, the given `names` or n_experts sampled with the seed;
+    from a list, all of them, or n_experts sampled with the seed (bbh.sample_indices) if longer."""
     from .library import ExpertLibrary
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be at least 1, got {n_experts}")
     if isinstance(experts, ExpertLibrary):
         if names is None:
             names = experts.sample(n_experts, seed)  # checks n against the library's size
-        return [to_source(experts.get(n), i) for i, n in enumerate(names)]
-    if names is not None:
-        raise ValueError("names= picks experts from an ExpertLibrary; pass the experts themselves "
-                         "otherwise")
-    items = list(experts)
-    if not items:
-        raise ValueError("no experts to compose")
-    if n_experts < 1:
-        raise ValueError(f"n_experts must be at least 1, got {n_experts}")
-    if len(items) > n_experts:
-        keep = sorted(sample_indices(len(items), n_experts, seed))
-        items = [items[i] for i in keep]
-    return _unique([to_source(item, i) for i, item in enumerate(items)])
+    elif names is None:
+        items = list(experts)
+        if len(items) > n_experts:
+            items = [items[i] for i in sorted(sample_indices(len(items), n_experts, seed))]
+        experts = items
+    return candidate_sources(experts, names)
 
 
 def _normal(key: str, value):
