@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from .files import atomic_write_text
 from .runner import RESULTS, read_jsonl
 
 # ComPEFT paper, Table 7 averages (flan-t5-large, BBH, 5 seeds, N=20).
@@ -50,6 +51,7 @@ def _table(rows: list[dict]) -> list[str]:
     columns: dict[str, dict] = {}
     cells = defaultdict(lambda: defaultdict(list))  # column -> task -> EMs over seeds
     moved = defaultdict(lambda: defaultdict(list))  # column -> task -> bytes read
+    losses = defaultdict(lambda: defaultdict(list))  # column -> task -> (few-shot loss, seed, EM)
     for r in rows:
         s = _setting(r)
         key = _column_key(s)
@@ -58,6 +60,8 @@ def _table(rows: list[dict]) -> list[str]:
         cells[key][r["task"]].append(r["em"])
         if "bytes_read" in r:
             moved[key][r["task"]].append(r["bytes_read"])
+        if "best_loss" in r:
+            losses[key][r["task"]].append((r["best_loss"], r["seed"], r["em"]))
     order = sorted(columns, key=lambda k: (ORDER.index(columns[k]["method"])
                                            if columns[k]["method"] in ORDER else len(ORDER), k))
     count = defaultdict(int)
@@ -65,14 +69,23 @@ def _table(rows: list[dict]) -> list[str]:
         count[columns[k]["method"]] += 1
         m = columns[k]["method"]
         columns[k]["label"] = LABELS.get(m, m) + (f" [{count[m]}]" if count[m] > 1 else "")
-    shown = [(k, "avg") for k in order] + [(k, "best") for k in order if columns[k]["experts"] is not None]
+    # Composed methods: the seed average, the seed a user could pick (lowest few-shot loss, no
+    # evaluation data; rows that record the loss) and the oracle best seed (picked on the evaluation data, as the papers'
+    # "best" columns are).
+    composed = [k for k in order if columns[k]["experts"] is not None]
+    shown = [(k, "avg") for k in order] + [(k, "loss-picked") for k in composed if losses[k]] + \
+        [(k, "best") for k in composed]
     tasks = sorted({r["task"] for r in rows})
 
     def value(k, kind, task):
         v = cells[k].get(task)
+        if kind == "loss-picked":
+            return min(losses[k][task])[2] if losses[k].get(task) else None
         return None if not v else (mean(v) if kind == "avg" else max(v))
 
-    heads = [columns[k]["label"] + (f" ({kind})" if columns[k]["experts"] is not None else "") for k, kind in shown]
+    names = {"avg": "avg", "loss-picked": "loss-picked", "best": "oracle best"}
+    heads = [columns[k]["label"] + (f" ({names[kind]})" if columns[k]["experts"] is not None else "")
+             for k, kind in shown]
     lines = ["| Task | " + " | ".join(heads) + " |",
              "|---|" + "---|" * len(shown)]
     for task in tasks:
@@ -146,7 +159,7 @@ def report(out_dir: str | Path) -> str:
         raise ValueError(f"{out_dir}: no results yet ({RESULTS} missing or empty); run "
                          "`lorahub-compeft bbh --out` first")
     text = markdown(rows)
-    (out_dir / "report.md").write_text(text + "\n")
+    atomic_write_text(out_dir / "report.md", text + "\n")
     if plot(rows, out_dir / "report.png") is None:
         text += '\n\n(pip install -e ".[plot]" for report.png)'
     return text

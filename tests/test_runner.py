@@ -70,7 +70,8 @@ def test_rows_hold_their_setting_and_report(uninterrupted, experts):
     text = report(uninterrupted)
     header = [h.strip() for h in text.splitlines()[2].split("|")[1:-1]]
     assert header == ["Task", "Zero-shot", "ICL", "LoraHub (avg)", "ComPEFT (avg)",
-                      "LoraHub (best)", "ComPEFT (best)"]
+                      "LoraHub (loss-picked)", "ComPEFT (loss-picked)", "LoraHub (oracle best)",
+                      "ComPEFT (oracle best)"]
     assert "density=0.3" in text and "**Average**" in text
 
 
@@ -219,6 +220,14 @@ def test_report_math_on_hand_written_rows():
             for s, m, em in [(1, "lorahub", 10.0), (2, "lorahub", 30.0), (1, "zeroshot", 5.0),
                              (2, "zeroshot", 5.0)]]
     assert "| t | 5.0 | 20.0 | 30.0 |" in markdown(rows)
+
+
+def test_report_picks_a_seed_by_few_shot_loss_beside_the_oracle():
+    rows = [{"task": "t", "seed": s, "method": "lorahub", "em": em, "best_loss": loss}
+            for s, em, loss in [(1, 10.0, 0.5), (2, 30.0, 0.9), (3, 20.0, 0.7)]]
+    text = markdown(rows)
+    assert "LoraHub (avg) | LoraHub (loss-picked) | LoraHub (oracle best)" in text
+    assert "| t | 20.0 | 10.0 | 30.0 |" in text  # seed 1 has the lowest loss, seed 2 the best EM
 
 
 def test_report_plot_is_a_png(tmp_path):
