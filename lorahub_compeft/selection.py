@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .expert_sources import ExpertSource
-from .stacks import ADAPTER_NAME, Layout, saved_key
+from .stacks import ADAPTER_NAME, Layout, check_tensors, saved_key
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,12 @@ def exact_count(n_candidates: int, n_experts: int, budget: int) -> int:
     return min(n_candidates, max(n_experts, (3 * budget) // 4))
 
 
-def fill(flat: torch.Tensor, tensors: dict[str, torch.Tensor], layout: Layout) -> None:
-    """Write one expert's LoRA tensors into the model's flat LoRA buffer."""
+def fill(flat: torch.Tensor, source: ExpertSource, layout: Layout) -> None:
+    """Write one expert's LoRA tensors into the model's flat LoRA buffer (checked as the stacks
+    check them: a missing tensor or a wrong shape names the expert)."""
+    tensors = source.load()
+    check_tensors(source, {k: v.shape for k, v in tensors.items()}, layout)
     for key, shape, off in zip(layout.keys, layout.shapes, layout.offsets):
-        if key not in tensors or tuple(tensors[key].shape) != shape:
-            raise ValueError(f"an expert lacks {key} with shape {shape}")
         flat[off:off + math.prod(shape)] = tensors[key].reshape(-1).to(flat.device, flat.dtype)
 
 
@@ -83,7 +84,7 @@ def select_by_loss(candidates: list[ExpertSource], n_experts: int, score: Callab
     scores = {}
     index = {s.name: i for i, s in enumerate(candidates)}
     for source in to_score:
-        fill(flat, source.load(), layout)
+        fill(flat, source, layout)
         scores[source.name] = score(index[source.name])
     flat.zero_()
     order = sorted(scores, key=lambda name: (_finite(scores[name]), name))

@@ -7,12 +7,12 @@ prompts (`bbh.format_prompt`), the answer check (`bbh.exact_match`) and the draw
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import bbh
+from .pool import sha256_file
 
 ZOO_SHOT_SEED, ZOO_EVAL_SEED = 4_000, 5_000  # apart from the zoo's training and validation
 
@@ -59,10 +59,6 @@ class TaskSource:
         raise NotImplementedError
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @dataclass
 class BBHSource(TaskSource):
     """Big-Bench Hard from a folder of `<task>.json` files, else the Hub's lukaemon/bbh."""
@@ -98,7 +94,7 @@ class BBHSource(TaskSource):
                         else rest, spec["answer"], spec["max_new_tokens"])
 
     def identity(self, task: str) -> dict:
-        where = ({"dir": self.bbh_dir, "sha256": _sha256(self._file(task))} if self.bbh_dir
+        where = ({"dir": self.bbh_dir, "sha256": sha256_file(self._file(task))} if self.bbh_dir
                  else {"hub": bbh.BBH_HUB_DATASET})
         return {"source": self.kind, **where, "shots": self.shots, "max_eval": self.max_eval}
 

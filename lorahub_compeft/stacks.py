@@ -182,7 +182,7 @@ def bind_flat(params: list[tuple[str, torch.nn.Parameter]], layout: Layout, devi
 
 
 # --- building a stack --------------------------------------------------------------------------
-def _check_tensors(source: ExpertSource, found: dict[str, tuple], layout: Layout) -> None:
+def check_tensors(source: ExpertSource, found: dict[str, tuple], layout: Layout) -> None:
     missing = [k for k in layout.keys if k not in found]
     if missing:
         raise ValueError(f"{source.name}: lacks {len(missing)} LoRA tensors the model has, "
@@ -219,7 +219,7 @@ def build_stack(sources: list[ExpertSource], layout: Layout, device) -> tuple[St
         start = time.perf_counter()
         tensors = source.load()
         decode += time.perf_counter() - start
-        _check_tensors(source, {k: v.shape for k, v in tensors.items()}, layout)
+        check_tensors(source, {k: v.shape for k, v in tensors.items()}, layout)
         _check_finite(source, [tensors[k] for k in layout.keys])
         for key, off in zip(layout.keys, layout.offsets):
             value = tensors[key]
@@ -238,7 +238,7 @@ def _build_ternary_stack(sources, layout: Layout, device) -> tuple[TernaryStack,
         start = time.perf_counter()
         t = source.ternary()
         decode += time.perf_counter() - start
-        _check_tensors(source, dict(zip(t.names, t.shapes)), layout)
+        check_tensors(source, dict(zip(t.names, t.shapes)), layout)
         _check_finite(source, [t.scales])
         ignored |= set(t.names) - set(layout.keys)
         own = t.offsets()  # the expert's own flat order: tensor j spans own[j]:own[j+1]

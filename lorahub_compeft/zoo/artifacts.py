@@ -17,12 +17,8 @@ MANIFEST = "manifest.json"
 BASE_NAME = "lorahub_compeft/zoo/artifacts/base"
 
 
-def sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
 def manifest_files(root: Path) -> dict[str, dict]:
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
