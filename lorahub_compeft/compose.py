@@ -184,16 +184,30 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     # 3. which experts (the model is needed to score them)
     select_start = time.perf_counter()
     if len(candidates) > n_experts and select == "loss":
+        index = {s.name: i for i, s in enumerate(candidates)}
+
+        def alone(i: int) -> np.ndarray:
+            w = np.zeros(len(candidates))
+            w[i] = 1.0
+            return w
+
         def score(i: int) -> float:
-            alone = np.zeros(len(candidates))
-            alone[i] = 1.0
             with int8.active() if int8 is not None else contextlib.nullcontext():
                 loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
-            return loss + regularize(alone)
+            return loss + regularize(alone(i))
+
+        def score_many(chosen: list[ExpertSource]) -> list[float]:
+            """K experts per forward, through the search's own Scorer over their stack."""
+            stack, _ = build_stack(chosen, layout, device)
+            losses = Scorer(peft_model, stack, flat, batches, len(examples), objective,
+                            per_forward=candidates_per_step, int8=int8
+                            ).score_candidates(np.eye(len(chosen)))
+            return [x + regularize(alone(index[s.name])) for x, s in zip(losses, chosen)]
         estimate = None if loss_fn is not None else first_order(
             peft_model, lambda: task_loss(peft_model, batches, len(examples), objective),
             layout, flat)
-        selection = select_by_loss(candidates, n_experts, score, flat, layout, budget, estimate)
+        selection = select_by_loss(candidates, n_experts, score, flat, layout, budget, estimate,
+                                   score_many if candidates_per_step > 1 else None)
     else:
         selection = Selection(select if select == "random" else "all",
                               [s.name for s in candidates])

@@ -43,14 +43,15 @@ def main(argv=None) -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
     from lorahub_compeft.compose import compose
-    from lorahub_compeft.zoo.demo import Zoo, exact_match, task_data
     from lorahub_compeft.zoo.tasks import task_names
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from protocols import Zoo, exact_match, task_data  # the demo's data, as protocols.py reads it
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     rows = []
     for task in tasks:
         for seed in args.seeds:
-            few, rest = task_data(task, seed, 5, args.n_eval)
+            few, rest = task_data(task, seed, "demo", args.n_eval)
             inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
             experts = [zoo.library.get(n) for n in zoo.library.sample(args.n_experts, seed)]
             for variant in variants:

@@ -270,3 +270,25 @@ def test_packed_encoder_inputs_give_the_padded_losses(experts, objective, batch_
             losses[name, k] = scorer.score_candidates(weights)
     for key, value in losses.items():
         np.testing.assert_allclose(value, losses["padded", 1], rtol=1e-5, err_msg=str(key))
+
+
+def test_selection_scores_k_experts_per_forward(experts, monkeypatch):
+    """select="loss" with candidates_per_step=K scores the candidates K per forward through the
+    search's Scorer: the same scores and choice as one forward each."""
+    from lorahub_compeft import compose as compose_module
+    examples = support.constant_task("blue")
+    one = compose(experts, examples, n_experts=1, select="loss", budget=4, progress=False)
+    batched = []
+
+    class Spy(Scorer):
+        def score_candidates(self, weights):
+            batched.append((self.per_forward, len(weights)))
+            return super().score_candidates(weights)
+    monkeypatch.setattr(compose_module, "Scorer", Spy)
+    many = compose(experts, examples, n_experts=1, select="loss", budget=4,
+                   candidates_per_step=2, progress=False)
+    assert one.experts == many.experts == ["blue"]
+    assert set(many.selection.scores) == set(WORDS)
+    assert batched[0] == (2, 3)  # the three experts alone, two per forward
+    for name, value in one.selection.scores.items():
+        assert many.selection.scores[name] == pytest.approx(value, rel=1e-5)
