@@ -275,7 +275,8 @@ def test_packed_encoder_inputs_give_the_padded_losses(experts, objective, batch_
 def test_selection_scores_k_experts_per_forward(experts, monkeypatch):
     """select="loss" with candidates_per_step=K scores the candidates K per forward through the
     search's Scorer: the same scores and choice as one forward each."""
-    from lorahub_compeft import compose as compose_module
+    import importlib
+    compose_module = importlib.import_module("lorahub_compeft.compose")
     examples = support.constant_task("blue")
     one = compose(experts, examples, n_experts=1, select="loss", budget=4, progress=False)
     batched = []
