@@ -101,7 +101,8 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
       "random": LoraHub's draw (a library's sample(n, seed); a list's, with the same sampler).
       n_experts defaults to DEFAULT_N[select]. Only the chosen experts are put in the stack.
     restarts: R searches over the same experts, the first from w = 0, the others from seeded
-      random starts; the one with the lowest few-shot loss is kept (w = 0 itself included).
+      random starts, run in lockstep; the one with the lowest few-shot loss is kept (w = 0
+      itself included).
     examples: [{"input": str, "target": str}, ...].
     model: a transformers model (copied, then wrapped), a name/path, or None for the experts'
       base_model_name_or_path. Pass tokenizer= with a model object (else it is loaded by name).
@@ -119,10 +120,12 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
       base's linear layers; else fp32: forward.py), "bf16", "fp32", "int8", a torch.dtype, or
       None for the model's own; the experts are always mixed in fp32, the loss computed in
       fp32, and the returned model is never int8 (result.precision says what the search ran).
-    candidates_per_step: K candidates asked of the optimizer and scored in one forward (the
-      examples repeated K times, LoRA added by batched matmuls); worth it where one forward of
-      the few examples leaves the device idle (GPUs), not on a CPU. With K > 1 nevergrad's
-      Shiwa/NGOpt pick CMA instead of COBYLA, which needs far more than 40 evaluations.
+    candidates_per_step: K candidates scored in one forward (the examples repeated K times,
+      LoRA added by batched matmuls), shared by the R restarts: each is asked for
+      max(1, K // R) candidates per round. With K <= R every search stays sequential, so
+      restarts=K, candidates_per_step=K gives R searches for about the forwards of one; with
+      K > R a search gets several candidates at once (nevergrad's num_workers), for which
+      Shiwa/NGOpt pick CMA instead of COBYLA and lose exact match at LoraHub's budgets.
     Same inputs and seed give the same weights.
     """
     # 1. everything that can be checked without a model
@@ -227,10 +230,10 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     zero_loss = evaluate(np.zeros((1, n)))[0]
     scorer.reset_timings()  # the steps' totals only
     loop_start = time.perf_counter()
-    outcomes = [search(evaluate, n, budget, optimizer, bounds,
-                       seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0]),
-                       progress, candidates_per_step, start=restart_start(n, seed, r, bounds))
-                for r in range(restarts)]
+    seeds = [seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
+             for r in range(restarts)]
+    outcomes = search(evaluate, n, budget, optimizer, bounds, seeds, progress,
+                      candidates_per_step, [restart_start(n, seed, r, bounds) for r in range(restarts)])
     loop_s = time.perf_counter() - loop_start
     outcome = min(outcomes, key=lambda o: o.best_loss)  # the first on ties
     best_w, best_loss = outcome.best_w, outcome.best_loss
@@ -248,7 +251,7 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
                  "forward": scorer.timings["forward"],
                  "optimizer": loop_s - scorer.timings["mix"] - scorer.timings["forward"],
                  "setup": setup_s, "select": selection.seconds, "steps": budget * restarts,
-                 "forwards": restarts * math.ceil(budget / candidates_per_step)},
+                 "forwards": scorer.timings["forwards"]},
         experts=names, optimizer=optimizer, objective=objective, model=peft_model,
         tokenizer=tokenizer, stack=stack, flat=flat, config=dict(sources[0].config),
         selection=selection, restart_losses=[o.best_loss for o in outcomes],

@@ -254,7 +254,7 @@ class Scorer:
     through BatchedLoRA (one by one through loss() when per_forward is 1). Either serves to
     score each expert alone: score_candidates(np.eye(N)). With `int8` (Int8Linears) every
     forward runs through the int8 copies of the base's linear layers.
-    timings: seconds spent mixing and in forwards."""
+    timings: seconds spent mixing and in forwards, and the number of forwards."""
 
     def __init__(self, model, stack: Stack, flat: torch.Tensor, batches: list[dict],
                  n_examples: int, objective: str, loss_fn=None, per_forward: int = 1,
@@ -269,7 +269,7 @@ class Scorer:
         self.precision = int8.active if int8 is not None else contextlib.nullcontext
         self.batched = (BatchedLoRA(model, stack.layout, per_forward)
                         if per_forward > 1 else None)
-        self.timings = {"mix": 0.0, "forward": 0.0}
+        self.reset_timings()
         cuda = flat.device.type == "cuda"
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -278,6 +278,7 @@ class Scorer:
         value = fn(*args)
         self._sync()
         self.timings[key] += time.perf_counter() - start
+        self.timings["forwards"] += key == "forward"
         return value
 
     def loss(self, w) -> float:
@@ -300,4 +301,4 @@ class Scorer:
         return losses
 
     def reset_timings(self) -> None:
-        self.timings = {"mix": 0.0, "forward": 0.0}
+        self.timings = {"mix": 0.0, "forward": 0.0, "forwards": 0}

@@ -22,7 +22,9 @@ from pathlib import Path
 
 VARIANTS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"}, "int8": {"dtype": "int8"},
             "k4": {"dtype": "fp32", "candidates_per_step": 4},
-            "k8": {"dtype": "fp32", "candidates_per_step": 8}}
+            "k8": {"dtype": "fp32", "candidates_per_step": 8},
+            # K slots shared by K restarts: each search stays sequential, 40 forwards in all
+            "k4-restarts4": {"dtype": "fp32", "candidates_per_step": 4, "restarts": 4}}
 
 
 def main(argv=None) -> None:

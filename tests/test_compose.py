@@ -249,7 +249,7 @@ def test_the_search_does_not_pass_on_cobylas_tolerance_warnings():
     from lorahub_compeft.search import search
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outcome = search(lambda W: [float(np.sum((w - 0.3) ** 2)) for w in W], 20, 40, "Shiwa",
-                         1.5, 1, progress=False)
+        [outcome] = search(lambda W: [float(np.sum((w - 0.3) ** 2)) for w in W], 20, 40,
+                           "Shiwa", 1.5, [1], progress=False)
     assert outcome.best_loss < 20 * 0.3 ** 2  # better than the start, w = 0
     assert not [w for w in caught if "COBYLA" in str(w.message)]

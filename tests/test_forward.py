@@ -293,3 +293,18 @@ def test_selection_scores_k_experts_per_forward(experts, monkeypatch):
     assert batched[0] == (2, 3)  # the three experts alone, two per forward
     for name, value in one.selection.scores.items():
         assert many.selection.scores[name] == pytest.approx(value, rel=1e-5)
+
+
+def test_restarts_share_forwards(experts):
+    """restarts=R with candidates_per_step=R: the R searches (each still sequential) put one
+    candidate each into every forward. Their starts score as in separate forwards; later
+    steps may part ways, as float noise of 1e-7 can turn COBYLA another way."""
+    examples = support.constant_task("red")
+    apart = compose(experts, examples, budget=8, restarts=3, seed=2, progress=False)
+    shared = compose(experts, examples, budget=8, restarts=3, seed=2, candidates_per_step=3,
+                     progress=False)
+    assert apart.timings["forwards"] == 24 and shared.timings["forwards"] == 8
+    assert len(shared.losses) == len(apart.losses) == 24  # 3 searches x 8
+    np.testing.assert_allclose(shared.losses[::8], apart.losses[::8], rtol=1e-5)  # the starts
+    assert len(set(np.round(shared.losses[::8], 6))) == 3  # three different starts
+    assert shared.best_loss == min(shared.restart_losses) <= shared.losses[0]
