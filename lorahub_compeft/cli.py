@@ -30,6 +30,15 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _add_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32", "int8"), default="auto",
+                   help="how the search runs the base model; auto (default): bf16 where the "
+                        "device computes it natively, else on a CPU int8 copies of the linear "
+                        "layers of models of t5-small's size or more, else fp32. int8 forces "
+                        "int8 scoring (CPU). The composed adapter is fp32 and answers come from "
+                        "the unquantized model whatever is chosen")
+
+
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch's intra-op threads (default: one per core, but only the idle "
@@ -404,6 +413,7 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="composition objective (default paper)")
     p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
+    _add_dtype_option(p)
     p.add_argument("--shots", type=int, default=5, help="few-shot examples per cell (default 5)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
                                      "else the Hub's lukaemon/bbh)")
@@ -442,7 +452,7 @@ def cmd_bbh(args) -> int:
     experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
     options = {"n_experts": args.n_experts, "density": args.density, "alpha": args.alpha,
                "per_tensor": args.per_tensor, "restarts": args.restarts, "budget": args.budget,
-               "objective": args.objective, "optimizer": args.optimizer}
+               "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype}
     options = {k: v for k, v in options.items() if v is not None}  # else each method's default
     methods = [make_method(m, **method_options(m, options)) for m in args.methods.split(",")]
     out = Path(args.out)
@@ -558,9 +568,7 @@ def _add_compose_parser(sub) -> None:
                    help="replace an adapter folder holding only adapter_config.json and "
                         "adapter_model.safetensors (never other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="the base model's dtype while composing; auto: bf16 where the device "
-                        "computes it natively, else fp32 (default)")
+    _add_dtype_option(p)
     p.add_argument("--candidates-per-step", type=_positive_int, default=1, metavar="K",
                    help="candidates scored per forward (default 1; more helps on GPUs)")
     _add_threads_option(p)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -27,9 +28,9 @@ import torch
 from .base_models import looks_like_path
 from .expert_sources import (ExpertSource, base_model_of, candidate_sources, choose_sources,
                              validate_experts)
-from .forward import Scorer, resolve_dtype
-from .objective import (OBJECTIVES, default_max_length, few_shot_loss, task_loss,
-                        tokenize_examples, validate_examples)
+from .forward import Int8Linears, Precision, Scorer, resolve_precision
+from .objective import (OBJECTIVES, default_max_length, few_shot_loss, pack_encoder_inputs,
+                        packs_encoder, task_loss, tokenize_examples, validate_examples)
 from .result import CompositionResult
 from .search import optimizer_class, restart_start, search
 from .selection import SELECTIONS, Selection, first_order, select_by_loss
@@ -100,7 +101,8 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
       "random": LoraHub's draw (a library's sample(n, seed); a list's, with the same sampler).
       n_experts defaults to DEFAULT_N[select]. Only the chosen experts are put in the stack.
     restarts: R searches over the same experts, the first from w = 0, the others from seeded
-      random starts; the one with the lowest few-shot loss is kept (w = 0 itself included).
+      random starts, run in lockstep; the one with the lowest few-shot loss is kept (w = 0
+      itself included).
     examples: [{"input": str, "target": str}, ...].
     model: a transformers model (copied, then wrapped), a name/path, or None for the experts'
       base_model_name_or_path. Pass tokenizer= with a model object (else it is loaded by name).
@@ -113,13 +115,17 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
       size); regularizer(w: np.ndarray) -> float replaces l1 * mean|w|.
     The returned weights are the best evaluated point (w ∈ [-bounds, bounds], start at 0); a
     non-finite loss is told to the optimizer as a 1e6 penalty and counted in nonfinite_steps.
-    dtype: "auto" (bf16 where the device computes it natively, else fp32: forward.py), "bf16",
-      "fp32", a torch.dtype, or None for the model's own; the experts are always mixed in fp32
-      and the loss computed in fp32.
-    candidates_per_step: K candidates asked of the optimizer and scored in one forward (the
-      examples repeated K times, LoRA added by batched matmuls); worth it where one forward of
-      the few examples leaves the device idle (GPUs), not on a CPU. With K > 1 nevergrad's
-      Shiwa/NGOpt pick CMA instead of COBYLA, which needs far more than 40 evaluations.
+    dtype: "auto" (bf16 where the device computes it natively; else, on a CPU and for a model
+      of t5-small's size or more, fp32 with the candidates scored through int8 copies of the
+      base's linear layers; else fp32: forward.py), "bf16", "fp32", "int8", a torch.dtype, or
+      None for the model's own; the experts are always mixed in fp32, the loss computed in
+      fp32, and the returned model is never int8 (result.precision says what the search ran).
+    candidates_per_step: K candidates scored in one forward (the examples repeated K times,
+      LoRA added by batched matmuls), shared by the R restarts: each is asked for
+      max(1, K // R) candidates per round. With K <= R every search stays sequential, so
+      restarts=K, candidates_per_step=K gives R searches for about the forwards of one; with
+      K > R a search gets several candidates at once (nevergrad's num_workers), for which
+      Shiwa/NGOpt pick CMA instead of COBYLA and lose exact match at LoraHub's budgets.
     Same inputs and seed give the same weights.
     """
     # 1. everything that can be checked without a model
@@ -142,7 +148,7 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     if candidates_per_step > 1 and loss_fn is not None:
         raise ValueError("loss_fn scores one model at a time; use candidates_per_step=1 with it")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(dtype, device)
+    precision = resolve_precision(dtype, device)
     from .library import ExpertLibrary
     select = select or "loss"
     n_experts = DEFAULT_N[select] if n_experts is None else n_experts
@@ -161,14 +167,19 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
 
     # 2. model, experts, examples
     setup_start = time.perf_counter()
-    base, tokenizer = _load_base(model, tokenizer, candidates, dtype)
+    base, tokenizer = _load_base(model, tokenizer, candidates, precision.dtype)
     peft_model = _peft_model(base, candidates[0].config, device)
+    int8 = Int8Linears(peft_model) if precision.int8_for(peft_model) else None
+    if precision.int8 and int8 is None:
+        precision = Precision(precision.dtype)  # auto, and the model is too small for int8 to pay
     params = lora_params(peft_model)
     layout = layout_of(params)
     flat = bind_flat(params, layout, device)
     batches = tokenize_examples(examples, tokenizer, bool(peft_model.config.is_encoder_decoder),
                                 max_length or default_max_length(tokenizer, peft_model),
                                 batch_size or len(examples), device)
+    if packs_encoder(peft_model):  # the same losses without computing the padding
+        batches = [pack_encoder_inputs(b) for b in batches]
 
     def regularize(w: np.ndarray) -> float:
         return float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))
@@ -176,15 +187,30 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     # 3. which experts (the model is needed to score them)
     select_start = time.perf_counter()
     if len(candidates) > n_experts and select == "loss":
+        index = {s.name: i for i, s in enumerate(candidates)}
+
+        def alone(i: int) -> np.ndarray:
+            w = np.zeros(len(candidates))
+            w[i] = 1.0
+            return w
+
         def score(i: int) -> float:
-            alone = np.zeros(len(candidates))
-            alone[i] = 1.0
-            loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
-            return loss + regularize(alone)
+            with int8.active() if int8 is not None else contextlib.nullcontext():
+                loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
+            return loss + regularize(alone(i))
+
+        def score_many(chosen: list[ExpertSource]) -> list[float]:
+            """K experts per forward, through the search's own Scorer over their stack."""
+            stack, _ = build_stack(chosen, layout, device)
+            losses = Scorer(peft_model, stack, flat, batches, len(examples), objective,
+                            per_forward=candidates_per_step, int8=int8
+                            ).score_candidates(np.eye(len(chosen)))
+            return [x + regularize(alone(index[s.name])) for x, s in zip(losses, chosen)]
         estimate = None if loss_fn is not None else first_order(
             peft_model, lambda: task_loss(peft_model, batches, len(examples), objective),
             layout, flat)
-        selection = select_by_loss(candidates, n_experts, score, flat, layout, budget, estimate)
+        selection = select_by_loss(candidates, n_experts, score, flat, layout, budget, estimate,
+                                   score_many if candidates_per_step > 1 else None)
     else:
         selection = Selection(select if select == "random" else "all",
                               [s.name for s in candidates])
@@ -193,7 +219,7 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     names = [s.name for s in sources]
     stack, decode_s = build_stack(sources, layout, device)
     scorer = Scorer(peft_model, stack, flat, batches, len(examples), objective, loss_fn,
-                    candidates_per_step)
+                    candidates_per_step, int8)
 
     # 4. the search
     def evaluate(ws: np.ndarray) -> list[float]:
@@ -204,10 +230,10 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     zero_loss = evaluate(np.zeros((1, n)))[0]
     scorer.reset_timings()  # the steps' totals only
     loop_start = time.perf_counter()
-    outcomes = [search(evaluate, n, budget, optimizer, bounds,
-                       seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0]),
-                       progress, candidates_per_step, start=restart_start(n, seed, r, bounds))
-                for r in range(restarts)]
+    seeds = [seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
+             for r in range(restarts)]
+    outcomes = search(evaluate, n, budget, optimizer, bounds, seeds, progress,
+                      candidates_per_step, [restart_start(n, seed, r, bounds) for r in range(restarts)])
     loop_s = time.perf_counter() - loop_start
     outcome = min(outcomes, key=lambda o: o.best_loss)  # the first on ties
     best_w, best_loss = outcome.best_w, outcome.best_loss
@@ -225,10 +251,11 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
                  "forward": scorer.timings["forward"],
                  "optimizer": loop_s - scorer.timings["mix"] - scorer.timings["forward"],
                  "setup": setup_s, "select": selection.seconds, "steps": budget * restarts,
-                 "forwards": restarts * math.ceil(budget / candidates_per_step)},
+                 "forwards": scorer.timings["forwards"]},
         experts=names, optimizer=optimizer, objective=objective, model=peft_model,
         tokenizer=tokenizer, stack=stack, flat=flat, config=dict(sources[0].config),
-        selection=selection, restart_losses=[o.best_loss for o in outcomes])
+        selection=selection, restart_losses=[o.best_loss for o in outcomes],
+        precision=precision.name)
     result._apply_best()
     log.info("composed %d experts: best loss %.4f (no composition %.4f)", n, best_loss, zero_loss)
     return result

@@ -147,12 +147,13 @@ class ComposeParams(Params):
     budget: int = 40
     objective: str = "paper"
     optimizer: str | None = None  # None: the objective's default
+    dtype: str = "auto"  # how the search runs the base (forward.py); the row records which
 
     def compose_options(self) -> dict:
         """What `compose()` takes beyond experts, examples and model: LoraHub's protocol
         composes the N experts `choose` drew, all of them."""
         options = {"n_experts": self.n_experts, "select": "random", "budget": self.budget,
-                   "objective": self.objective}
+                   "objective": self.objective, "dtype": self.dtype}
         return options | ({"optimizer": self.optimizer} if self.optimizer else {})
 
 
@@ -187,7 +188,7 @@ class LoraHub(Method):
             "bytes_read": nbytes, "files_read": len(sources),
             "weights": [result.weights[k] for k in result.experts],
             "best_loss": result.best_loss, "zero_loss": result.zero_loss,
-            "compose_timings": result.timings})
+            "precision": result.precision, "compose_timings": result.timings})
 
 
 @dataclass(frozen=True)

@@ -94,10 +94,53 @@ def tokenize_examples(examples: list[dict], tokenizer, is_encoder_decoder: bool,
     return batches
 
 
+# Encoders whose attention knows positions only relative to each other (T5's buckets of
+# key - query): several examples packed into one row, each attending only to itself, give the
+# same outputs as padded rows, without computing the padding.
+PACKABLE = ("t5", "mt5")
+
+
+def packs_encoder(model) -> bool:
+    return bool(model.config.is_encoder_decoder) and model.config.model_type in PACKABLE
+
+
+def pack_encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch plus its examples' input tokens packed into one row: packed_ids [1, T],
+    segments [1, T] (which example each token is), unpack [1, B * L] (where each padded
+    position's token sits in the packed row; padding points at token 0 and stays masked)."""
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    unpack = torch.where(mask, starts[:, None] + positions, 0)
+    return dict(batch, packed_ids=batch["input_ids"][mask][None],
+                segments=torch.repeat_interleave(torch.arange(len(lengths), device=mask.device),
+                                                 lengths)[None],
+                unpack=unpack.reshape(1, -1))
+
+
+def _encode_packed(model, batch: dict[str, torch.Tensor]):
+    """The encoder's states for the padded rows, computed on the packed rows (one per
+    candidate when the batch is repeated K times)."""
+    from transformers.modeling_outputs import BaseModelOutput
+    segments = batch["segments"]
+    dtype = model.get_input_embeddings().weight.dtype
+    allowed = segments[:, None, :, None] == segments[:, None, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    hidden = model.get_encoder()(input_ids=batch["packed_ids"], attention_mask=mask).last_hidden_state
+    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
+    padded = hidden[rows, batch["unpack"]].reshape(*batch["input_ids"].shape, hidden.shape[-1])
+    return BaseModelOutput(last_hidden_state=padded)
+
+
 def _scored_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits and the labels they predict (causal LMs: shifted by one)."""
     labels = batch["labels"]
-    if model.config.is_encoder_decoder:
+    if "packed_ids" in batch:
+        logits = model(encoder_outputs=_encode_packed(model, batch),
+                       attention_mask=batch["attention_mask"], labels=labels).logits
+    elif model.config.is_encoder_decoder:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        labels=labels).logits
     else:

@@ -28,6 +28,8 @@ class CompositionResult:
     over all steps: mix (w @ E into the LoRA buffer), forward (the loss), optimizer (nevergrad's
     ask/tell and the rest of the loop); select (choosing the experts); steps = budget x restarts.
     selection: how the experts were chosen and their scores; restart_losses: each restart's best.
+    precision: how the search ran the base ("float32", "bfloat16", "int8": losses from int8
+    copies of its linear layers; the composed model itself is never int8).
     """
     weights: dict[str, float]
     losses: list[float]
@@ -45,6 +47,7 @@ class CompositionResult:
     config: dict = field(default_factory=dict, repr=False)
     selection: Selection | None = None
     restart_losses: list[float] = field(default_factory=list)
+    precision: str = ""
 
     def _apply_best(self) -> None:
         w = np.array([self.weights[n] for n in self.experts])
@@ -78,6 +81,7 @@ class CompositionResult:
         return {"experts": self.experts, "weights": self.weights, "best_loss": self.best_loss,
                 "zero_loss": self.zero_loss, "restart_losses": self.restart_losses,
                 "objective": self.objective, "optimizer": self.optimizer,
+                "precision": self.precision,
                 "selection": self.selection.to_json() if self.selection else None}
 
     def merged_model(self):

@@ -46,44 +46,50 @@ def restart_start(n: int, seed: int, restart: int, bounds: float) -> np.ndarray:
 
 
 def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, optimizer: str,
-           bounds: float, seed: int, progress: bool = True, candidates_per_step: int = 1,
-           start: np.ndarray | None = None) -> SearchOutcome:
-    """Minimise the loss over w in [-bounds, bounds]^n from `start` (default w = 0) with
-    `budget` evaluations.
+           bounds: float, seeds: list[int], progress: bool = True, candidates_per_step: int = 1,
+           starts: list[np.ndarray] | None = None) -> list[SearchOutcome]:
+    """Minimise the loss over w in [-bounds, bounds]^n with R = len(seeds) independent
+    searches of `budget` evaluations each, search r from starts[r] (default w = 0).
 
-    evaluate(W) gets K candidates as the rows of W [K, n] and returns their K losses; the
-    optimizer is asked for K = candidates_per_step of them before it is told any loss
-    (nevergrad's num_workers=K), the last round fewer if K does not divide the budget."""
+    The searches run in lockstep so that their candidates share forwards: each round, every
+    search is asked for max(1, K // R) candidates (nevergrad's num_workers; K =
+    candidates_per_step) before it is told any loss, and evaluate(W) gets all of them as the
+    rows of W and returns their losses. With R >= K every search stays sequential (COBYLA
+    where Shiwa/NGOpt pick it) and K forwards' worth of candidates go through each forward."""
     import nevergrad as ng
     from tqdm.auto import tqdm
 
-    k = candidates_per_step
-    init = np.zeros(n) if start is None else np.asarray(start, dtype=np.float64)
-    parametrization = ng.p.Array(init=init, lower=-bounds, upper=bounds)
-    parametrization.random_state = np.random.RandomState(seed)
-    opt = optimizer_class(optimizer)(parametrization=parametrization, budget=budget, num_workers=k)
-    losses: list[float] = []
-    nonfinite = 0
-    best_loss, best_w = math.inf, np.zeros(n)
+    starts = starts if starts is not None else [np.zeros(n)] * len(seeds)
+    per_search = max(1, candidates_per_step // len(seeds))
+    optimizers = []
+    for seed, start in zip(seeds, starts):
+        parametrization = ng.p.Array(init=np.asarray(start, dtype=np.float64), lower=-bounds,
+                                     upper=bounds)
+        parametrization.random_state = np.random.RandomState(seed)
+        optimizers.append(optimizer_class(optimizer)(parametrization=parametrization,
+                                                     budget=budget, num_workers=per_search))
+    outcomes = [SearchOutcome(np.zeros(n), math.inf, [], 0) for _ in seeds]
     with warnings.catch_warnings():
         # scipy's COBYLA (which nevergrad picks for LoraHub's sizes) warns about the
         # tolerances nevergrad hands it on every search; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r"COBYLA: Invalid (RHOEND|MAXFUN)",
                                 category=UserWarning)
-        bar = tqdm(total=budget, desc="composing", unit="step", disable=not progress)
-        while len(losses) < budget:
-            asked = [opt.ask() for _ in range(min(k, budget - len(losses)))]
-            ws = np.stack([np.asarray(c.value, dtype=np.float64) for c in asked])
-            for candidate, w, value in zip(asked, ws, evaluate(ws)):
-                losses.append(value)
+        bar = tqdm(total=budget * len(seeds), desc="composing", unit="step",
+                   disable=not progress)
+        while len(outcomes[0].losses) < budget:
+            asked = [(opt, out, opt.ask()) for opt, out in zip(optimizers, outcomes)
+                     for _ in range(min(per_search, budget - len(out.losses)))]
+            ws = np.stack([np.asarray(c.value, dtype=np.float64) for _, _, c in asked])
+            for (opt, out, candidate), w, value in zip(asked, ws, evaluate(ws)):
+                out.losses.append(value)
                 if not math.isfinite(value):
-                    nonfinite += 1
+                    out.nonfinite += 1
                     opt.tell(candidate, NONFINITE_PENALTY)
                     continue
                 opt.tell(candidate, value)
-                if value < best_loss:
-                    best_loss, best_w = value, w.copy()
+                if value < out.best_loss:
+                    out.best_loss, out.best_w = value, w.copy()
             bar.update(len(asked))
-            bar.set_postfix(best=f"{best_loss:.4f}")
+            bar.set_postfix(best=f"{min(o.best_loss for o in outcomes):.4f}")
     bar.close()
-    return SearchOutcome(best_w, best_loss, losses, nonfinite)
+    return outcomes

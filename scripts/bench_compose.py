@@ -2,8 +2,9 @@
 
 Every method composes the same N experts (PEFT LoRA dirs with random LoRA-like tensors) on the
 same base model, the same 5 examples, seed and budget, with LoraHub's objective (NGOpt, the sum of
-batch mean losses / #examples + 0.05 mean|w|). Ours runs with its default settings, then with
-dtype fp32 and bf16, and with K = 4 and 8 candidates per forward. Per method: mixing and
+batch mean losses / #examples + 0.05 mean|w|). Ours runs with its default settings (dtype "auto": on a CPU
+without native bf16 and at the flan-t5-large shape, int8 scoring), then with dtype fp32 and bf16,
+and with K = 4 and 8 candidates per forward. Per method: mixing and
 forward time per forward, the steps' and the whole call's wall time, peak RSS, and the memory the experts occupy -- measured on
 the real objects (the reference's cache of state dicts; our [N, P] ExpertStack plus whatever
 expert objects stay alive), for N=20 and for libraries of 20/50/200 experts with 20 sampled.
@@ -257,7 +258,7 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
     t = result.timings
     row = {"steps": t["steps"], "forwards": t["forwards"], "mix_s": t["mix"] / t["forwards"],
            "forward_s": t["forward"] / t["forwards"],
-           "dtype": str(result.flat.dtype).removeprefix("torch."),
+           "dtype": result.precision,
            "k": forward_options.get("candidates_per_step", 1),
            "steps_s": t["mix"] + t["forward"] + t["optimizer"], "wall_s": wall,
            "peak_rss_mb": peak_rss_mb(), "best_loss": result.best_loss,

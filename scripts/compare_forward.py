@@ -1,5 +1,5 @@
-"""Exact match of the forward options on the zoo demo's protocol: fp32 against bf16, and K=1
-against K candidates per forward, at the same budget.
+"""Exact match of the forward options on the zoo demo's protocol: fp32 against bf16 and int8
+scoring, and K=1 against K candidates per forward, at the same budget.
 
 Per held-out zoo task and seed (lorahub_compeft/zoo/demo.py's protocol: 5 examples drawn with
 the seed, N experts sampled with the seed, the task's evaluation examples), the ComPEFT experts
@@ -8,6 +8,8 @@ mean EM per variant, its difference to the first variant, and the learnt weights
 
     python scripts/compare_forward.py --seeds 1-5 --json forward.json
     python scripts/compare_forward.py --variants fp32,bf16 --tasks heldout_pair_total --seeds 1
+    python scripts/compare_forward.py --variants fp32,int8 --seeds 1-5   # int8 forced: the zoo's
+                                                # model is below the size where "auto" uses it
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"},
+VARIANTS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"}, "int8": {"dtype": "int8"},
             "k4": {"dtype": "fp32", "candidates_per_step": 4},
-            "k8": {"dtype": "fp32", "candidates_per_step": 8}}
+            "k8": {"dtype": "fp32", "candidates_per_step": 8},
+            # K slots shared by K restarts: each search stays sequential, 40 forwards in all
+            "k4-restarts4": {"dtype": "fp32", "candidates_per_step": 4, "restarts": 4}}
 
 
 def main(argv=None) -> None:
@@ -41,14 +45,15 @@ def main(argv=None) -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
     from lorahub_compeft.compose import compose
-    from lorahub_compeft.zoo.demo import Zoo, exact_match, task_data
     from lorahub_compeft.zoo.tasks import task_names
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from protocols import Zoo, exact_match, task_data  # the demo's data, as protocols.py reads it
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     rows = []
     for task in tasks:
         for seed in args.seeds:
-            few, rest = task_data(task, seed, 5, args.n_eval)
+            few, rest = task_data(task, seed, "demo", args.n_eval)
             inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
             experts = [zoo.library.get(n) for n in zoo.library.sample(args.n_experts, seed)]
             for variant in variants:

@@ -7,8 +7,9 @@ import support
 from lorahub_compeft import forward
 from lorahub_compeft.compose import compose
 from lorahub_compeft.expert import compress
-from lorahub_compeft.forward import Scorer, native_bf16, resolve_dtype
-from lorahub_compeft.objective import few_shot_loss, tokenize_examples
+from lorahub_compeft.forward import Int8Linear, Int8Linears, Precision, Scorer, native_bf16, resolve_precision
+from lorahub_compeft.objective import (few_shot_loss, pack_encoder_inputs, packs_encoder,
+                                       tokenize_examples)
 from lorahub_compeft.search import optimizer_class
 
 WORDS = ("red", "green", "blue")
@@ -78,7 +79,8 @@ def test_k1_search_is_the_plain_ask_tell_loop(experts):
     import nevergrad as ng
     examples = support.constant_task("red")
     result = compose(experts, examples, budget=8, seed=3, progress=False)
-    batches = tokenize_examples(examples, result.tokenizer, True, 32, len(examples), "cpu")
+    batches = [pack_encoder_inputs(b) for b in  # as compose packs a T5's examples
+               tokenize_examples(examples, result.tokenizer, True, 32, len(examples), "cpu")]
     param = ng.p.Array(init=np.zeros(len(experts)), lower=-1.5, upper=1.5)
     param.random_state = np.random.RandomState(3)
     opt = optimizer_class("Shiwa")(parametrization=param, budget=8, num_workers=1)
@@ -108,16 +110,24 @@ def test_bad_candidates_per_step(experts):
                 loss_fn=lambda model, batch: 0.0, progress=False)
 
 
-def test_auto_dtype_follows_the_hardware(monkeypatch):
+def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(forward, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert not native_bf16("cpu") and resolve_dtype("auto", "cpu") == torch.float32
+    assert not native_bf16("cpu")
+    assert resolve_precision("auto", "cpu") == Precision(torch.float32, int8=True, only_if_pays=True)
+    monkeypatch.setattr(forward, "int8_engine", lambda: None)  # a torch without int8 kernels
+    assert resolve_precision("auto", "cpu") == Precision(torch.float32)
+    with pytest.raises(ValueError, match="int8 CPU kernels, which this torch build lacks"):
+        resolve_precision("int8", "cpu")
     monkeypatch.setattr(forward, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert resolve_precision("auto", "cpu") == Precision(torch.bfloat16)
     monkeypatch.setattr(forward, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
-    assert resolve_dtype("auto", "cpu") == torch.bfloat16
-    assert resolve_dtype("fp32", "cpu") == torch.float32 and resolve_dtype(None, "cpu") is None
+    assert resolve_precision("auto", "cpu") == Precision(torch.bfloat16)
+    assert resolve_precision("fp32", "cpu") == Precision(torch.float32)
+    assert resolve_precision(None, "cpu") == Precision(None)
+    with pytest.raises(ValueError, match="a cuda device cannot run"):
+        resolve_precision("int8", "cuda")
     with pytest.raises(ValueError, match="unknown dtype 'int3'"):
-        resolve_dtype("int3", "cpu")
+        resolve_precision("int3", "cpu")
 
 
 def test_bf16_mixes_in_fp32_and_saves_fp32(experts, tmp_path):
@@ -176,3 +186,125 @@ def test_threads_follow_the_idle_cores_without_threads(monkeypatch):
         assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
     finally:
         torch.set_num_threads(1)
+
+
+def test_int8_scores_through_int8_copies_and_returns_the_fp32_model(experts):
+    """dtype="int8": the search's losses come from int8 copies of the base's linear layers
+    (close to fp32's, not equal), LoRA factors, the output embeddings and T5's `wo` stay fp32,
+    and the returned model holds only the fp32 layers."""
+    examples = support.constant_task("green")
+    int8 = compose(experts, examples, budget=10, seed=1, dtype="int8", progress=False)
+    fp32 = compose(experts, examples, budget=10, seed=1, dtype="fp32", progress=False)
+    assert (int8.precision, fp32.precision) == ("int8", "float32")
+    assert int8.zero_loss == pytest.approx(fp32.zero_loss, rel=0.05)
+    assert int8.zero_loss != fp32.zero_loss
+    assert max(int8.weights, key=lambda n: abs(int8.weights[n])) == "green"
+    assert not any(isinstance(m, Int8Linear) for m in int8.model.modules())
+    quantized = Int8Linears(int8.model)
+    with quantized.active():
+        assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == len(quantized.swaps)
+    names = {f"{id(parent)}.{attr}" for parent, attr, _, _ in quantized.swaps}
+    named = {f"{id(parent)}.{attr}": f"{pname}.{attr}" for pname, parent in int8.model.named_modules()
+             for attr, _ in parent.named_children()}
+    swapped = sorted(named[n] for n in names)
+    assert any(n.endswith(".q.base_layer") for n in swapped)  # LoRA-wrapped layers: their base
+    assert any(n.endswith(".wi") for n in swapped)
+    assert not any("lora_" in n or n.endswith(".wo") or "lm_head" in n for n in swapped)
+    # The int8 loss of the learnt weights, measured again, is the search's best loss.
+    w = np.array([int8.weights[n] for n in int8.experts])
+    one, _ = scorers(int8, examples, "paper", per_forward=1)
+    one_int8 = Scorer(one.model, one.stack, one.flat, one.batches, one.n_examples, "paper",
+                      int8=quantized)
+    assert one_int8.loss(w) + 0.05 * np.mean(np.abs(w)) == pytest.approx(int8.best_loss, rel=1e-6)
+    assert one.loss(w) != pytest.approx(one_int8.loss(w), rel=1e-7)  # fp32 again outside
+
+
+def test_int8_k_candidates_match_k_forwards(experts):
+    """Close, not equal: an int8 layer quantizes its whole input with one scale, and K
+    candidates in one forward share it."""
+    result = compose(experts, EXAMPLES, budget=1, dtype="int8", progress=False)
+    one, many = scorers(result, EXAMPLES, "paper", per_forward=3)
+    quantized = Int8Linears(result.model)
+    one = Scorer(one.model, one.stack, one.flat, one.batches, one.n_examples, "paper", int8=quantized)
+    many = Scorer(many.model, many.stack, many.flat, many.batches, many.n_examples, "paper",
+                  per_forward=3, int8=quantized)
+    weights = np.random.default_rng(1).uniform(-1.5, 1.5, size=(4, len(experts)))
+    batched = many.score_candidates(weights)
+    np.testing.assert_allclose(batched, one.score_candidates(weights), rtol=0.05)
+    assert len(set(np.round(batched, 4))) == 4  # each candidate's LoRA term was added
+
+
+def test_auto_uses_int8_only_where_it_pays(tiny_t5):
+    """auto on a CPU: int8 for models with linear layers of t5-small's size, not for tiny ones."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+    auto = Precision(torch.float32, int8=True, only_if_pays=True)
+    small = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=512, d_kv=64, d_ff=2048,
+                                                num_layers=1, num_decoder_layers=1, num_heads=8))
+    lora = LoraConfig(r=2, target_modules=["q", "v"])
+    assert auto.int8_for(get_peft_model(small, lora))
+    assert not auto.int8_for(get_peft_model(T5ForConditionalGeneration.from_pretrained(tiny_t5),
+                                            lora))
+    assert Precision(torch.float32, int8=True).int8_for(get_peft_model(
+        T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32,
+                                            num_layers=1, num_heads=2)), lora))
+
+
+@pytest.mark.parametrize("objective,batch_size", [("paper", None), ("lorahub", 2)])
+def test_packed_encoder_inputs_give_the_padded_losses(experts, objective, batch_size):
+    """T5's examples packed into one row (each attending to itself) score as the padded rows
+    do, one candidate or K per forward, and the packed row holds no padding."""
+    result = compose(experts, EXAMPLES, budget=1, progress=False)
+    assert packs_encoder(result.model)
+    padded = tokenize_examples(EXAMPLES, result.tokenizer, True, 32, batch_size or len(EXAMPLES),
+                               "cpu")
+    packed = [pack_encoder_inputs(b) for b in padded]
+    assert [p["packed_ids"].shape[1] for p in packed] == [int(b["attention_mask"].sum()) for b in padded]
+    assert sum(p["packed_ids"].shape[1] for p in packed) < sum(b["input_ids"].numel() for b in padded)
+    weights = np.random.default_rng(2).uniform(-1.5, 1.5, size=(4, len(experts)))
+    losses = {}
+    for name, batches in (("padded", padded), ("packed", packed)):
+        for k in (1, 4):
+            scorer = Scorer(result.model, result.stack, result.flat, batches, len(EXAMPLES),
+                            objective, per_forward=k)
+            losses[name, k] = scorer.score_candidates(weights)
+    for key, value in losses.items():
+        np.testing.assert_allclose(value, losses["padded", 1], rtol=1e-5, err_msg=str(key))
+
+
+def test_selection_scores_k_experts_per_forward(experts, monkeypatch):
+    """select="loss" with candidates_per_step=K scores the candidates K per forward through the
+    search's Scorer: the same scores and choice as one forward each."""
+    import importlib
+    compose_module = importlib.import_module("lorahub_compeft.compose")
+    examples = support.constant_task("blue")
+    one = compose(experts, examples, n_experts=1, select="loss", budget=4, progress=False)
+    batched = []
+
+    class Spy(Scorer):
+        def score_candidates(self, weights):
+            batched.append((self.per_forward, len(weights)))
+            return super().score_candidates(weights)
+    monkeypatch.setattr(compose_module, "Scorer", Spy)
+    many = compose(experts, examples, n_experts=1, select="loss", budget=4,
+                   candidates_per_step=2, progress=False)
+    assert one.experts == many.experts == ["blue"]
+    assert set(many.selection.scores) == set(WORDS)
+    assert batched[0] == (2, 3)  # the three experts alone, two per forward
+    for name, value in one.selection.scores.items():
+        assert many.selection.scores[name] == pytest.approx(value, rel=1e-5)
+
+
+def test_restarts_share_forwards(experts):
+    """restarts=R with candidates_per_step=R: the R searches (each still sequential) put one
+    candidate each into every forward. Their starts score as in separate forwards; later
+    steps may part ways, as float noise of 1e-7 can turn COBYLA another way."""
+    examples = support.constant_task("red")
+    apart = compose(experts, examples, budget=8, restarts=3, seed=2, progress=False)
+    shared = compose(experts, examples, budget=8, restarts=3, seed=2, candidates_per_step=3,
+                     progress=False)
+    assert apart.timings["forwards"] == 24 and shared.timings["forwards"] == 8
+    assert len(shared.losses) == len(apart.losses) == 24  # 3 searches x 8
+    np.testing.assert_allclose(shared.losses[::8], apart.losses[::8], rtol=1e-5)  # the starts
+    assert len(set(np.round(shared.losses[::8], 6))) == 3  # three different starts
+    assert shared.best_loss == min(shared.restart_losses) <= shared.losses[0]
