@@ -372,6 +372,7 @@ def read_experts_file(path: str) -> list[str]:
 
 
 def _add_bbh_parsers(sub) -> None:
+    from .codec import DEFAULT_COMPRESSION
     from .methods import METHODS
     # The default reproduces the paper's Table 7; add select,select-compeft for the package's
     # protocol beside it.
@@ -392,11 +393,12 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
     # Each method's own defaults unless given: lorahub/compeft are the paper's protocol (random
     # 20; k=0.1, alpha 1, global top-k), select/select-compeft the package's (3 chosen by loss;
-    # k=0.1, alpha auto, per tensor).
+    # codec.DEFAULT_COMPRESSION: k=0.5, alpha auto, per tensor).
     p.add_argument("-n", "--n-experts", type=int,
                    help="experts per composition (default: 20 for lorahub/compeft, 3 for select*)")
     p.add_argument("--density", type=float,
-                   help="ComPEFT fraction kept (default 0.1 for every method)")
+                   help="ComPEFT fraction kept (default: 0.1 for compeft, "
+                        f"{DEFAULT_COMPRESSION['density']} for select-compeft)")
     p.add_argument("--alpha", type=parse_alpha,
                    help="ComPEFT scale factor or 'auto' (default: 1 for compeft, auto for "
                         "select-compeft)")
@@ -474,6 +476,7 @@ def cmd_report(args) -> int:
 
 
 def _add_demo_parser(sub) -> None:
+    from .codec import DEFAULT_COMPRESSION
     p = sub.add_parser(
         "demo", help="compose the shipped zoo's experts on its held-out tasks (offline, minutes)",
         description="The offline demo, on the zoo shipped in the package: a tiny T5\n"
@@ -492,7 +495,8 @@ def _add_demo_parser(sub) -> None:
                    help="random: LoraHub's protocol, N experts drawn with the seed (default, the "
                         "table in README); loss: the package's, every expert scored alone and "
                         "the N with the lowest few-shot loss composed (ComPEFT at the default "
-                        "compression: k=0.1, alpha auto, per tensor)")
+                        f"compression: k={DEFAULT_COMPRESSION['density']}, alpha auto, per "
+                        "tensor)")
     p.add_argument("-n", "--n-experts", type=int,
                    help="experts to compose (default 20 with --select random, 3 with loss)")
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")

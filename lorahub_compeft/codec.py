@@ -25,7 +25,7 @@ SCALE_DTYPE = torch.float32  # holds fp16/bf16/fp32 scales exactly
 PAPER_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
 # The command line's defaults (README "Defaults"): per-tensor top-k, alpha from the expert, and
 # the density chosen on the zoo's validation seeds; and the paper's settings, one flag each away.
-DEFAULT_COMPRESSION = {"density": 0.1, "alpha": "auto", "per_tensor": True}
+DEFAULT_COMPRESSION = {"density": 0.5, "alpha": "auto", "per_tensor": True}
 PAPER_COMPRESSION = {"density": 0.1, "alpha": 1.0, "per_tensor": False}
 PAPER_ALPHAS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10)
 

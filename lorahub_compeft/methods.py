@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .codec import DEFAULT_COMPRESSION
 from .pool import ExpertPool
 from .sources import TaskData
 
@@ -229,9 +230,9 @@ class Select(LoraHub):
 
 @dataclass(frozen=True)
 class SelectCompeftParams(SelectParams):
-    density: float = 0.1      # codec.DEFAULT_COMPRESSION
-    alpha: float | str = "auto"
-    per_tensor: bool = True
+    density: float = DEFAULT_COMPRESSION["density"]
+    alpha: float | str = DEFAULT_COMPRESSION["alpha"]
+    per_tensor: bool = DEFAULT_COMPRESSION["per_tensor"]
 
 
 @register

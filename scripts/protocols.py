@@ -13,11 +13,14 @@ The ComPEFT experts are compressed here, in memory, from the zoo's shipped dense
 
     --split validation   shot seeds SHOT_SEED+101.. and evaluation examples drawn with
                          VALIDATION_EVAL_SEED: data the demo never reports; used to choose N
-                         and the density (--sweep n | density)
+                         and the density (--sweep n | n-compeft | density)
     --split demo         the demo's data (shots SHOT_SEED+seed, evaluation DEMO_EVAL_SEED)
 
     python scripts/protocols.py --split validation --sweep n --seeds 101-105
-    python scripts/protocols.py --split validation --sweep density --seeds 101-105
+    python scripts/protocols.py --split validation --sweep density --densities 0.1,0.3,0.5 \
+        --seeds 101-105 --methods lorahub-dense,lorahub-compeft
+    python scripts/protocols.py --split validation --sweep density --alpha 1 ...  (another alpha:
+        another --rows file, rows are keyed by method, N and density only)
     python scripts/protocols.py --split demo --seeds 1-5
 """
 from __future__ import annotations
@@ -113,12 +116,18 @@ def summarize(rows: list[dict], key) -> dict:
     return out
 
 
-def configs_for(sweep: str) -> list[tuple[str, int, float | None]]:
+def configs_for(sweep: str, densities=(0.1, 0.2, 0.3)) -> list[tuple[str, int, float | None]]:
     """(method, N, density) to run: the N sweep, the density sweep, or the demo table."""
     if sweep == "n":
         return [("select-dense", n, None) for n in (3, 5, 8, 10, 20)]
-    if sweep == "density":
-        return [("lorahub-dense", 20, None)] + [("lorahub-compeft", 20, k) for k in (0.1, 0.2, 0.3)]
+    if sweep == "n-compeft":
+        k = DEFAULT_COMPRESSION["density"]
+        return [("select-compeft", n, k) for n in (3, 5, 8, 10, 20)]
+    if sweep == "density":  # both protocols at each k (--methods picks)
+        n = DEFAULT_N["loss"]
+        return [("lorahub-dense", 20, None), ("select-dense", n, None)] + \
+            [("lorahub-compeft", 20, k) for k in densities] + \
+            [("select-compeft", n, k) for k in densities]
     k, n = DEFAULT_COMPRESSION["density"], DEFAULT_N["loss"]
     return [("zeroshot", 0, None), ("lorahub-dense", 20, None), ("lorahub-compeft", 20, k),
             ("select-dense", n, None), ("select-compeft", n, k)]
@@ -135,10 +144,14 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def main(argv=None):
-    from lorahub_compeft.cli import parse_seeds
+    from lorahub_compeft.cli import parse_alpha, parse_seeds
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("validation", "demo"), required=True)
-    parser.add_argument("--sweep", choices=("n", "density", "none"), default="none")
+    parser.add_argument("--sweep", choices=("n", "n-compeft", "density", "none"), default="none")
+    parser.add_argument("--densities", default="0.1,0.2,0.3", help="the density sweep's k values")
+    parser.add_argument("--alpha", type=parse_alpha, default=DEFAULT_COMPRESSION["alpha"],
+                        help="the ComPEFT experts' alpha (a number or 'auto'; default: the "
+                             "package default); keep one --rows file per alpha")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--methods", help="only these methods (comma-separated)")
@@ -154,7 +167,8 @@ def main(argv=None):
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     key = lambda r: (r["task"], r["seed"], r["method"], r["n"], r["density"])
     seen = {key(r) for r in done}
-    configs = [c for c in configs_for(args.sweep)
+    densities = [float(k) for k in args.densities.split(",")]
+    configs = [c for c in configs_for(args.sweep, densities)
                if not args.methods or c[0] in args.methods.split(",")]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
@@ -166,8 +180,8 @@ def main(argv=None):
                 if (task, seed, method, n, k) in seen:
                     continue
                 if k is not None and k not in libraries:
-                    c = DEFAULT_COMPRESSION
-                    libraries[k] = compressed_library(zoo, k, c["alpha"], c["per_tensor"])
+                    libraries[k] = compressed_library(zoo, k, args.alpha,
+                                                      DEFAULT_COMPRESSION["per_tensor"])
                 row = run_method(zoo, method, few, rest, seed, n, libraries.get(k))
                 row = dict(row, task=task, seed=seed, method=method, n=n, density=k)
                 with path.open("a") as handle:

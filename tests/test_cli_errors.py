@@ -86,7 +86,8 @@ def test_version_and_help_texts(capsys):
                         (["export", "-h"], ["expert file", "never other files"]),
                         (["compose", "-h"], ["(default 1)", "never other files"]),
                         (["bbh", "-h"], ["(default: 20 for lorahub/compeft, 3 for select*)",
-                                          "(default 0.1", "(default: 1 for compeft, auto for",
+                                          "(default: 0.1 for compeft, 0.5 for select-compeft)",
+                                          "(default: 1 for compeft, auto for",
                                           "(default 40)"])):
         with pytest.raises(SystemExit):
             main(argv)

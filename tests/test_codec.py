@@ -161,3 +161,13 @@ def test_sigma_zero_falls_back_to_the_kept_magnitude_with_a_warning(caplog):
     assert "sigma is 0" in caplog.text
     only = sparsify({"x.lora_A.weight": torch.tensor([0.75])}, 1.0)  # global, one element
     assert only.to_tensors()["x.lora_A.weight"].item() == 0.75
+
+
+def test_default_compression_keeps_zoo_files_8x_smaller_than_fp16(tmp_path):
+    """The bound the default density was chosen under (README "How the defaults were chosen")."""
+    from lorahub_compeft.codec import DEFAULT_COMPRESSION
+    from lorahub_compeft.expert import compress
+    from lorahub_compeft.zoo.ship import ARTIFACTS
+    dense = ARTIFACTS / "dense" / "pair_sum"
+    path = compress(dense, **DEFAULT_COMPRESSION).save(tmp_path / "e.safetensors")
+    assert (dense / "adapter_model.safetensors").stat().st_size >= 8 * path.stat().st_size

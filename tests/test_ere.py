@@ -203,7 +203,7 @@ def test_cli_compress_inspect_and_list_show_the_codec(lora_dir, tmp_path, capsys
     lib = tmp_path / "lib"
     assert main(["library", "add", str(lib), str(lora_dir), "--name", "x-ere", "--codec", "ere"]) == 0
     assert main(["library", "add", str(lib), str(lora_dir), "--name", "x-compeft", "--alpha", "1",
-                 "--global"]) == 0  # the paper's settings, shown as such
+                 "--global", "--density", "0.1"]) == 0  # the paper's settings, shown as such
     capsys.readouterr()
     assert main(["library", "list", str(lib)]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
