@@ -99,10 +99,14 @@ class ExpertLibrary:
         self.root = Path(root)
         self.read_only = read_only
         if not self.root.is_dir():
-            if not create or read_only or self.root.exists():
+            if not create or read_only:
                 raise LibraryError(f"{self.root}: no such library; create it with "
                                    "`lorahub-compeft library add`")
-            self.root.mkdir(parents=True)
+            try:  # another process may create it at the same moment: that is fine
+                self.root.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise LibraryError(f"{self.root} is a file, not a library folder; point at a "
+                                   "library folder or a new path") from None
         if not is_library(self.root):
             raise LibraryError(f"{self.root}: not an expert library (no {INDEX_NAME}, and it "
                                "holds other files); point at a library folder or a new one")

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +178,20 @@ def test_sizes_are_whole_file_ratios(lora_dir, tmp_path, capsys):
     assert entry["file_bytes"] == file_bytes
     assert f"{entry['sizes']['fp16_bytes'] / file_bytes:.1f}x" in row
     assert file_bytes > entry["sizes"]["payload_bytes"]
+
+
+def test_a_library_path_that_is_a_file_or_appears_meanwhile(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LibraryError, match="is a file, not a library folder"):
+        ExpertLibrary(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # Another process creates the folder between our check and our mkdir: we use it.
+    root = tmp_path / "lib"
+    real_is_dir = Path.is_dir
+    def racing_is_dir(path):
+        found = real_is_dir(path)
+        if path == root and not found:
+            root.mkdir()
+        return found
+    monkeypatch.setattr(Path, "is_dir", racing_is_dir)
+    assert ExpertLibrary(root).names() == []
