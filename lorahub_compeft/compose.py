@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -28,7 +27,7 @@ import torch
 from .base_models import looks_like_path
 from .expert_sources import (ExpertSource, base_model_of, candidate_sources, choose_sources,
                              validate_experts)
-from .forward import Int8Linears, Precision, Scorer, resolve_precision
+from .forward import Int8Linears, Scorer, resolve_precision, scoring
 from .objective import (OBJECTIVES, default_max_length, few_shot_loss, pack_encoder_inputs,
                         packs_encoder, task_loss, tokenize_examples, validate_examples)
 from .result import CompositionResult
@@ -169,9 +168,8 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     setup_start = time.perf_counter()
     base, tokenizer = _load_base(model, tokenizer, candidates, precision.dtype)
     peft_model = _peft_model(base, candidates[0].config, device)
-    int8 = Int8Linears(peft_model) if precision.int8_for(peft_model) else None
-    if precision.int8 and int8 is None:
-        precision = Precision(precision.dtype)  # auto, and the model is too small for int8 to pay
+    precision = precision.for_model(peft_model)
+    int8 = Int8Linears(peft_model) if precision.int8 else None
     params = lora_params(peft_model)
     layout = layout_of(params)
     flat = bind_flat(params, layout, device)
@@ -195,7 +193,7 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
             return w
 
         def score(i: int) -> float:
-            with int8.active() if int8 is not None else contextlib.nullcontext():
+            with scoring(int8):
                 loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
             return loss + regularize(alone(i))
 
@@ -215,7 +213,8 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
         selection = Selection(select if select == "random" else "all",
                               [s.name for s in candidates])
     selection.seconds = time.perf_counter() - select_start
-    sources = [s for s in candidates if s.name in set(selection.chosen)]
+    chosen = set(selection.chosen)
+    sources = [s for s in candidates if s.name in chosen]
     names = [s.name for s in sources]
     stack, decode_s = build_stack(sources, layout, device)
     scorer = Scorer(peft_model, stack, flat, batches, len(examples), objective, loss_fn,

@@ -72,8 +72,11 @@ class Precision:
     int8: bool = False
     only_if_pays: bool = False  # "auto": int8 only for models where Int8Linears.pays
 
-    def int8_for(self, model) -> bool:
-        return self.int8 and (not self.only_if_pays or Int8Linears.pays(model))
+    def for_model(self, model) -> "Precision":
+        """What runs for this model: "auto" drops int8 where Int8Linears.pays says it would not."""
+        if self.int8 and self.only_if_pays and not Int8Linears.pays(model):
+            return Precision(self.dtype)
+        return self
 
     @property
     def name(self) -> str:
@@ -175,6 +178,11 @@ class Int8Linears:
                 parent._modules[attr] = fp32
 
 
+def scoring(int8: Int8Linears | None):
+    """The context candidates are scored in: the int8 copies swapped in, or the model as is."""
+    return int8.active() if int8 is not None else contextlib.nullcontext()
+
+
 class BatchedLoRA:
     """Hooks that add K candidates' LoRA terms in one forward of a PEFT LoRA model.
 
@@ -266,7 +274,7 @@ class Scorer:
         self.model, self.stack, self.flat, self.batches = model, stack, flat, batches
         self.n_examples, self.objective, self.loss_fn = n_examples, objective, loss_fn
         self.per_forward = per_forward
-        self.precision = int8.active if int8 is not None else contextlib.nullcontext
+        self.int8 = int8
         self.batched = (BatchedLoRA(model, stack.layout, per_forward)
                         if per_forward > 1 else None)
         self.reset_timings()
@@ -283,7 +291,7 @@ class Scorer:
 
     def loss(self, w) -> float:
         self._timed("mix", self.stack.mix, w, self.flat)
-        with self.precision():
+        with scoring(self.int8):
             return self._timed("forward", few_shot_loss, self.model, self.batches, self.n_examples,
                            self.objective, self.loss_fn)
 
@@ -295,7 +303,7 @@ class Scorer:
         for start in range(0, len(weights), self.per_forward):
             chunk = weights[start:start + self.per_forward]
             self._timed("mix", self.batched.load, self.stack, chunk)
-            with self.batched.active(self.model), self.precision():
+            with self.batched.active(self.model), scoring(self.int8):
                 losses += self._timed("forward", candidate_losses, self.model, self.batches,
                                       self.n_examples, self.objective, len(chunk))
         return losses

@@ -242,12 +242,13 @@ def test_auto_uses_int8_only_where_it_pays(tiny_t5):
     small = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=512, d_kv=64, d_ff=2048,
                                                 num_layers=1, num_decoder_layers=1, num_heads=8))
     lora = LoraConfig(r=2, target_modules=["q", "v"])
-    assert auto.int8_for(get_peft_model(small, lora))
-    assert not auto.int8_for(get_peft_model(T5ForConditionalGeneration.from_pretrained(tiny_t5),
-                                            lora))
-    assert Precision(torch.float32, int8=True).int8_for(get_peft_model(
+    assert auto.for_model(get_peft_model(small, lora)).int8
+    tiny = get_peft_model(T5ForConditionalGeneration.from_pretrained(tiny_t5), lora)
+    assert auto.for_model(tiny) == Precision(torch.float32)
+    forced = Precision(torch.float32, int8=True)  # dtype="int8": whatever the size
+    assert forced.for_model(get_peft_model(
         T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32,
-                                            num_layers=1, num_heads=2)), lora))
+                                            num_layers=1, num_heads=2)), lora)) == forced
 
 
 @pytest.mark.parametrize("objective,batch_size", [("paper", None), ("lorahub", 2)])
