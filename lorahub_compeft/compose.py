@@ -32,7 +32,7 @@ from .objective import (OBJECTIVES, default_max_length, few_shot_loss, pack_enco
                         packs_encoder, task_loss, tokenize_examples, validate_examples)
 from .result import CompositionResult
 from .search import optimizer_class, restart_start, search
-from .selection import SELECTIONS, Selection, first_order, select_by_loss
+from .selection import SELECTIONS, Selection, fill, first_order, select_by_loss
 from .stacks import ADAPTER_NAME, bind_flat, build_stack, layout_of, lora_params
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,18 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
             w[i] = 1.0
             return w
 
-        def score(i: int) -> float:
-            with scoring(int8):
-                loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
-            return loss + regularize(alone(i))
+        def one_per_forward(chosen: list[ExpertSource]) -> list[float]:
+            """Each expert alone in the model's own LoRA buffer, one forward each."""
+            scores = []
+            for source in chosen:
+                fill(flat, source, layout)
+                with scoring(int8):
+                    loss = few_shot_loss(peft_model, batches, len(examples), objective, loss_fn)
+                scores.append(loss + regularize(alone(index[source.name])))
+            flat.zero_()
+            return scores
 
-        def score_many(chosen: list[ExpertSource]) -> list[float]:
+        def k_per_forward(chosen: list[ExpertSource]) -> list[float]:
             """K experts per forward, through the search's own Scorer over their stack."""
             stack, _ = build_stack(chosen, layout, device)
             losses = Scorer(peft_model, stack, flat, batches, len(examples), objective,
@@ -207,8 +213,8 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
         estimate = None if loss_fn is not None else first_order(
             peft_model, lambda: task_loss(peft_model, batches, len(examples), objective),
             layout, flat)
-        selection = select_by_loss(candidates, n_experts, score, flat, layout, budget, estimate,
-                                   score_many if candidates_per_step > 1 else None)
+        selection = select_by_loss(candidates, n_experts, k_per_forward if candidates_per_step > 1
+                                   else one_per_forward, budget, estimate)
     else:
         selection = Selection(select if select == "random" else "all",
                               [s.name for s in candidates])

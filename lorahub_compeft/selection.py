@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .expert_sources import ExpertSource
@@ -64,14 +63,13 @@ def fill(flat: torch.Tensor, source: ExpertSource, layout: Layout) -> None:
         flat[off:off + math.prod(shape)] = tensors[key].reshape(-1).to(flat.device, flat.dtype)
 
 
-def select_by_loss(candidates: list[ExpertSource], n_experts: int, score: Callable[[int], float],
-                   flat: torch.Tensor, layout: Layout, budget: int,
-                   estimate: Callable | None = None, score_many: Callable | None = None
-                   ) -> Selection:
-    """The n_experts candidates with the lowest score, ties by name. `score(i)` evaluates the
-    model with `flat` holding candidate i alone; `estimate(sources) -> list[float]` (first order) ranks
-    all candidates first when more than exact_count(...) of them are given. `score_many(sources)
-    -> list[float]`, when given, scores the chosen ones instead of `score`, several per forward."""
+def select_by_loss(candidates: list[ExpertSource], n_experts: int,
+                   score: Callable[[list[ExpertSource]], list[float]], budget: int,
+                   estimate: Callable | None = None) -> Selection:
+    """The n_experts candidates with the lowest score, ties by name. `score(sources)` gives
+    each source's objective alone; `estimate(sources) -> list[float]` (first order) ranks all
+    candidates first when more than exact_count(...) of them are given, and only the best
+    exact_count are scored."""
     exact = exact_count(len(candidates), n_experts, budget)
     estimates: dict[str, float] = {}
     start = time.perf_counter()
@@ -83,15 +81,7 @@ def select_by_loss(candidates: list[ExpertSource], n_experts: int, score: Callab
     else:
         to_score = candidates
     estimate_seconds = time.perf_counter() - start
-    if score_many is not None:
-        scores = dict(zip((s.name for s in to_score), score_many(to_score)))
-    else:
-        scores = {}
-        index = {s.name: i for i, s in enumerate(candidates)}
-        for source in to_score:
-            fill(flat, source, layout)
-            scores[source.name] = score(index[source.name])
-        flat.zero_()
+    scores = dict(zip((s.name for s in to_score), score(to_score)))
     order = sorted(scores, key=lambda name: (_finite(scores[name]), name))
     chosen = set(order[:n_experts])
     log.info("selected %s by few-shot loss (%d scored exactly of %d)", sorted(chosen),
