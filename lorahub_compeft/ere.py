@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 QUANT_BITS = (4, 8, 16)
@@ -259,7 +258,7 @@ def check_lora_header(names: list[str], shapes: dict[str, tuple], info: dict,
         pairs = lora_modules(names)
     except EREError as err:
         return str(err)
-    dims, ranks = [], info.get("ranks") if isinstance(info, dict) else None
+    dims = []
     for (a, b) in pairs:
         sa, sb = shapes[a], shapes[b]
         if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:

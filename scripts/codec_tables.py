@@ -36,7 +36,7 @@ from lorahub_compeft.expert import compress, load_expert
 from lorahub_compeft.merge import merge
 from lorahub_compeft.zoo.demo import task_data
 from lorahub_compeft.zoo.ship import ARTIFACTS, VAL_SEED
-from lorahub_compeft.zoo.tasks import generate, get_task, task_names
+from lorahub_compeft.zoo.tasks import generate, task_names
 
 TEST_SEED = 6_000  # upstream test examples for merging / full FT: no other zoo table draws it
 SHIPPED = {"density": 0.2, "alpha": 3}  # the zoo manifest's ComPEFT setting
