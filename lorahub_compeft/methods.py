@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .codec import DEFAULT_COMPRESSION
+from .codec import DEFAULT_COMPRESSION, PAPER_COMPRESSION
 from .pool import ExpertPool
 from .sources import TaskData
 
@@ -192,10 +192,10 @@ class LoraHub(Method):
 
 
 @dataclass(frozen=True)
-class CompeftParams(ComposeParams):
-    density: float = 0.1
-    alpha: float | str = 1.0
-    per_tensor: bool = False
+class CompeftParams(ComposeParams):  # the paper's compression (Table 7)
+    density: float = PAPER_COMPRESSION["density"]
+    alpha: float | str = PAPER_COMPRESSION["alpha"]
+    per_tensor: bool = PAPER_COMPRESSION["per_tensor"]
 
 
 @register
