@@ -20,7 +20,7 @@ The ComPEFT experts are compressed here, in memory, from the zoo's shipped dense
     python scripts/protocols.py --split validation --sweep density --densities 0.1,0.3,0.5 \
         --seeds 101-105 --methods lorahub-dense,lorahub-compeft
     python scripts/protocols.py --split validation --sweep density --alpha 1 ...  (another alpha:
-        another --rows file, rows are keyed by method, N and density only)
+        new rows beside the old ones; every row is keyed by method, N, density and alpha)
     python scripts/protocols.py --split demo --seeds 1-5
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def main(argv=None):
     parser.add_argument("--densities", default="0.1,0.2,0.3", help="the density sweep's k values")
     parser.add_argument("--alpha", type=parse_alpha, default=DEFAULT_COMPRESSION["alpha"],
                         help="the ComPEFT experts' alpha (a number or 'auto'; default: the "
-                             "package default); keep one --rows file per alpha")
+                             "package default)")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--methods", help="only these methods (comma-separated)")
@@ -165,8 +165,11 @@ def main(argv=None):
         parser.error("seeds 1-5 are the demo's; validate on others, e.g. 101-105")
     path = Path(args.rows)
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    key = lambda r: (r["task"], r["seed"], r["method"], r["n"], r["density"])
-    seen = {key(r) for r in done}
+    # A row's setting: method, N, density and the ComPEFT alpha (None without ComPEFT experts;
+    # rows written before alpha was recorded match no setting and are computed again).
+    setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"))
+    seen = {(r["task"], r["seed"], *setting(r)) for r in done}
+    alpha_of = lambda k: None if k is None else args.alpha
     densities = [float(k) for k in args.densities.split(",")]
     configs = [c for c in configs_for(args.sweep, densities)
                if not args.methods or c[0] in args.methods.split(",")]
@@ -177,20 +180,21 @@ def main(argv=None):
         for task in tasks:
             few, rest = task_data(task, seed, args.split)
             for method, n, k in configs:
-                if (task, seed, method, n, k) in seen:
+                if (task, seed, method, n, k, alpha_of(k)) in seen:
                     continue
                 if k is not None and k not in libraries:
                     libraries[k] = compressed_library(zoo, k, args.alpha,
                                                       DEFAULT_COMPRESSION["per_tensor"])
                 row = run_method(zoo, method, few, rest, seed, n, libraries.get(k))
-                row = dict(row, task=task, seed=seed, method=method, n=n, density=k)
+                row = dict(row, task=task, seed=seed, method=method, n=n, density=k,
+                           alpha=alpha_of(k))
                 with path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 done.append(row)
                 print(f"{task} s{seed} {method} N={n} k={k}: {row['em']:.1f} "
                       f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    wanted = {(m, n, k) for m, n, k in configs}
-    rows = [r for r in done if (r["method"], r["n"], r["density"]) in wanted
+    wanted = {(m, n, k, alpha_of(k)) for m, n, k in configs}
+    rows = [r for r in done if setting(r) in wanted
             and r["task"] in tasks and r["seed"] in args.seeds]
     print_table(rows, f"{args.split} split, seeds {','.join(map(str, args.seeds))}")
 
