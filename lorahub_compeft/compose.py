@@ -28,8 +28,8 @@ from .base_models import looks_like_path
 from .expert_sources import (ExpertSource, base_model_of, candidate_sources, choose_sources,
                              validate_experts)
 from .forward import Int8Linears, Scorer, resolve_precision, scoring
-from .objective import (OBJECTIVES, default_max_length, few_shot_loss, pack_encoder_inputs,
-                        packs_encoder, task_loss, tokenize_examples, validate_examples)
+from .objective import (OBJECTIVES, default_max_length, encoder_batches, few_shot_loss,
+                        task_loss, tokenize_examples, validate_examples)
 from .result import CompositionResult
 from .search import optimizer_class, restart_start, search
 from .selection import SELECTIONS, Selection, fill, first_order, select_by_loss
@@ -173,11 +173,10 @@ def compose(experts, examples, model=None, *, names: list[str] | None = None, to
     params = lora_params(peft_model)
     layout = layout_of(params)
     flat = bind_flat(params, layout, device)
-    batches = tokenize_examples(examples, tokenizer, bool(peft_model.config.is_encoder_decoder),
-                                max_length or default_max_length(tokenizer, peft_model),
-                                batch_size or len(examples), device)
-    if packs_encoder(peft_model):  # the same losses without computing the padding
-        batches = [pack_encoder_inputs(b) for b in batches]
+    batches = encoder_batches(peft_model, tokenize_examples(
+        examples, tokenizer, bool(peft_model.config.is_encoder_decoder),
+        max_length or default_max_length(tokenizer, peft_model), batch_size or len(examples),
+        device))
 
     def regularize(w: np.ndarray) -> float:
         return float(regularizer(w)) if regularizer is not None else l1 * float(np.mean(np.abs(w)))

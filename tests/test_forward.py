@@ -8,8 +8,8 @@ from lorahub_compeft import forward
 from lorahub_compeft.compose import compose
 from lorahub_compeft.expert import compress
 from lorahub_compeft.forward import Int8Linear, Int8Linears, Precision, Scorer, native_bf16, resolve_precision
-from lorahub_compeft.objective import (few_shot_loss, pack_encoder_inputs, packs_encoder,
-                                       tokenize_examples)
+from lorahub_compeft.objective import (encoder_batches, few_shot_loss, pack_encoder_inputs,
+                                       packing_pays, packs_encoder, tokenize_examples)
 from lorahub_compeft.search import optimizer_class
 
 WORDS = ("red", "green", "blue")
@@ -79,8 +79,9 @@ def test_k1_search_is_the_plain_ask_tell_loop(experts):
     import nevergrad as ng
     examples = support.constant_task("red")
     result = compose(experts, examples, budget=8, seed=3, progress=False)
-    batches = [pack_encoder_inputs(b) for b in  # as compose packs a T5's examples
-               tokenize_examples(examples, result.tokenizer, True, 32, len(examples), "cpu")]
+    batches = encoder_batches(result.model,  # as compose prepares them
+                              tokenize_examples(examples, result.tokenizer, True, 32,
+                                                len(examples), "cpu"))
     param = ng.p.Array(init=np.zeros(len(experts)), lower=-1.5, upper=1.5)
     param.random_state = np.random.RandomState(3)
     opt = optimizer_class("Shiwa")(parametrization=param, budget=8, num_workers=1)
@@ -309,3 +310,19 @@ def test_restarts_share_forwards(experts):
     np.testing.assert_allclose(shared.losses[::8], apart.losses[::8], rtol=1e-5)  # the starts
     assert len(set(np.round(shared.losses[::8], 6))) == 3  # three different starts
     assert shared.best_loss == min(shared.restart_losses) <= shared.losses[0]
+
+
+def test_examples_are_packed_only_where_it_saves_work():
+    """Packing skips the padding in the linear layers but makes attention span the whole
+    packed row: worth it at flan-t5-large's width with uneven examples, not with even ones,
+    and not for a model as narrow as the zoo's."""
+    from transformers import T5Config
+    large = T5Config(d_model=1024, d_kv=64, num_heads=16, d_ff=2816, feed_forward_proj="gated-gelu")
+    narrow = T5Config(d_model=128, d_kv=32, num_heads=4, d_ff=512)
+
+    def batch(lengths, width):
+        return {"attention_mask": torch.tensor([[1] * n + [0] * (width - n) for n in lengths])}
+    uneven = batch([13, 9, 13, 21, 20], 21)  # the benchmark's 5 examples
+    assert packing_pays(large, uneven)
+    assert not packing_pays(large, batch([300] * 5, 300))
+    assert not packing_pays(narrow, batch([60, 58, 65, 62, 64], 65))
