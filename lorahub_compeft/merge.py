@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Adapter, load_adapter
-from .ere import lora_modules, lora_scaling
+from lorahub_compeft.io.adapters import Adapter, load_adapter
+from lorahub_compeft.codecs.ere import lora_modules, lora_scaling
 
 log = logging.getLogger(__name__)
 METHODS = ("task_arithmetic", "ties")
@@ -38,7 +38,7 @@ class MergeResult:
 
 
 def _as_adapter(item) -> Adapter:
-    from .expert import CompressedExpert, load_expert
+    from lorahub_compeft.store.expert import CompressedExpert, load_expert
     if isinstance(item, Adapter):
         return item
     if isinstance(item, CompressedExpert):

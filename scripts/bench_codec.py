@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from lorahub_compeft import coding
-from lorahub_compeft.adapters import Adapter, load_adapter
-from lorahub_compeft.expert import compress, load_expert
+from lorahub_compeft.codecs import coding
+from lorahub_compeft.io.adapters import Adapter, load_adapter
+from lorahub_compeft.store.expert import compress, load_expert
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3)
 LINK_BITS_PER_S, LINK_RTT_S, N_FETCH = 100e6, 0.05, 20

@@ -71,7 +71,7 @@ def build_tokenizer(directory: Path):
 
     No T5 sentencepiece model is available offline; word-level ids stay far below 32128, and for
     these simple words the token counts are close to what T5's tokenizer gives."""
-    from lorahub_compeft.zoo.tokenizer import build_tokenizer as word_level
+    from zoo_build.tokenizer import build_tokenizer as word_level
     tokenizer = word_level([text for e in EXAMPLES for text in e.values()])
     tokenizer.save_pretrained(directory)
     return tokenizer
@@ -245,8 +245,9 @@ def run_reference(spec: dict) -> dict:
 
 
 def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: bool) -> dict:
-    from lorahub_compeft import ExpertLibrary, compose, load_expert
-    from lorahub_compeft.evaluate import load_model
+    from lorahub_compeft import ExpertLibrary, load_expert
+    from lorahub_compeft import compose
+    from lorahub_compeft.io.models import load_model
     # Expert files open lazily (header only); compose decodes each once into its stack and
     # releases the decoded copy. Whatever the expert objects still hold counts with the stack.
     experts = [load_expert(p) for p in spec["compeft"]] if compressed else spec["experts"]
@@ -284,7 +285,8 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
 def run_select(spec: dict) -> dict:
     """select="loss" over the first L experts of the largest library, then the search: the
     selection's and the search's seconds come from the same call (same machine load)."""
-    from lorahub_compeft import ExpertLibrary, compose
+    from lorahub_compeft import ExpertLibrary
+    from lorahub_compeft import compose
     size = max(spec["libraries"], key=int)
     library = ExpertLibrary(spec["libraries"][size])
     names = library.names()[:spec["select_from"]]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lorahub_compeft.zoo.build import BaseSpec, BuildSpec, ExpertSpec, build
-from lorahub_compeft.zoo.ship import ARTIFACTS, calibration_table, ship
+from zoo_build.build import BaseSpec, BuildSpec, ExpertSpec, build
+from zoo_build.ship import ARTIFACTS, calibration_table, ship
 
 DEFAULT_BBH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbh"
 

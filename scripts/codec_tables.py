@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from lorahub_compeft.adapters import WEIGHTS_NAME, load_adapter
-from lorahub_compeft.cli import parse_seeds
-from lorahub_compeft.compose import compose
-from lorahub_compeft.evaluate import accuracy, generate as generate_answers, load_model
-from lorahub_compeft.expert import compress, load_expert
+from lorahub_compeft.io.adapters import WEIGHTS_NAME, load_adapter
+from lorahub_compeft.cli.options import parse_seeds
+from lorahub_compeft.compose.composer import compose
+from lorahub_compeft.eval.bbh import accuracy
+from lorahub_compeft.io.models import generate as generate_answers, load_model
+from lorahub_compeft.store.expert import compress, load_expert
 from lorahub_compeft.merge import merge
 from lorahub_compeft.zoo.demo import task_data
-from lorahub_compeft.zoo.ship import ARTIFACTS, VAL_SEED
+from zoo_build.ship import ARTIFACTS, VAL_SEED
 from lorahub_compeft.zoo.tasks import generate, task_names
 
 TEST_SEED = 6_000  # upstream test examples for merging / full FT: no other zoo table draws it
@@ -105,7 +106,7 @@ def codecs_table(seeds: list[int], n_experts: int, budget: int, settings: list[s
                  save=lambda rows: None) -> list[dict]:
     base, tokenizer = load_model(str(ARTIFACTS / "base"))
     names = sorted(p.name for p in (ARTIFACTS / "dense").iterdir())
-    from lorahub_compeft.library import ExpertLibrary
+    from lorahub_compeft.store.library import ExpertLibrary
     sampler = ExpertLibrary(ARTIFACTS / "experts", create=False)  # the demo's draw of experts
     rows = []
     for key in settings:
@@ -294,7 +295,7 @@ ALPHAS = (1, 2, 3, 5)  # ComPEFT's α for each k, chosen on validation examples
 def fine_tune(task: str, out: Path, steps: int, lr: float, batch_size: int = 32) -> Path:
     """The zoo base fully fine-tuned on one upstream task (all parameters, AdamW)."""
     import random
-    from lorahub_compeft.zoo.build import _train, batches, encode
+    from zoo_build.build import _train, batches, encode
     if (out / "model.safetensors").is_file():
         return out
     torch.manual_seed(0)
@@ -308,7 +309,7 @@ def fine_tune(task: str, out: Path, steps: int, lr: float, batch_size: int = 32)
 
 
 def fullft_table(task: str, steps: int, lr: float, n_eval: int, workdir: Path) -> list[dict]:
-    from lorahub_compeft.residual import apply_residual, residual_adapter
+    from lorahub_compeft.io.residuals import apply_residual, residual_adapter
     tuned_dir = fine_tune(task, workdir / f"fullft-{task}-{steps}-{lr:g}", steps, lr)
     base, tokenizer = load_model(str(ARTIFACTS / "base"))
     tuned, _ = load_model(str(tuned_dir))
@@ -344,7 +345,7 @@ def fullft_table(task: str, steps: int, lr: float, n_eval: int, workdir: Path) -
 
 
 def load_state_dict_file(directory: Path) -> dict[str, torch.Tensor]:
-    from lorahub_compeft.residual import load_state
+    from lorahub_compeft.io.residuals import load_state
     return load_state(directory)
 
 

@@ -28,7 +28,7 @@ VARIANTS = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"}, "int8": {"dtyp
 
 
 def main(argv=None) -> None:
-    from lorahub_compeft.cli import parse_seeds
+    from lorahub_compeft.cli.options import parse_seeds
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, of {', '.join(VARIANTS)}; the first is the baseline")
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
-    from lorahub_compeft.compose import compose
+    from lorahub_compeft.compose.composer import compose
     from lorahub_compeft.zoo.tasks import task_names
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from protocols import Zoo, exact_match, task_data  # the demo's data, as protocols.py reads it

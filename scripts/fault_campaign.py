@@ -49,7 +49,7 @@ WORKER = r"""
 import json, resource, sys, torch
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
 from lorahub_compeft import load_expert
-from lorahub_compeft.expert import ExpertFileError
+from lorahub_compeft.store.format import ExpertFileError
 refs = {}
 for line in sys.stdin:
     path, ref = json.loads(line)

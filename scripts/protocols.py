@@ -32,11 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-from lorahub_compeft.codec import DEFAULT_COMPRESSION
-from lorahub_compeft.compose import DEFAULT_N, compose
-from lorahub_compeft.expert import compress
-from lorahub_compeft.library import ExpertLibrary
-from lorahub_compeft.sources import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
+from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
+from lorahub_compeft.compose.composer import DEFAULT_N, compose
+from lorahub_compeft.store.expert import compress
+from lorahub_compeft.store.library import ExpertLibrary
+from lorahub_compeft.zoo.source import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
 from lorahub_compeft.zoo.artifacts import Zoo as ShippedZoo
 from lorahub_compeft.zoo.tasks import generate, task_names
 
@@ -79,7 +79,7 @@ def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | N
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     if method == "zeroshot":
-        from lorahub_compeft.evaluate import generate as answer
+        from lorahub_compeft.io.models import generate as answer
         em = exact_match(answer(zoo.model, zoo.tokenizer, inputs, 8, batch_size=64), targets)
         return {"em": em, "loss": None, "seconds": time.perf_counter() - start}
     names = zoo.library.names()
@@ -144,7 +144,7 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def main(argv=None):
-    from lorahub_compeft.cli import parse_alpha, parse_seeds
+    from lorahub_compeft.cli.options import parse_alpha, parse_seeds
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("validation", "demo"), required=True)
     parser.add_argument("--sweep", choices=("n", "n-compeft", "density", "none"), default="none")

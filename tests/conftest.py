@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # zoo_build, the zoo's build code
 import support  # noqa: E402
 
 # Tiny models run faster on one thread than on two fighting over a shared machine.

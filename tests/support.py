@@ -16,7 +16,7 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config,
                           T5ForConditionalGeneration)
 
-from lorahub_compeft.zoo.tokenizer import build_tokenizer as word_level_tokenizer
+from zoo_build.tokenizer import build_tokenizer as word_level_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon red green blue cyan pink gray answer say the word echo").split()

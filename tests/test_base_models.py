@@ -7,8 +7,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import support
-from lorahub_compeft.base_models import base_identity, check_model_reference, same_base
-from lorahub_compeft.compose import compose
+from lorahub_compeft.io.base_models import base_identity, check_model_reference, same_base
+from lorahub_compeft.compose.composer import compose
 
 
 def _copy(src, dst, **changes):

@@ -1,4 +1,4 @@
-"""Tests for lorahub_compeft.bbh: specs, loader, prompts, normalization, few-shot draws."""
+"""Tests for lorahub_compeft.eval.bbh: specs, loader, prompts, normalization, few-shot draws."""
 
 import json
 import random
@@ -7,18 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lorahub_compeft import bbh
-from lorahub_compeft.bbh import (
-    BBH_TASKS,
-    BBHDataError,
-    draw_few_shot,
-    exact_match,
-    format_icl_prompt,
-    format_prompt,
-    load_examples,
-    load_task_spec,
-    normalize_answer,
-)
+from lorahub_compeft.eval import bbh
+from lorahub_compeft.eval.bbh import (BBH_TASKS, BBHDataError, draw_few_shot, exact_match,
+                                      format_icl_prompt, format_prompt, load_examples,
+                                      load_task_spec, normalize_answer)
 
 # The repo is checked out beside `shared/`, which holds the official BBH release.
 SHARED_BBH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbh"

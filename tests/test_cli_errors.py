@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-import lorahub_compeft.cli as cli
+import lorahub_compeft.cli.experts as expert_commands
 from lorahub_compeft import compress
-from lorahub_compeft.cli import main, parse_seeds
+from lorahub_compeft.cli import main
+from lorahub_compeft.cli.options import parse_seeds
 
 OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
@@ -59,7 +60,7 @@ def test_bbh_without_bbh_dir_offline_says_how_to_point_at_local_files(tiny_t5, t
 def test_ctrl_c_is_one_line(monkeypatch, capsys, lora_dir, tmp_path):
     def interrupted(args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    monkeypatch.setattr(expert_commands, "cmd_inspect", interrupted)
     assert main(["inspect", "x.safetensors"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: interrupted; nothing half-written was kept (every output is written atomically)")
@@ -68,7 +69,7 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys, lora_dir, tmp_path):
 def test_unexpected_errors_point_at_debug_which_keeps_the_trace(monkeypatch, capsys):
     def bug(args):
         raise ZeroDivisionError("oops")
-    monkeypatch.setattr(cli, "cmd_inspect", bug)
+    monkeypatch.setattr(expert_commands, "cmd_inspect", bug)
     assert main(["inspect", "x"]) == 1
     assert "--debug" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):

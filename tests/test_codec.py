@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lorahub_compeft.codec import CompressionError, calibrate, prune, sparsify
+from lorahub_compeft.codecs.compeft import CompressionError, calibrate, prune, sparsify
 
 
 def _tv(seed=0, dtype=torch.float32):
@@ -102,7 +102,7 @@ def test_calibrate_finds_the_pair_closest_to_the_original():
 
 
 def _product_error(original: dict, decoded: dict) -> float:
-    from lorahub_compeft.codec import lora_pairs
+    from lorahub_compeft.codecs.compeft import lora_pairs
     total = 0.0
     for a, b in lora_pairs(list(original)):
         p = original[b].double() @ original[a].double()
@@ -113,9 +113,9 @@ def _product_error(original: dict, decoded: dict) -> float:
 
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_auto_alpha_fits_the_lora_products_better_and_is_stored(lora_dir, tmp_path, per_tensor):
-    from lorahub_compeft.adapters import load_adapter
-    from lorahub_compeft.codec import lora_pairs
-    from lorahub_compeft.expert import compress, load_expert
+    from lorahub_compeft.io.adapters import load_adapter
+    from lorahub_compeft.codecs.compeft import lora_pairs
+    from lorahub_compeft.store.expert import compress, load_expert
     tensors = load_adapter(lora_dir).tensors  # a really trained LoRA expert
     assert len(lora_pairs(list(tensors))) == 12
     auto = sparsify(tensors, 0.2, "auto", per_tensor)
@@ -146,7 +146,7 @@ def test_auto_alpha_without_lora_pairs_fits_the_vector():
 
 
 def test_a_scale_that_overflows_its_dtype_is_refused():
-    from lorahub_compeft.codec import CompressionError
+    from lorahub_compeft.codecs.compeft import CompressionError
     tau = {"a.lora_A.weight": ((torch.rand(8, 8) * 2 - 1) * 3e4).half()}  # finite in fp16
     with pytest.raises(CompressionError, match="does not fit in float16"):
         sparsify(tau, 0.5, alpha=5.0)  # 5 * 1.7e4 > 65504
@@ -165,9 +165,9 @@ def test_sigma_zero_falls_back_to_the_kept_magnitude_with_a_warning(caplog):
 
 def test_default_compression_keeps_zoo_files_8x_smaller_than_fp16(tmp_path):
     """The bound the default density was chosen under (README "How the defaults were chosen")."""
-    from lorahub_compeft.codec import DEFAULT_COMPRESSION
-    from lorahub_compeft.expert import compress
-    from lorahub_compeft.zoo.ship import ARTIFACTS
+    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
+    from lorahub_compeft.store.expert import compress
+    from lorahub_compeft.zoo.artifacts import ARTIFACTS
     dense = ARTIFACTS / "dense" / "pair_sum"
     path = compress(dense, **DEFAULT_COMPRESSION).save(tmp_path / "e.safetensors")
     assert (dense / "adapter_model.safetensors").stat().st_size >= 8 * path.stat().st_size

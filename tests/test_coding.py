@@ -3,17 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from lorahub_compeft.coding import (
-    CodingError,
-    decode_bitmask,
-    decode_golomb,
-    decode_signs,
-    encode_bitmask,
-    encode_golomb,
-    encode_signs,
-    payload_bits,
-    ternary_entropy_bits,
-)
+from lorahub_compeft.codecs.coding import (CodingError, decode_bitmask, decode_golomb,
+                                           decode_signs, encode_bitmask, encode_golomb,
+                                           encode_signs, payload_bits, ternary_entropy_bits)
 
 
 def random_sparse(numel, density, seed=0):

@@ -11,10 +11,10 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import support
 from lorahub_compeft import ExpertLibrary
-from lorahub_compeft.compose import compose
-from lorahub_compeft.stacks import mix_weights
-from lorahub_compeft.evaluate import generate
-from lorahub_compeft.expert import CompressedExpert
+from lorahub_compeft.compose.composer import compose
+from lorahub_compeft.compose.stacks import mix_weights
+from lorahub_compeft.io.models import generate
+from lorahub_compeft.store.expert import CompressedExpert
 
 WORDS = ("red", "green", "blue", "pink")
 PROMPTS = ["say the word : alpha ?", "say the word : kappa ?"]
@@ -48,7 +48,7 @@ def test_same_seed_same_weights(experts, green):
 
 
 def test_mixing_is_the_weighted_sum_per_module(experts, green):
-    from lorahub_compeft.adapters import load_adapter
+    from lorahub_compeft.io.adapters import load_adapter
     w = np.array([0.5, -1.0, 0.25, 1.5])
     mixed = green.stack.layout.unflatten(green.stack.mix(w))
     out = torch.full((green.stack.numel,), 7.0)
@@ -124,7 +124,7 @@ def test_only_the_sampled_experts_are_decoded(experts, tmp_path, monkeypatch):
 
 
 def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path):
-    from lorahub_compeft.stacks import TernaryStack
+    from lorahub_compeft.compose.stacks import TernaryStack
     library = ExpertLibrary(tmp_path / "lib")
     for w in WORDS:
         library.add(experts[w], name=w, density=0.2, per_tensor=(w == "red"))
@@ -246,7 +246,7 @@ def test_causal_lm_composition(tmp_path):
 
 
 def test_the_search_does_not_pass_on_cobylas_tolerance_warnings():
-    from lorahub_compeft.search import search
+    from lorahub_compeft.compose.search import search
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         [outcome] = search(lambda W: [float(np.sum((w - 0.3) ** 2)) for w in W], 20, 40,

@@ -8,9 +8,9 @@ from peft import PeftModel
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import support
-from lorahub_compeft.bbh import exact_match
+from lorahub_compeft.eval.bbh import exact_match
 from lorahub_compeft.cli import main
-from lorahub_compeft.evaluate import generate
+from lorahub_compeft.io.models import generate
 
 
 def _jsonl(path, rows):

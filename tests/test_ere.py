@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForSeq2SeqLM
 
 from lorahub_compeft import ExpertFileError, compress, load_adapter, load_expert
-from lorahub_compeft import ere
-from lorahub_compeft.expert import _read_checked
+from lorahub_compeft.codecs import ere
+from lorahub_compeft.store.expert import _read_checked
 
 
 def _adapter_dir(tmp_path, tensors, r, alpha=None, name="lowrank"):
@@ -140,7 +140,7 @@ def test_old_compeft_files_without_a_codec_field_still_load(lora_dir, tmp_path):
 
 
 def test_shipped_zoo_expert_loads(tmp_path):
-    from lorahub_compeft.zoo.ship import ARTIFACTS
+    from lorahub_compeft.zoo.artifacts import ARTIFACTS
     path = next((ARTIFACTS / "experts").glob("*.safetensors"))
     expert = load_expert(path)
     assert expert.codec == "compeft" and len(expert.state_dict()) == 96
@@ -148,7 +148,7 @@ def test_shipped_zoo_expert_loads(tmp_path):
 
 def test_library_list_reads_an_index_written_before_codecs(capsys):
     from lorahub_compeft.cli import main
-    from lorahub_compeft.zoo.ship import ARTIFACTS
+    from lorahub_compeft.zoo.artifacts import ARTIFACTS
     index = json.loads((ARTIFACTS / "experts" / "index.json").read_text())
     assert all("codec" not in e for e in index["experts"].values())  # the shipped, older index
     assert main(["library", "list", str(ARTIFACTS / "experts")]) == 0
@@ -213,8 +213,8 @@ def test_cli_compress_inspect_and_list_show_the_codec(lora_dir, tmp_path, capsys
 
 def test_ere_experts_compose_like_their_decoded_factors(lora_dir, tmp_path):
     from lorahub_compeft import Adapter
-    from lorahub_compeft.compose import compose
-    from lorahub_compeft.library import ExpertLibrary
+    from lorahub_compeft.compose.composer import compose
+    from lorahub_compeft.store.library import ExpertLibrary
     import support
     second = support.train_expert(load_adapter(lora_dir).base_model, tmp_path / "blue",
                                   support.constant_task("blue"), steps=20, seed=2)

@@ -2,7 +2,7 @@
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import support
-from lorahub_compeft.evaluate import generate
+from lorahub_compeft.io.models import generate
 
 
 def test_generate_restores_padding_side_and_pad_token(tmp_path):

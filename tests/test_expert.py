@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import support
-from lorahub_compeft import (AdapterError, CompressionError, ExpertFileError, coding, compress,
+from lorahub_compeft import (AdapterError, CompressionError, ExpertFileError, compress,
                              load_adapter, load_expert)
-from lorahub_compeft.expert import FORMAT_VERSION, canonical_json
+from lorahub_compeft.codecs import coding
+from lorahub_compeft.store.format import FORMAT_VERSION, canonical_json
 
 
 def _kept_values(state):

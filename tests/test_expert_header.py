@@ -14,9 +14,9 @@ import torch
 
 import support
 from lorahub_compeft import ExpertFileError, compress, load_expert
-from lorahub_compeft.adapters import Adapter
-from lorahub_compeft.expert import canonical_json
-from lorahub_compeft.zoo.ship import ARTIFACTS
+from lorahub_compeft.io.adapters import Adapter
+from lorahub_compeft.store.format import canonical_json
+from lorahub_compeft.zoo.artifacts import ARTIFACTS
 
 ZOO_EXPERT = Path(ARTIFACTS) / "experts" / "bool_value.safetensors"
 

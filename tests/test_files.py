@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-import lorahub_compeft.files as files
+import lorahub_compeft.io.files as files
 from lorahub_compeft import compress, load_expert
 from lorahub_compeft.cli import main
-from lorahub_compeft.files import OutputExistsError, atomic_dir, read_json
+from lorahub_compeft.io.files import OutputExistsError, atomic_dir, read_json
 
 
 @pytest.fixture

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 import support
-from lorahub_compeft import forward
-from lorahub_compeft.compose import compose
-from lorahub_compeft.expert import compress
-from lorahub_compeft.forward import Int8Linear, Int8Linears, Precision, Scorer, native_bf16, resolve_precision
-from lorahub_compeft.objective import (encoder_batches, few_shot_loss, pack_encoder_inputs,
-                                       packing_pays, packs_encoder, tokenize_examples)
-from lorahub_compeft.search import optimizer_class
+from lorahub_compeft.compose import scoring as forward
+from lorahub_compeft.compose.composer import compose
+from lorahub_compeft.store.expert import compress
+from lorahub_compeft.compose.scoring import (Int8Linear, Int8Linears, Precision, Scorer,
+                                             native_bf16, resolve_precision)
+from lorahub_compeft.compose.objective import (encoder_batches, few_shot_loss,
+                                               pack_encoder_inputs, packing_pays, packs_encoder,
+                                               tokenize_examples)
+from lorahub_compeft.compose.search import optimizer_class
 
 WORDS = ("red", "green", "blue")
 
@@ -171,19 +173,19 @@ def test_compose_command_threads_dtype_and_k(experts, tmp_path, monkeypatch, cap
 def test_threads_follow_the_idle_cores_without_threads(monkeypatch):
     import os
 
-    from lorahub_compeft import cli
+    from lorahub_compeft.cli import options as cli
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     try:
         torch.set_num_threads(4)
         monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-        assert cli._idle_cores() is None  # quiet: torch's choice stays
+        assert cli.idle_cores() is None  # quiet: torch's choice stays
         monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
-        assert cli._idle_cores() == 1
+        assert cli.idle_cores() == 1
         monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-        assert cli._idle_cores() == 1
+        assert cli.idle_cores() == 1
         monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))
-        cli._apply_threads(type("Args", (), {"threads": None})())
+        cli.apply_threads(type("Args", (), {"threads": None})())
         assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
     finally:
         torch.set_num_threads(1)
@@ -278,7 +280,7 @@ def test_selection_scores_k_experts_per_forward(experts, monkeypatch):
     """select="loss" with candidates_per_step=K scores the candidates K per forward through the
     search's Scorer: the same scores and choice as one forward each."""
     import importlib
-    compose_module = importlib.import_module("lorahub_compeft.compose")
+    compose_module = importlib.import_module("lorahub_compeft.compose.composer")
     examples = support.constant_task("blue")
     one = compose(experts, examples, n_experts=1, select="loss", budget=4, progress=False)
     batched = []

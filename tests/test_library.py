@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import lorahub_compeft.files as files
+import lorahub_compeft.io.files as files
 from lorahub_compeft import ExpertLibrary, LibraryError, compress
 
 

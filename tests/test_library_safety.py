@@ -10,7 +10,7 @@ import pytest
 
 from lorahub_compeft import ExpertLibrary, LibraryError, compress
 from lorahub_compeft.cli import main
-from lorahub_compeft.library import file_name_for
+from lorahub_compeft.store.library import file_name_for
 
 
 def _files(root):

@@ -11,7 +11,8 @@ ray = pytest.importorskip("ray")
 
 from conftest import BBH, bbh_argv  # noqa: E402
 from test_runner import cells_for, same_results  # noqa: E402
-from lorahub_compeft.runner import read_jsonl, run  # noqa: E402
+from lorahub_compeft.io.files import read_jsonl
+from lorahub_compeft.eval.runner import run  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
 

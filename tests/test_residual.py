@@ -4,10 +4,10 @@ import torch
 
 from lorahub_compeft import load_expert
 from lorahub_compeft.cli import main
-from lorahub_compeft.evaluate import load_model
-from lorahub_compeft.residual import load_state, residual_adapter
-from lorahub_compeft.zoo.build import collate, encode
-from lorahub_compeft.zoo.ship import ARTIFACTS
+from lorahub_compeft.io.models import load_model
+from lorahub_compeft.io.residuals import load_state, residual_adapter
+from zoo_build.build import collate, encode
+from lorahub_compeft.zoo.artifacts import ARTIFACTS
 from lorahub_compeft.zoo.tasks import generate
 
 BASE = ARTIFACTS / "base"

@@ -10,13 +10,15 @@ import pytest
 
 import support  # noqa: F401  (tests/ is on sys.path via conftest)
 from conftest import BBH, METHOD_NAMES, SEEDS, TASKS, bbh_argv
-from lorahub_compeft import runner
+from lorahub_compeft.eval import runner
 from lorahub_compeft.cli import main
-from lorahub_compeft.methods import METHODS, CompeftParams, Compeft, make_method, register
-from lorahub_compeft.pool import ExpertPool
-from lorahub_compeft.report import markdown, report
-from lorahub_compeft.runner import plan, read_jsonl, run, setting_key
-from lorahub_compeft.sources import BBHSource
+from lorahub_compeft.eval.methods import METHODS, CompeftParams, Compeft, make_method, register
+from lorahub_compeft.eval.pool import ExpertPool
+from lorahub_compeft.eval.report import markdown, report
+from lorahub_compeft.eval.cells import plan, setting_key
+from lorahub_compeft.eval.runner import run
+from lorahub_compeft.io.files import read_jsonl
+from lorahub_compeft.eval.sources import BBHSource
 
 pytestmark = pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
 
@@ -158,7 +160,7 @@ def test_kill_9_during_a_real_run_resumes_to_the_uninterrupted_results(uninterru
 
 def test_one_model_per_worker_and_composition_does_not_reload_it(tiny_t5, experts, tmp_path,
                                                                  monkeypatch):
-    import lorahub_compeft.evaluate as evaluate
+    import lorahub_compeft.io.models as evaluate
     loads = []
     real = evaluate.load_model
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
@@ -232,7 +234,7 @@ def test_report_picks_a_seed_by_few_shot_loss_beside_the_oracle():
 
 def test_report_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from lorahub_compeft.report import plot
+    from lorahub_compeft.eval.report import plot
     rows = [{"task": "t", "seed": 1, "method": m, "em": em} for m, em in [("zeroshot", 0.0), ("icl", 40.0)]]
     path = plot(rows, tmp_path / "r.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,9 +7,9 @@ import pytest
 
 import support
 from lorahub_compeft import ExpertLibrary
-from lorahub_compeft.adapters import Adapter, load_adapter
-from lorahub_compeft.compose import compose
-from lorahub_compeft.result import COMPOSITION_NAME
+from lorahub_compeft.io.adapters import Adapter, load_adapter
+from lorahub_compeft.compose.composer import compose
+from lorahub_compeft.compose.result import COMPOSITION_NAME
 
 WORDS = ("red", "green", "blue", "pink", "gray")
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from lorahub_compeft.zoo import format_prompt, generate, get_task, load_tasks, task_names
-from lorahub_compeft.zoo.tasks import QUESTIONS, spec_dir
-from lorahub_compeft.zoo.tokenizer import build_tokenizer, build_zoo_tokenizer, split_words
+from lorahub_compeft.zoo.generators import QUESTIONS
+from lorahub_compeft.zoo.tasks import spec_dir
+from zoo_build.tokenizer import build_tokenizer, build_zoo_tokenizer, split_words
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM, HELDOUT = task_names("upstream"), task_names("heldout")
@@ -160,7 +161,7 @@ def test_quick_build_end_to_end(quick_build):
 
 
 def test_quick_ship_calibrates_and_manifests(quick_build):
-    from lorahub_compeft.library import ExpertLibrary
+    from lorahub_compeft.store.library import ExpertLibrary
     from lorahub_compeft.zoo.artifacts import verify
     root = quick_build["artifacts"]
     manifest = verify(root)
@@ -214,7 +215,7 @@ def test_shipped_artifacts_match_manifest_and_load():
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, T5ForConditionalGeneration
-    from lorahub_compeft.library import ExpertLibrary
+    from lorahub_compeft.store.library import ExpertLibrary
     from lorahub_compeft.zoo.artifacts import ARTIFACTS, verify
 
     manifest = verify(ARTIFACTS)
@@ -240,14 +241,14 @@ def test_demo_on_shipped_zoo_imports_no_training_code():
     code = ("import sys; from lorahub_compeft.cli import main; "
             "rc = main(['demo', '--tasks', 'heldout_pair_total', '--seeds', '2', '-n', '4', "
             "'--budget', '5', '--eval', '20']); "
-            "print(sorted(m for m in sys.modules if m.startswith('lorahub_compeft.zoo'))); sys.exit(rc)")
+            "print(sorted(m for m in sys.modules if m.startswith(('lorahub_compeft.zoo', 'zoo_build')))); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| heldout_pair_total |" in proc.stdout
     loaded = proc.stdout.strip().splitlines()[-1]
     assert "lorahub_compeft.zoo.artifacts" in loaded
-    assert "lorahub_compeft.zoo.build" not in loaded and "lorahub_compeft.zoo.ship" not in loaded
+    assert "zoo_build" not in loaded  # the training code is not part of the package
 
 
 def test_shipped_experts_compose_without_model_from_any_directory(tmp_path):

@@ -6,9 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..library import ExpertLibrary, file_name_for
-from ..methods import Base
-from ..pool import ExpertPool, sha256_file
+from lorahub_compeft.store.library import ExpertLibrary, file_name_for
+from lorahub_compeft.eval.methods import Base
+from lorahub_compeft.eval.pool import ExpertPool
+from lorahub_compeft.io.files import sha256_file
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 MANIFEST = "manifest.json"

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import statistics
 
-from ..methods import make_method
-from ..runner import Worker, plan, run
-from ..sources import BBHSource, ZooSource
-from .artifacts import Zoo
-from .tasks import get_task, task_names
+from lorahub_compeft.eval.methods import make_method
+from lorahub_compeft.eval.worker import Worker
+from lorahub_compeft.eval.cells import plan
+from lorahub_compeft.eval.runner import run
+from lorahub_compeft.eval.sources import BBHSource
+from lorahub_compeft.zoo.source import ZooSource
+from lorahub_compeft.zoo.artifacts import Zoo
+from lorahub_compeft.zoo.tasks import get_task, task_names
 
 DEMO_METHODS = (("zeroshot", "zeroshot"), ("lorahub", "dense"), ("compeft", "compeft"),
                 ("select", "dense"), ("select-compeft", "compeft"))

@@ -1,0 +1,5 @@
+import sys
+
+from lorahub_compeft.cli import main
+
+sys.exit(main())

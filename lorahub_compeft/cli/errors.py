@@ -1,0 +1,43 @@
+"""The one error handler's triage: a known failure becomes one line naming the problem and the
+fix."""
+from __future__ import annotations
+
+import pickle
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """The Hub could not be reached (offline, or HF_HUB_OFFLINE=1 with nothing cached)."""
+    names = {t.__name__ for t in type(err).__mro__}
+    text = str(err)
+    return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
+                         "HFValidationError"}) or "huggingface.co" in text \
+        or "couldn't connect" in text.lower() or "offline" in text.lower()
+
+
+def error_message(err: BaseException, args) -> str | None:
+    """One line that names the problem and the fix for a known failure, else None."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; nothing half-written was kept (every output is written atomically)"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("a weights file holds pickled objects, which are never run or loaded; use a "
+                "model or adapter saved as safetensors (save_pretrained(safe_serialization=True))")
+    if args is not None and getattr(args, "command", None) == "bbh" and \
+            not getattr(args, "bbh_dir", None) and _is_connection_error(err):
+        return ("cannot download Big-Bench Hard from the Hugging Face Hub (offline?); point at "
+                "local files with --bbh-dir DIR (or LORAHUB_COMPEFT_BBH_DIR), a folder of BBH "
+                "<task>.json files")
+    if _is_connection_error(err):
+        model = getattr(args, "model", None)
+        what = f"model {model!r}" if model else "a model or adapter"
+        return (f"cannot load {what} from the Hugging Face Hub or its cache ({first}); pass a "
+                "local folder (e.g. --model path/to/model), or connect and retry")
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({first})"
+    if isinstance(err, (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError,
+                        NotADirectoryError, PermissionError)):
+        return first if not isinstance(err, OSError) or not err.filename else \
+            f"{err.filename}: {err.strerror or first}"
+    if isinstance(err, (OSError, RecursionError, MemoryError)):
+        return f"{type(err).__name__}: {first}"
+    return None

@@ -1,0 +1,183 @@
+"""`bbh`, `report` and `demo`: evaluations through the runner."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lorahub_compeft.cli.options import (add_dtype_option, add_threads_option, apply_threads, parse_alpha,
+                                         parse_seeds, read_experts_file)
+
+
+def add_parsers(sub) -> None:
+    _add_bbh_parsers(sub)
+    _add_demo_parser(sub)
+
+
+def _add_bbh_parsers(sub) -> None:
+    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
+    from lorahub_compeft.eval.methods import METHODS
+    # The default reproduces the paper's Table 7; add select,select-compeft for the package's
+    # protocol beside it.
+    names = [m for m in METHODS if m in ("zeroshot", "icl", "lorahub", "compeft")]
+    p = sub.add_parser("bbh", help="evaluate zero-shot, ICL, LoraHub and ComPEFT on Big-Bench Hard",
+                       description="Per task and seed: 5 seeded few-shot examples, the rest "
+                                   "evaluated by exact match. Results go to OUT/results.jsonl, "
+                                   "one line per cell keyed by its whole setting (method and its "
+                                   "parameters, model, experts, data, seed); a rerun computes only "
+                                   "the cells not there yet, so another --density or --alpha adds "
+                                   "new cells beside the old ones.")
+    p.add_argument("--model", required=True, help="base model, e.g. google/flan-t5-large")
+    p.add_argument("--experts-file", help="file with one expert (Hub id or PEFT dir) per line")
+    p.add_argument("--experts", nargs="*", default=[], help="experts (Hub ids or PEFT dirs)")
+    p.add_argument("--methods", default=",".join(names),
+                   help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(names)})")
+    p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
+    p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
+    # Each method's own defaults unless given: lorahub/compeft are the paper's protocol (random
+    # 20; k=0.1, alpha 1, global top-k), select/select-compeft the package's (3 chosen by loss;
+    # codec.DEFAULT_COMPRESSION: k=0.5, alpha auto, per tensor).
+    p.add_argument("-n", "--n-experts", type=int,
+                   help="experts per composition (default: 20 for lorahub/compeft, 3 for select*)")
+    p.add_argument("--density", type=float,
+                   help="ComPEFT fraction kept (default: 0.1 for compeft, "
+                        f"{DEFAULT_COMPRESSION['density']} for select-compeft)")
+    p.add_argument("--alpha", type=parse_alpha,
+                   help="ComPEFT scale factor or 'auto' (default: 1 for compeft, auto for "
+                        "select-compeft)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--per-tensor", dest="per_tensor", action="store_const", const=True,
+                       help="ComPEFT top-k and scale per tensor (default for select-compeft)")
+    scope.add_argument("--global", dest="per_tensor", action="store_const", const=False,
+                       help="ComPEFT top-k and one scale over the adapter (default for compeft)")
+    p.add_argument("--restarts", type=int,
+                   help="select*: searches from different starts, kept by few-shot loss (default 1)")
+    p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
+    p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
+                   help="composition objective (default paper)")
+    p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
+    add_dtype_option(p)
+    p.add_argument("--shots", type=int, default=5, help="few-shot examples per cell (default 5)")
+    p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
+                                     "else the Hub's lukaemon/bbh)")
+    p.add_argument("--max-eval", type=int, help="evaluate at most this many examples per cell")
+    p.add_argument("--batch-size", type=int, default=16, help="generation batch (default 16)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="cells at once: processes (local) or actors (ray), one model each")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="Ray cluster address with --backend ray (default: start "
+                                     "Ray on this machine)")
+    p.add_argument("--gpus-per-cell", type=float,
+                   help="GPUs each Ray actor asks for (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--out", required=True, help="results folder")
+    add_threads_option(p)
+    p.set_defaults(func=cmd_bbh)
+
+    p = sub.add_parser("report", help="print the Table-7-style report of saved BBH results",
+                       description="One table per model and data source; a column per method "
+                                   "setting, with each setting's parameters listed below it.")
+    p.add_argument("out", help="results folder written by `bbh`")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing report.md / report.png in that folder")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_bbh(args) -> int:
+    apply_threads(args)
+    from lorahub_compeft.eval.bbh import BBH_TASKS
+    from lorahub_compeft.eval.methods import make_method, method_options
+    from lorahub_compeft.eval.pool import ExpertPool
+    from lorahub_compeft.eval.report import report
+    from lorahub_compeft.io.base_models import check_model_reference
+    from lorahub_compeft.eval.cells import plan
+    from lorahub_compeft.eval.runner import run
+    from lorahub_compeft.eval.sources import BBHSource
+    check_model_reference(args.model)
+    experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
+    options = {"n_experts": args.n_experts, "density": args.density, "alpha": args.alpha,
+               "per_tensor": args.per_tensor, "restarts": args.restarts, "budget": args.budget,
+               "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype}
+    options = {k: v for k, v in options.items() if v is not None}  # else each method's default
+    methods = [make_method(m, **method_options(m, options)) for m in args.methods.split(",")]
+    out = Path(args.out)
+    pool = ExpertPool.from_sources(experts, out / "compressed") if experts else None
+    cells = plan(BBHSource(args.bbh_dir, args.shots, args.max_eval),
+                 list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
+                 args.seeds, methods, args.model, pool)
+    run(cells, out, workers=args.workers, backend=args.backend, address=args.address,
+        gpus_per_cell=args.gpus_per_cell, batch_size=args.batch_size, command=args.argv)
+    print(report(out))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lorahub_compeft.io.files import check_file_target
+    from lorahub_compeft.eval.report import report
+    for name in ("report.md", "report.png"):
+        check_file_target(Path(args.out) / name, args.force)
+    print(report(args.out))
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
+    p = sub.add_parser(
+        "demo", help="compose the shipped zoo's experts on its held-out tasks (offline, minutes)",
+        description="The offline demo, on the zoo shipped in the package: a tiny T5\n"
+                    "instruction-tuned on 22 upstream tasks, one LoRA expert per upstream task\n"
+                    "(dense fp16 and ComPEFT), and 7 held-out tasks the base never saw. Per task\n"
+                    "and seed, 5 examples are drawn and N experts sampled; the table compares\n"
+                    "the base's zero-shot exact match with composing the dense experts and\n"
+                    "composing the ComPEFT experts.",
+        epilog="examples:\n  lorahub-compeft demo\n  lorahub-compeft demo --seeds 1-5\n"
+               "  lorahub-compeft demo --tasks heldout_pair_total -n 5 --seeds 1\n"
+               "  lorahub-compeft demo --bbh-dir path/to/bbh   # also the real BBH examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="all", help="comma-separated held-out zoo tasks (default all)")
+    p.add_argument("--seeds", type=parse_seeds, default=[1], help="e.g. 1-5 (default 1)")
+    p.add_argument("--select", choices=("random", "loss"), default="random",
+                   help="random: LoraHub's protocol, N experts drawn with the seed (default, the "
+                        "table in README); loss: the package's, every expert scored alone and "
+                        "the N with the lowest few-shot loss composed (ComPEFT at the default "
+                        f"compression: k={DEFAULT_COMPRESSION['density']}, alpha auto, per "
+                        "tensor)")
+    p.add_argument("-n", "--n-experts", type=int,
+                   help="experts to compose (default 20 with --select random, 3 with loss)")
+    p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
+    p.add_argument("--eval", type=int, default=100, dest="n_eval",
+                   help="evaluation examples per task (default 100)")
+    p.add_argument("--bbh-dir", help="folder of BBH <task>.json files: also run the tasks that "
+                                     "mirror BBH on its real examples")
+    p.add_argument("--max-bbh-eval", type=int, help="evaluate at most this many real BBH examples")
+    p.add_argument("--zoo", help="zoo artifacts folder (default: the one shipped in the package)")
+    p.add_argument("--json", help="also write the per-seed rows as JSON here (a new file)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    add_threads_option(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    apply_threads(args)
+    from lorahub_compeft.io.files import atomic_write_text, check_file_target
+    from lorahub_compeft.zoo.artifacts import ARTIFACTS, Zoo
+    from lorahub_compeft.zoo.demo import format_table, run_demo
+    if args.json:  # before minutes of work, not after
+        check_file_target(args.json, args.force)
+    start = time.perf_counter()
+    tasks = None if args.tasks == "all" else args.tasks.split(",")
+    zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
+    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
+    from lorahub_compeft.compose.composer import DEFAULT_N
+    n_experts = args.n_experts or DEFAULT_N[args.select]
+    rows = run_demo(zoo, tasks, args.seeds, n_experts, args.budget, n_eval=args.n_eval,
+                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select)
+    c = zoo.compression if args.select == "random" else DEFAULT_COMPRESSION
+    setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
+    setting += "; N chosen by few-shot loss" if args.select == "loss" else "; N drawn at random"
+    print(format_table(rows, setting))
+    print(f"\n{len(rows)} cells, N={n_experts} experts, budget {args.budget}, seeds "
+          f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(rows, indent=1) + "\n")
+    return 0

@@ -1,0 +1,90 @@
+"""CompositionResult: the weights composition learnt, and the composed model to use them with."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorahub_compeft.io.adapters import save_adapter as _save_adapter_dir
+from lorahub_compeft.io.files import atomic_write_text
+from lorahub_compeft.compose.selection import Selection
+from lorahub_compeft.compose.stacks import Stack
+
+COMPOSITION_NAME = "composition.json"  # beside the adapter: which experts, their scores, w
+
+
+@dataclass
+class CompositionResult:
+    """What composition learnt, plus the composed model to use it with.
+
+    losses: the objective at each step (non-finite ones as measured). timings, in seconds:
+    decode (reading/decoding the chosen experts), setup (model load and LoRA injection), and
+    over all steps: mix (w @ E into the LoRA buffer), forward (the loss), optimizer (nevergrad's
+    ask/tell and the rest of the loop); select (choosing the experts); steps = budget x restarts.
+    selection: how the experts were chosen and their scores; restart_losses: each restart's best.
+    precision: how the search ran the base ("float32", "bfloat16", "int8": losses from int8
+    copies of its linear layers; the composed model itself is never int8).
+    """
+    weights: dict[str, float]
+    losses: list[float]
+    best_loss: float
+    zero_loss: float
+    nonfinite_steps: int
+    timings: dict[str, float]
+    experts: list[str]
+    optimizer: str = ""
+    objective: str = ""
+    model: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+    stack: Stack | None = field(default=None, repr=False)
+    flat: torch.Tensor | None = field(default=None, repr=False)
+    config: dict = field(default_factory=dict, repr=False)
+    selection: Selection | None = None
+    restart_losses: list[float] = field(default_factory=list)
+    precision: str = ""
+
+    def _apply_best(self) -> None:
+        w = np.array([self.weights[n] for n in self.experts])
+        self.stack.mix(w, out=self.flat)
+
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        """The composed adapter's tensors under PEFT's saved key names (on the CPU), mixed in
+        fp32 whatever the model's dtype."""
+        w = np.array([self.weights[n] for n in self.experts])
+        mixed = self.stack.mix(w).to(torch.float32)
+        return {k: v.clone().cpu() for k, v in self.stack.layout.unflatten(mixed).items()}
+
+    def generate(self, inputs: list[str], max_new_tokens: int = 16, batch_size: int = 32,
+                 max_length: int | None = None) -> list[str]:
+        """Greedy answers from the composed model."""
+        from lorahub_compeft.io.models import generate
+        self._apply_best()
+        return generate(self.model, self.tokenizer, list(inputs), max_new_tokens, batch_size,
+                        max_length)
+
+    def save_adapter(self, directory: str | os.PathLike, force: bool = False) -> Path:
+        """A standard PEFT adapter dir (first expert's config) that PeftModel.from_pretrained loads."""
+        config = {k: v for k, v in self.config.items() if k != "modules_to_save"}
+        config["inference_mode"] = True
+        target = _save_adapter_dir(directory, self.lora_tensors(), config, force=force)
+        atomic_write_text(target / COMPOSITION_NAME, json.dumps(self.summary(), indent=1) + "\n")
+        return target
+
+    def summary(self) -> dict:
+        """What composition chose and learnt, as JSON: experts, weights, losses, selection."""
+        return {"experts": self.experts, "weights": self.weights, "best_loss": self.best_loss,
+                "zero_loss": self.zero_loss, "restart_losses": self.restart_losses,
+                "objective": self.objective, "optimizer": self.optimizer,
+                "precision": self.precision,
+                "selection": self.selection.to_json() if self.selection else None}
+
+    def merged_model(self):
+        """A plain transformers model with the composed LoRA merged into its weights (a copy)."""
+        self._apply_best()
+        return copy.deepcopy(self.model).merge_and_unload()

@@ -1,0 +1,47 @@
+"""One worker: a model loaded once and kept for every cell it is given (in this process, a
+pool process, or a Ray actor)."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from lorahub_compeft.eval.cells import Cell, setting_key
+from lorahub_compeft.eval.methods import Base
+
+class Worker:
+    def __init__(self, batch_size: int = 16, preloaded: Base | None = None):
+        self.batch_size = batch_size
+        self.models: dict[str, Base] = {preloaded.name: preloaded} if preloaded else {}
+
+    def base(self, name: str) -> Base:
+        if name not in self.models:
+            self.models[name] = Base.load(name, self.batch_size)
+        return self.models[name]
+
+    def run(self, cell: Cell) -> tuple[dict, dict]:
+        """Evaluate one cell; returns (result row, predictions row)."""
+        setting = cell.setting()
+        key = setting_key(setting)
+        task = cell.source.load(cell.task, cell.seed)
+        started, start = time.time(), time.perf_counter()
+        answers = cell.method.run(task, self.base(cell.model), cell.experts, cell.seed)
+        row = {"key": key, "task": cell.task, "seed": cell.seed, "method": cell.method.name,
+               "em": task.score(answers.predictions), "n_eval": len(task.rows),
+               "seconds": time.perf_counter() - start, "started": started,
+               "worker": f"{socket.gethostname()}:{os.getpid()}", **answers.info,
+               "setting": setting}
+        return row, {"key": key, "task": cell.task, "seed": cell.seed, "method": cell.method.name,
+                     "predictions": answers.predictions, "targets": [r["target"] for r in task.rows]}
+
+
+_WORKER: Worker | None = None
+
+
+def pool_init(batch_size: int) -> None:
+    global _WORKER
+    _WORKER = Worker(batch_size)
+
+
+def pool_run(cell: Cell):
+    return _WORKER.run(cell)

@@ -1,0 +1,171 @@
+"""Reading and writing standard PEFT adapter directories (local or on the Hugging Face Hub).
+
+An adapter is what `PeftModel.save_pretrained` writes: `adapter_config.json` plus
+`adapter_model.safetensors` (or the older `adapter_model.bin`). We never unpickle:
+`.bin` files go through `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorahub_compeft.io.files import atomic_dir, read_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+log = logging.getLogger(__name__)
+
+# Task-vector tensors and the value PEFT initialises them to: LoRA's A is random at init but
+# PEFT does not store it, so, as in ComPEFT, the task vector of A and B is measured from 0.
+# (IA)^3 vectors start at 1. Anything else (modules_to_save heads, DoRA magnitudes) has an
+# unknown init and is carried losslessly instead of compressed.
+_TASK_VECTOR_INIT = {".lora_A.": 0.0, ".lora_B.": 0.0, "lora_embedding_A": 0.0,
+                     "lora_embedding_B": 0.0, ".ia3_l": 1.0}
+
+
+class AdapterError(ValueError):
+    """A PEFT adapter that cannot be read or written; the message names the path."""
+
+
+def task_vector_init(name: str) -> float | None:
+    """The init value of a task-vector tensor, or None for a tensor carried as is."""
+    for marker, init in _TASK_VECTOR_INIT.items():
+        if marker in name:
+            return init
+    return None
+
+
+@dataclass
+class Adapter:
+    """A PEFT adapter in memory: its tensors, its adapter_config.json, and where it came from."""
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    source: dict = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = read_json(path)
+    except FileNotFoundError:
+        raise AdapterError(f"{path.parent}: no {CONFIG_NAME}; is this a PEFT adapter directory "
+                           "(written by PeftModel.save_pretrained)?") from None
+    except (ValueError, OSError) as err:
+        raise AdapterError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
+    problem = config_problem(config)
+    if problem:
+        raise AdapterError(f"{path}: {problem}")
+    return config
+
+
+def is_finite_number(value) -> bool:
+    """A real number (not a bool), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_problem(config) -> str | None:
+    """What is wrong with an adapter_config's types (the fields this package reads), or None.
+    Checked once, where a config is read, so later code can trust it."""
+    if not isinstance(config, dict):
+        return f"not a PEFT adapter config (a JSON {type(config).__name__}, not an object)"
+    if not isinstance(config.get("peft_type"), str) or not config["peft_type"]:
+        return "not a PEFT adapter config ('peft_type' must be a name such as \"LORA\")"
+    if "r" in config and not (isinstance(config["r"], int) and not isinstance(config["r"], bool)
+                              and config["r"] > 0):
+        return f"'r' must be a positive integer, got {config['r']!r}"
+    if config.get("lora_alpha") is not None and not is_finite_number(config["lora_alpha"]):
+        return f"'lora_alpha' must be a finite number, got {config['lora_alpha']!r}"
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return f"'target_modules' must be a list of names or a regex string, got {targets!r}"
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        return f"'base_model_name_or_path' must be a string, got {base!r}"
+    return None
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    st, legacy = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
+    if st.exists():
+        try:
+            return load_file(st)
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise AdapterError(f"{st}: cannot read safetensors file ({err})") from None
+    if legacy.exists():
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise AdapterError(f"{legacy}: cannot read as a plain tensor dict "
+                               f"(pickled code is refused): {err}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterError(f"{legacy}: expected a dict of tensors")
+        return tensors
+    raise AdapterError(f"{directory}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} found")
+
+
+def load_adapter(source: str | os.PathLike, revision: str | None = None) -> Adapter:
+    """Load a PEFT adapter from a local directory or a Hugging Face Hub id."""
+    path = Path(source)
+    if path.is_dir():
+        origin = {"path": str(path.resolve())}
+        if looks_like_hub_id(str(source)):  # both readings exist: say which one is used
+            log.warning("%s: using the local folder %s, not the Hub id of that name (pass "
+                        "./%s or an absolute path to silence this)", source, path.resolve(), source)
+    elif path.exists():
+        raise AdapterError(f"{path}: is a file; pass the adapter's directory")
+    elif looks_like_hub_id(str(source)):
+        path = download_adapter(str(source), revision)
+        origin = {"hub_id": str(source), "revision": revision or "main"}
+    else:
+        raise AdapterError(f"{source}: no such directory, and not a Hub id (owner/name)")
+    config = read_config(path / CONFIG_NAME)
+    tensors = _read_weights(path)
+    if not tensors:
+        raise AdapterError(f"{path}: the adapter holds no tensors")
+    return Adapter(tensors=tensors, config=config, source=origin)
+
+
+def looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
+def download_adapter(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]))
+    except Exception as err:
+        raise AdapterError(f"{repo_id}: cannot download from the Hugging Face Hub ({err}); "
+                           "check the id and your network, or pass a local directory") from None
+
+
+def save_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
+                 force: bool = False) -> Path:
+    """Write a standard PEFT adapter dir atomically: built beside the target, then renamed.
+    `force` replaces an existing adapter dir only if it holds nothing but these two files."""
+    target = Path(directory)
+    with atomic_dir(target, force=force, owned=(CONFIG_NAME, WEIGHTS_NAME)) as staging:
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, staging / WEIGHTS_NAME)
+    return target
+

@@ -1,0 +1,98 @@
+"""Which base model an expert was trained on, compared by what identifies a base rather than by
+the string in `base_model_name_or_path`: the resolved local folder, the Hub id (+ revision), or
+the config's architecture and shapes. An expert recorded with an absolute path and one with a
+relative path or the Hub id of the same model are the same base."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lorahub_compeft.io.files import read_json
+
+log = logging.getLogger(__name__)
+# config.json fields that fix the shapes a LoRA expert is trained against
+SHAPE_KEYS = ("d_model", "hidden_size", "n_embd", "num_layers", "num_decoder_layers",
+              "num_hidden_layers", "n_layer", "d_ff", "intermediate_size", "d_kv", "num_heads",
+              "num_attention_heads", "n_head", "vocab_size")
+
+
+def looks_like_path(text: str) -> bool:
+    """A model reference meant as a folder: ./x, /x, ~/x, or more than owner/name."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def check_model_reference(text: str) -> None:
+    """Refuse a model folder that does not exist, before any loader turns it into a Hub id."""
+    if looks_like_path(text) and not Path(text).expanduser().exists():
+        raise ValueError(f"model folder {text} does not exist; pass an existing folder (with "
+                         "config.json) or a Hub id such as google/flan-t5-large")
+
+
+def _hub_config(repo_id: str, revision: str | None) -> Path | None:
+    """config.json of a Hub model if it is in the local cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an invalid id or no cache: nothing known
+        return None
+    return Path(found) if isinstance(found, (str, os.PathLike)) else None
+
+
+def base_identity(reference: str | None, revision: str | None = None) -> dict:
+    """What identifies the base `reference` names (empty when nothing is known)."""
+    if not reference:
+        return {}
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        identity, config = {"path": str(path.resolve())}, path / "config.json"
+    else:
+        identity = {"hub_id": reference, "revision": revision}
+        config = None if looks_like_path(reference) else _hub_config(reference, revision)
+    try:
+        data = read_json(config) if config is not None and config.is_file() else None
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict):
+        identity["architecture"] = [data.get("model_type"), data.get("architectures")]
+        identity["shapes"] = {k: data[k] for k in SHAPE_KEYS if k in data}
+    return identity
+
+
+def same_base(a: dict, b: dict) -> bool | None:
+    """True / False, or None when too little is known about one of them to say."""
+    if a.get("path") and a.get("path") == b.get("path"):
+        return True
+    if a.get("hub_id") and a.get("hub_id") == b.get("hub_id") and \
+            (None in (a.get("revision"), b.get("revision")) or a["revision"] == b["revision"]):
+        return True
+    if a.get("shapes") and b.get("shapes"):
+        return a["architecture"] == b["architecture"] and a["shapes"] == b["shapes"]
+    return None
+
+
+def base_problems(bases: dict[str, str | None], reference: str | None) -> list[str]:
+    """One line per expert (name -> recorded base) whose base is not `reference`. Unknown
+    identities (a Hub id not in the cache) are compared by their strings."""
+    if reference is None:
+        return []
+    want = base_identity(reference)
+    problems = []
+    for name, base in bases.items():
+        same = same_base(want, base_identity(base))
+        if same is None:
+            same = base == reference
+        if not same:
+            problems.append(f"{name}: base_model_name_or_path is {base!r}, another base than "
+                            f"{reference!r}")
+    return problems
+
+
+def check_bases(bases: dict[str, str | None], model: str | None) -> list[str]:
+    """The base mismatches among experts as error lines; with `model` given (the user said
+    which base to use) they are only warnings and nothing is returned."""
+    if model is None:
+        return base_problems(bases, next(iter(bases.values()), None))
+    for problem in base_problems(bases, model):
+        log.warning("%s; using it as --model (model=) says", problem)
+    return []
