@@ -164,7 +164,7 @@ def test_sigma_zero_falls_back_to_the_kept_magnitude_with_a_warning(caplog):
 
 
 def test_default_compression_keeps_zoo_files_8x_smaller_than_fp16(tmp_path):
-    """The bound the default density was chosen under (README "How the defaults were chosen")."""
+    """The bound the default density was chosen under (docs/defaults.md, Compression)."""
     from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
     from lorahub_compeft.store.expert import compress
     from lorahub_compeft.zoo.artifacts import ARTIFACTS
