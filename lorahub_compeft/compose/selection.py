@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lorahub_compeft.compose.experts import ExpertHandle
+from lorahub_compeft.compose.session import ScoringSession
 from lorahub_compeft.compose.stacks import ADAPTER_NAME, Layout, build_stack, saved_key
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,18 @@ class Selection:
         return [h for h in candidates if h.name in chosen]
 
 
-def choose_experts(session, candidates: list[ExpertHandle]) -> Selection:
-    """Which of the candidates to compose (session: a ScoringSession, its config resolved):
-    with select "loss" and more candidates than n_experts, the n_experts lowest alone
-    (select_by_loss); else all of them (LoraHub's draw already chose with select "random")."""
+def choose_experts(session: ScoringSession, candidates: list[ExpertHandle]) -> Selection:
+    """Which of the candidates to compose (the session's config resolved): with select "loss"
+    and more candidates than n_experts, the n_experts lowest alone (select_by_loss, the
+    first-order estimate ranking them first unless a custom loss_fn has no gradient to follow);
+    else all of them (LoraHub's draw already chose with select "random")."""
     config = session.config
     start = time.perf_counter()
     if len(candidates) > config.n_experts and config.select == "loss":
+        estimate = None if session.loss_fn is not None else first_order(
+            session.model, session.task_loss, session.layout, session.flat)
         selection = select_by_loss(candidates, config.n_experts, AloneScores(session, candidates),
-                                   config.budget, session.first_order_estimate())
+                                   config.budget, estimate)
     else:
         selection = Selection(config.select if config.select == "random" else "all",
                               [h.name for h in candidates])
@@ -72,7 +76,7 @@ class AloneScores:
     candidates) scored with the search's objective, regularizer included: one forward each in
     the model's own LoRA buffer, or K per forward through the search's Scorer over their stack
     (candidates_per_step K > 1)."""
-    session: object
+    session: ScoringSession
     candidates: list[ExpertHandle]
 
     def __post_init__(self):

@@ -19,7 +19,6 @@ from lorahub_compeft.compose.experts import ExpertHandle, base_model_of
 from lorahub_compeft.compose.objective import (default_max_length, encoder_batches,
                                                few_shot_loss, task_loss, tokenize_examples)
 from lorahub_compeft.compose.scoring import Int8Linears, Precision, Scorer, scoring
-from lorahub_compeft.compose.selection import first_order
 from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, Stack, bind_flat, layout_of,
                                             lora_params, write_expert)
 
@@ -127,14 +126,8 @@ class ScoringSession:
         self.flat.zero_()
         return loss
 
-    def first_order_estimate(self) -> Callable | None:
-        """selection.first_order's estimate of each expert's loss alone; None with a custom
-        loss_fn (it has no gradient to follow) or where the LoRA layers are not linear."""
-        if self.loss_fn is not None:
-            return None
-        return first_order(self.model, self.task_loss, self.layout, self.flat)
-
     def task_loss(self) -> torch.Tensor:
+        """The objective's task loss at the model's current LoRA (differentiable with grad)."""
         return task_loss(self.model, self.batches, self.n_examples, self.config.objective)
 
 
