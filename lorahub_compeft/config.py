@@ -54,3 +54,104 @@ class EreOptions:
 # N when experts are chosen by few-shot loss (chosen on the zoo's validation seeds), and
 # LoraHub's N for its random draw.
 DEFAULT_N = {"loss": 3, "random": 20}
+
+SELECT_MODES = ("loss", "random")   # how compose() chooses N of the experts it is given
+OBJECTIVES = ("paper", "lorahub")   # what its search minimises (compose/objective.py)
+OBJECTIVE_OPTIMIZER = {"paper": "Shiwa", "lorahub": "NGOpt"}  # searched with, unless one is named
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    """compose()'s settings: which experts, how their weights are searched, how the search runs
+    the model. A bad value is refused when the config is made (a ValueError naming the field)."""
+    select: str = option("loss", "how N experts are chosen when more are given: loss scores each "
+                                 "alone on the examples and keeps the N lowest; random is "
+                                 "LoraHub's seeded draw (the paper's protocol, with N = 20)")
+    n_experts: int | None = option(None, "experts to compose (default "
+                                         f"{DEFAULT_N['loss']} with select loss, "
+                                         f"{DEFAULT_N['random']} with select random)")
+    restarts: int = option(1, "searches from different starts (the first from w = 0); the "
+                              "lowest few-shot loss is kept")
+    seed: int = option(1, "seed of the expert draw and the optimizer")
+    budget: int = option(40, "optimizer evaluations per search")
+    optimizer: str | None = option(None, "any nevergrad optimizer (default: Shiwa for the paper "
+                                         "objective, NGOpt for lorahub)")
+    objective: str = option("paper", "paper: mean cross-entropy over all target tokens; "
+                                     "lorahub: the released code's loss scaling (and NGOpt)")
+    l1: float = option(0.05, "weight of the regularizer l1 * mean|w| added to the loss")
+    bounds: float = option(1.5, "every weight is searched in [-bounds, bounds]")
+    batch_size: int | None = option(None, "examples per forward (default: all of them)")
+    max_length: int | None = option(None, "tokens kept per example (default: the model's limit)")
+    dtype: str | None = option("auto", "how the search runs the base model; auto: bf16 where the "
+                                       "device computes it natively, else on a CPU int8 copies "
+                                       "of the linear layers of models of t5-small's size or "
+                                       "more, else fp32. int8 forces int8 scoring (CPU). The "
+                                       "composed adapter is fp32 and answers come from the "
+                                       "unquantized model whatever is chosen")
+    candidates_per_step: int = option(1, "candidates scored per forward (more helps on GPUs)")
+
+    def __post_init__(self):
+        problem = _compose_problem(self)
+        if problem:
+            raise ValueError(problem)
+
+    def resolved(self) -> "ComposeConfig":
+        """The defaults that depend on other fields filled in: n_experts (DEFAULT_N[select])
+        and optimizer (the objective's)."""
+        return dataclasses.replace(
+            self, n_experts=DEFAULT_N[self.select] if self.n_experts is None else self.n_experts,
+            optimizer=self.optimizer or OBJECTIVE_OPTIMIZER[self.objective])
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return cls.__dataclass_fields__[name].metadata["help"]
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and float("-inf") < value < float("inf"))  # NaN fails both comparisons
+
+
+def _torch_dtype(value) -> bool:
+    import torch  # only asked of a value that is not a name: its caller has torch loaded
+    return isinstance(value, torch.dtype)
+
+
+def _compose_problem(c: ComposeConfig) -> str | None:
+    """What is wrong with a composition config, as the one line that says the fix; None if
+    nothing. The optimizer's name and the dtype's value are checked where they are resolved
+    (nevergrad's registry, the device), still before any model is loaded."""
+    if c.select not in SELECT_MODES:
+        return f"unknown select {c.select!r}; use one of {', '.join(SELECT_MODES)}"
+    if c.objective not in OBJECTIVES:
+        return f"unknown objective {c.objective!r}; use one of {', '.join(OBJECTIVES)}"
+    counts = {"n_experts": "experts to compose", "restarts": "searches",
+              "budget": "optimizer evaluations per search",
+              "candidates_per_step": "candidates per forward",
+              "batch_size": "examples per forward", "max_length": "tokens per example"}
+    optional = ("n_experts", "batch_size", "max_length")  # None: the default
+    for name, what in counts.items():
+        value = getattr(c, name)
+        if (value is not None or name not in optional) and (not _integer(value) or value < 1):
+            return (f"{name} must be a positive integer ({what}), got {value!r}"
+                    + ("; or None for the default" if name in optional else ""))
+    if not _integer(c.seed) or not 0 <= c.seed < 2 ** 32:
+        return f"seed must be an integer in [0, 2**32), got {c.seed!r}"
+    if not _number(c.l1) or c.l1 < 0:
+        return f"l1 must be a finite number >= 0 (the regularizer's weight), got {c.l1!r}"
+    if not _number(c.bounds) or c.bounds <= 0:
+        return f"bounds must be a finite number > 0 (w lies in [-bounds, bounds]), got {c.bounds!r}"
+    if c.optimizer is not None and (not isinstance(c.optimizer, str) or not c.optimizer):
+        return (f"optimizer must be a nevergrad optimizer's name such as 'Shiwa', or None for "
+                f"the objective's, got {c.optimizer!r}")
+    if c.dtype is not None and not isinstance(c.dtype, str) and not _torch_dtype(c.dtype):
+        return (f"dtype must be 'auto', 'bf16', 'fp32', 'int8', a torch.dtype or None (the "
+                f"model's own), got {c.dtype!r}")
+    return None
+
+
+PAPER_COMPOSE = ComposeConfig(select="random", n_experts=20, budget=40)  # LoraHub's protocol

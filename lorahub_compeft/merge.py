@@ -17,18 +17,16 @@ per module, majority sign "total"); a test checks both against it.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from lorahub_compeft.io.adapters import Adapter, load_adapter
+from lorahub_compeft.io.adapters import Adapter
 from lorahub_compeft.codecs.ere import lora_modules, lora_scaling
+from lorahub_compeft.compose.experts import expert_handles, validate_experts
 
 log = logging.getLogger(__name__)
-METHODS = ("task_arithmetic", "ties")
-_MUST_MATCH = ("peft_type", "base_model_name_or_path", "task_type")
+MERGE_METHODS = ("task_arithmetic", "ties")
 
 
 @dataclass
@@ -37,42 +35,25 @@ class MergeResult:
     energy_kept: float  # share of Σ‖ΔW‖² the rank-`rank` factors keep (1.0: exact)
 
 
-def _as_adapter(item) -> Adapter:
-    from lorahub_compeft.store.expert import CompressedExpert, load_expert
-    if isinstance(item, Adapter):
-        return item
-    if isinstance(item, CompressedExpert):
-        return item.to_adapter()
-    path = Path(item) if isinstance(item, (str, os.PathLike)) else None
-    if path is not None and path.is_file() and path.suffix == ".safetensors":
-        return load_expert(path).to_adapter()
-    if path is not None:
-        return load_adapter(item)
-    raise ValueError(f"cannot merge a {type(item).__name__}; pass expert files, PEFT adapter "
-                     "dirs, Hub ids, CompressedExperts or Adapters")
+def mergeable_adapters(experts) -> list[Adapter]:
+    """The experts, resolved and checked as composition resolves and checks them
+    (compose/experts.py), as adapters; and, merge's own rule, all with the same LoRA modules."""
+    handles = expert_handles(experts)
+    validate_experts(handles, base_hint=False)
+    adapters = [h.to_adapter() for h in handles]
+    for handle, adapter in zip(handles[1:], adapters[1:]):
+        if set(adapter.tensors) != set(adapters[0].tensors):
+            raise ValueError(f"{handle.name} has other LoRA modules than {handles[0].name}; "
+                             "merge experts with the same target modules")
+    return adapters
 
 
-def _check(adapters: list[Adapter], weights) -> list[float]:
-    if not adapters:
-        raise ValueError("no experts to merge")
-    for i, a in enumerate(adapters):
-        cfg = a.config
-        if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
-            raise ValueError(f"expert {i} is {cfg.get('peft_type')!r}{' (DoRA)' if cfg.get('use_dora') else ''}; "
-                             "only plain LoRA experts can be merged")
-        for key in _MUST_MATCH:
-            if cfg.get(key) != adapters[0].config.get(key):
-                raise ValueError(f"expert {i} has {key}={cfg.get(key)!r}, expert 0 has "
-                                 f"{adapters[0].config.get(key)!r}; merge experts of one base model")
-        if set(a.tensors) != set(adapters[0].tensors):
-            raise ValueError(f"expert {i} has other LoRA modules than expert 0; merge experts "
-                             "with the same target modules")
+def _weights(weights, n: int) -> list[float] | None:
     if weights is None:
-        return weights
+        return None
     weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise ValueError(f"{len(weights)} weights for {len(adapters)} experts; give one weight "
-                         "per expert")
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} experts; give one weight per expert")
     return weights
 
 
@@ -101,12 +82,12 @@ def merge_deltas(experts, method: str = "task_arithmetic", weights=None, density
                  ) -> tuple[dict[tuple[str, str], torch.Tensor], list[Adapter], list[float]]:
     """The merged ΔW per LoRA module {(A name, B name): out×in float64}, the adapters merged
     and the weights used."""
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}; use one of {', '.join(MERGE_METHODS)}")
     if method == "ties" and not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1] for TIES, got {density!r}")
-    adapters = [_as_adapter(e) for e in experts]
-    weights = _check(adapters, weights)
+    adapters = mergeable_adapters(experts)
+    weights = _weights(weights, len(adapters))
     if weights is None:
         weights = [1.0 / len(adapters)] * len(adapters) if method == "task_arithmetic" \
             else [1.0] * len(adapters)

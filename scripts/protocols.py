@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
-from lorahub_compeft.compose.composer import DEFAULT_N, compose
+from lorahub_compeft.compose.composer import compose
+from lorahub_compeft.config import DEFAULT_N
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.store.library import ExpertLibrary
 from lorahub_compeft.zoo.source import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED

@@ -44,3 +44,34 @@ def test_compose_needs_one_kind_of_expert_list(tiny_t5, lora_dir, tmp_path):
         with pytest.raises(SystemExit, match="one of --library or --experts"):
             main(["compose", *given, "--examples", str(examples), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_with_no_flags_composes_what_python_composes_with_no_options(tiny_t5, lora_dir,
+                                                                         tmp_path):
+    """`compose` takes its defaults from config.ComposeConfig, as compose() does: the same
+    experts and examples give the same weights and a byte-identical adapter."""
+    from lorahub_compeft.compose.composer import compose
+    experts = [str(lora_dir)] + [
+        str(support.train_expert(tiny_t5, tmp_path / w, support.constant_task(w), steps=15, seed=i))
+        for i, w in enumerate(("green", "blue", "pink"))]
+    task = support.constant_task("blue", n=5)
+    examples = _jsonl(tmp_path / "ex.jsonl", task)
+    assert main(["compose", "--experts", *experts, "--examples", str(examples), "--quiet",
+                 "--out", str(tmp_path / "cli")]) == 0
+    result = compose(experts, task, progress=False)
+    python = result.save_adapter(tmp_path / "python")
+    cli = json.loads((tmp_path / "cli" / "composition.json").read_text())
+    assert len(result.experts) == 3 and result.selection.method == "loss"  # 3 of 4 chosen
+    assert cli["weights"] == result.weights
+    assert cli["selection"]["scores"] == result.selection.scores
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "cli" / weights).read_bytes() == (python / weights).read_bytes()
+
+
+def test_a_bad_examples_line_is_named_by_file_and_line(lora_dir, tmp_path, capsys):
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text('{"input": "say the word : red ?", "target": "red"}\n{"input": "x",\n')
+    assert main(["compose", "--experts", str(lora_dir), "--examples", str(examples),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"{examples}:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

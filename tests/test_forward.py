@@ -280,7 +280,7 @@ def test_selection_scores_k_experts_per_forward(experts, monkeypatch):
     """select="loss" with candidates_per_step=K scores the candidates K per forward through the
     search's Scorer: the same scores and choice as one forward each."""
     import importlib
-    compose_module = importlib.import_module("lorahub_compeft.compose.composer")
+    session_module = importlib.import_module("lorahub_compeft.compose.session")
     examples = support.constant_task("blue")
     one = compose(experts, examples, n_experts=1, select="loss", budget=4, progress=False)
     batched = []
@@ -289,7 +289,7 @@ def test_selection_scores_k_experts_per_forward(experts, monkeypatch):
         def score_candidates(self, weights):
             batched.append((self.per_forward, len(weights)))
             return super().score_candidates(weights)
-    monkeypatch.setattr(compose_module, "Scorer", Spy)
+    monkeypatch.setattr(session_module, "Scorer", Spy)
     many = compose(experts, examples, n_experts=1, select="loss", budget=4,
                    candidates_per_step=2, progress=False)
     assert one.experts == many.experts == ["blue"]

@@ -106,3 +106,33 @@ def test_cli_merge_writes_a_peft_adapter(tiny_t5, lora_dir, second_lora, tmp_pat
     assert model.peft_config["default"].r == 8
     assert main(["merge", str(lora_dir), "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_merge_and_compose_check_experts_alike(tiny_t5, lora_dir, tmp_path):
+    """One check for both (compose/experts.py): an incompatible pair gets one message, and the
+    base model is compared by identity, not by the string an expert records."""
+    import json
+    import os
+    import shutil
+
+    from lorahub_compeft.compose.composer import compose
+    rank_two = support.train_expert(tiny_t5, tmp_path / "rank-two", support.constant_task("red"),
+                                    steps=2, r=2)
+    with pytest.raises(ValueError) as merging:
+        merge([lora_dir, rank_two])
+    with pytest.raises(ValueError) as composing:
+        compose([str(lora_dir), str(rank_two)], support.constant_task("red"), progress=False)
+    assert str(merging.value) == str(composing.value)
+    assert f"rank-two: r is 2, but {lora_dir.name} has 4" in str(merging.value)
+
+    def with_base(name, base):
+        shutil.copytree(lora_dir, tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(
+            json.dumps(dict(config, base_model_name_or_path=base)))
+        return tmp_path / name
+    relative = with_base("relative", os.path.relpath(tiny_t5))  # the same folder, another string
+    assert merge([lora_dir, relative]).energy_kept == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="elsewhere: base_model_name_or_path") as other_base:
+        merge([lora_dir, with_base("elsewhere", "t5-small")])
+    assert "--model" not in str(other_base.value)  # merging has no base to choose

@@ -168,7 +168,7 @@ def cmd_demo(args) -> int:
     tasks = None if args.tasks == "all" else args.tasks.split(",")
     zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
     from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
-    from lorahub_compeft.compose.composer import DEFAULT_N
+    from lorahub_compeft.config import DEFAULT_N
     n_experts = args.n_experts or DEFAULT_N[args.select]
     rows = run_demo(zoo, tasks, args.seeds, n_experts, args.budget, n_eval=args.n_eval,
                     bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select)

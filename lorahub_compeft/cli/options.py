@@ -125,14 +125,12 @@ def codec_options(args) -> dict:
 
 
 def add_select_options(p: argparse.ArgumentParser) -> None:
-    from lorahub_compeft.compose.composer import DEFAULT_N
-    p.add_argument("--select", choices=("loss", "random"), default="loss",
-                   help="how N experts are chosen when more are given: loss (default) scores "
-                        "each alone on the examples and keeps the N lowest; random is "
-                        "LoraHub's seeded draw (the paper's protocol, with -n 20)")
-    p.add_argument("-n", "--n-experts", type=int, default=None,
-                   help=f"experts to compose (default {DEFAULT_N['loss']} with --select loss, "
-                        f"{DEFAULT_N['random']} with --select random)")
+    """--select and -n, their defaults and help from config.ComposeConfig."""
+    from lorahub_compeft.config import SELECT_MODES, ComposeConfig
+    p.add_argument("--select", choices=SELECT_MODES, default=ComposeConfig().select,
+                   help=f"{ComposeConfig.help('select')} (default {ComposeConfig().select})")
+    p.add_argument("-n", "--n-experts", type=positive_int, default=ComposeConfig().n_experts,
+                   help=ComposeConfig.help("n_experts"))
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,13 @@ import torch
 
 from lorahub_compeft.io.adapters import save_adapter as _save_adapter_dir
 from lorahub_compeft.io.files import atomic_write_text
+from lorahub_compeft.compose.experts import ExpertHandle
+from lorahub_compeft.compose.search import SearchOutcome, best_point
 from lorahub_compeft.compose.selection import Selection
+from lorahub_compeft.compose.session import ScoringSession
 from lorahub_compeft.compose.stacks import Stack
+
+log = logging.getLogger(__name__)
 
 COMPOSITION_NAME = "composition.json"  # beside the adapter: which experts, their scores, w
 
@@ -49,7 +55,29 @@ class CompositionResult:
     restart_losses: list[float] = field(default_factory=list)
     precision: str = ""
 
-    def _apply_best(self) -> None:
+    @classmethod
+    def from_search(cls, outcomes: list[SearchOutcome], zero_loss: float,
+                    chosen: list[ExpertHandle], selection: Selection, stack: Stack,
+                    session: ScoringSession, timings: dict) -> "CompositionResult":
+        """The result of the restarts' searches over `chosen` (the best point, never worse
+        than w = 0), its weights applied to the session's model."""
+        best_w, best_loss = best_point(outcomes, zero_loss)
+        names = [h.name for h in chosen]
+        result = cls(
+            weights={name: float(x) for name, x in zip(names, best_w)},
+            losses=[x for o in outcomes for x in o.losses], best_loss=best_loss,
+            zero_loss=zero_loss, nonfinite_steps=sum(o.nonfinite for o in outcomes),
+            timings=timings, experts=names, optimizer=session.config.optimizer,
+            objective=session.config.objective, model=session.model, tokenizer=session.tokenizer,
+            stack=stack, flat=session.flat, config=dict(chosen[0].config), selection=selection,
+            restart_losses=[o.best_loss for o in outcomes], precision=session.precision.name)
+        result.apply_best()
+        log.info("composed %d experts: best loss %.4f (no composition %.4f)", len(names),
+                 best_loss, zero_loss)
+        return result
+
+    def apply_best(self) -> None:
+        """Put the learnt mix into the model's LoRA parameters."""
         w = np.array([self.weights[n] for n in self.experts])
         self.stack.mix(w, out=self.flat)
 
@@ -64,7 +92,7 @@ class CompositionResult:
                  max_length: int | None = None) -> list[str]:
         """Greedy answers from the composed model."""
         from lorahub_compeft.io.models import generate
-        self._apply_best()
+        self.apply_best()
         return generate(self.model, self.tokenizer, list(inputs), max_new_tokens, batch_size,
                         max_length)
 
@@ -86,5 +114,5 @@ class CompositionResult:
 
     def merged_model(self):
         """A plain transformers model with the composed LoRA merged into its weights (a copy)."""
-        self._apply_best()
+        self.apply_best()
         return copy.deepcopy(self.model).merge_and_unload()

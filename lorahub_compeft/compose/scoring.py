@@ -91,6 +91,11 @@ def int8_engine() -> str | None:
     return next((e for e in ("x86", "fbgemm", "qnnpack") if e in engines), None)
 
 
+def pick_device(device=None) -> torch.device:
+    """The device named, else a GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def resolve_precision(dtype, device) -> Precision:
     """None keeps the model's own dtype; "auto" is bf16 where native_bf16(device), else on a CPU
     with an int8 engine fp32 weights with int8 scoring ("int8", used only for models large
@@ -254,6 +259,12 @@ class BatchedLoRA:
         return add_delta
 
 
+def check_loss_fn(loss_fn, per_forward: int) -> None:
+    """A custom loss_fn(model, batch) scores one model at a time: not K candidates at once."""
+    if per_forward > 1 and loss_fn is not None:
+        raise ValueError("loss_fn scores one model at a time; use candidates_per_step=1 with it")
+
+
 class Scorer:
     """The task loss (no regularizer) of mixes of a stack's experts on tokenized examples.
 
@@ -269,8 +280,7 @@ class Scorer:
                  int8: Int8Linears | None = None):
         if per_forward < 1:
             raise ValueError(f"candidates_per_step must be at least 1, got {per_forward}")
-        if per_forward > 1 and loss_fn is not None:
-            raise ValueError("loss_fn scores one model at a time; use candidates_per_step=1 with it")
+        check_loss_fn(loss_fn, per_forward)
         self.model, self.stack, self.flat, self.batches = model, stack, flat, batches
         self.n_examples, self.objective, self.loss_fn = n_examples, objective, loss_fn
         self.per_forward = per_forward

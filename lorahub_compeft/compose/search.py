@@ -45,6 +45,37 @@ def restart_start(n: int, seed: int, restart: int, bounds: float) -> np.ndarray:
     return rng.uniform(-bounds / 3, bounds / 3, size=n)
 
 
+def restart_seed(seed: int, restart: int) -> int:
+    """The optimizer's seed in restart r: the seed itself for the first, then one derived
+    from (seed, r)."""
+    if restart == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
+
+
+def search_restarts(evaluate: Callable[[np.ndarray], list[float]], n: int, config,
+                    progress: bool = True) -> list[SearchOutcome]:
+    """config.restarts searches (config: a resolved ComposeConfig) over n weights, restart r
+    from restart_start(r) with restart_seed(r), their candidates sharing forwards."""
+    restarts = range(config.restarts)
+    return search(evaluate, n, config.budget, config.optimizer, config.bounds,
+                  [restart_seed(config.seed, r) for r in restarts], progress,
+                  config.candidates_per_step,
+                  [restart_start(n, config.seed, r, config.bounds) for r in restarts])
+
+
+def best_point(outcomes: list[SearchOutcome], zero_loss: float) -> tuple[np.ndarray, float]:
+    """The lowest loss of all restarts (the first on ties), or w = 0 when no step beat it:
+    composition is never worse than no composition."""
+    outcome = min(outcomes, key=lambda o: o.best_loss)
+    if not math.isfinite(outcome.best_loss):
+        warnings.warn("every step's loss was non-finite; returning the zero composition",
+                      stacklevel=4)  # at compose()'s caller (via CompositionResult.from_search)
+    if not outcome.best_loss < zero_loss:
+        return np.zeros(len(outcome.best_w)), zero_loss
+    return outcome.best_w, outcome.best_loss
+
+
 def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, optimizer: str,
            bounds: float, seeds: list[int], progress: bool = True, candidates_per_step: int = 1,
            starts: list[np.ndarray] | None = None) -> list[SearchOutcome]:

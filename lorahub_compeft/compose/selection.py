@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
-from lorahub_compeft.compose.experts import ExpertSource
-from lorahub_compeft.compose.stacks import ADAPTER_NAME, Layout, check_tensors, saved_key
+from lorahub_compeft.compose.experts import ExpertHandle
+from lorahub_compeft.compose.session import ScoringSession
+from lorahub_compeft.compose.stacks import ADAPTER_NAME, Layout, build_stack, saved_key
 
 log = logging.getLogger(__name__)
-
-SELECTIONS = ("loss", "random")
 
 
 @dataclass
@@ -45,6 +45,57 @@ class Selection:
                 "estimates": self.estimates, "seconds": self.seconds,
                 "estimate_seconds": self.estimate_seconds}
 
+    def handles(self, candidates: list[ExpertHandle]) -> list[ExpertHandle]:
+        """The chosen candidates, in the candidates' order."""
+        chosen = set(self.chosen)
+        return [h for h in candidates if h.name in chosen]
+
+
+def choose_experts(session: ScoringSession, candidates: list[ExpertHandle]) -> Selection:
+    """Which of the candidates to compose (the session's config resolved): with select "loss"
+    and more candidates than n_experts, the n_experts lowest alone (select_by_loss, the
+    first-order estimate ranking them first unless a custom loss_fn has no gradient to follow);
+    else all of them (LoraHub's draw already chose with select "random")."""
+    config = session.config
+    start = time.perf_counter()
+    if len(candidates) > config.n_experts and config.select == "loss":
+        estimate = None if session.loss_fn is not None else first_order(
+            session.model, session.task_loss, session.layout, session.flat)
+        selection = select_by_loss(candidates, config.n_experts, AloneScores(session, candidates),
+                                   config.budget, estimate)
+    else:
+        selection = Selection(config.select if config.select == "random" else "all",
+                              [h.name for h in candidates])
+    selection.seconds = time.perf_counter() - start
+    return selection
+
+
+@dataclass
+class AloneScores:
+    """score(handles) for select_by_loss: each expert alone (w = 1 for it, 0 for the other
+    candidates) scored with the search's objective, regularizer included: one forward each in
+    the model's own LoRA buffer, or K per forward through the search's Scorer over their stack
+    (candidates_per_step K > 1)."""
+    session: ScoringSession
+    candidates: list[ExpertHandle]
+
+    def __post_init__(self):
+        self.index = {h.name: i for i, h in enumerate(self.candidates)}
+
+    def __call__(self, handles: list[ExpertHandle]) -> list[float]:
+        session = self.session
+        if session.config.candidates_per_step > 1:
+            stack, _ = build_stack(handles, session.layout, session.device)
+            losses = session.scorer(stack).score_candidates(np.eye(len(handles)))
+        else:
+            losses = [session.loss_alone(h) for h in handles]
+        return [loss + session.regularize(self.alone(h)) for loss, h in zip(losses, handles)]
+
+    def alone(self, handle: ExpertHandle) -> np.ndarray:
+        w = np.zeros(len(self.candidates))
+        w[self.index[handle.name]] = 1.0
+        return w
+
 
 def exact_count(n_candidates: int, n_experts: int, budget: int) -> int:
     """How many candidates are scored exactly (one forward each); the rest are ranked by the
@@ -54,20 +105,11 @@ def exact_count(n_candidates: int, n_experts: int, budget: int) -> int:
     return min(n_candidates, max(n_experts, (3 * budget) // 4))
 
 
-def fill(flat: torch.Tensor, source: ExpertSource, layout: Layout) -> None:
-    """Write one expert's LoRA tensors into the model's flat LoRA buffer (checked as the stacks
-    check them: a missing tensor or a wrong shape names the expert)."""
-    tensors = source.load()
-    check_tensors(source, {k: v.shape for k, v in tensors.items()}, layout)
-    for key, shape, off in zip(layout.keys, layout.shapes, layout.offsets):
-        flat[off:off + math.prod(shape)] = tensors[key].reshape(-1).to(flat.device, flat.dtype)
-
-
-def select_by_loss(candidates: list[ExpertSource], n_experts: int,
-                   score: Callable[[list[ExpertSource]], list[float]], budget: int,
+def select_by_loss(candidates: list[ExpertHandle], n_experts: int,
+                   score: Callable[[list[ExpertHandle]], list[float]], budget: int,
                    estimate: Callable | None = None) -> Selection:
-    """The n_experts candidates with the lowest score, ties by name. `score(sources)` gives
-    each source's objective alone; `estimate(sources) -> list[float]` (first order) ranks all
+    """The n_experts candidates with the lowest score, ties by name. `score(handles)` gives
+    each expert's objective alone; `estimate(handles) -> list[float]` (first order) ranks all
     candidates first when more than exact_count(...) of them are given, and only the best
     exact_count are scored."""
     exact = exact_count(len(candidates), n_experts, budget)
@@ -96,8 +138,8 @@ def _finite(x: float) -> float:
 
 # --- the first-order estimate ------------------------------------------------------------------
 def first_order(model, loss: Callable[[], torch.Tensor], layout: Layout, flat: torch.Tensor
-                ) -> Callable[[list[ExpertSource]], list[float]] | None:
-    """One forward and backward of the model with `flat` = 0; returns estimate(sources) giving
+                ) -> Callable[[list[ExpertHandle]], list[float]] | None:
+    """One forward and backward of the model with `flat` = 0; returns estimate(handles) giving
     each expert's loss(0) + Σ_m s_m <G_m, B A>. None when the model's LoRA layers are not
     plain Linear ones (embeddings, convolutions): then every candidate is scored exactly."""
     modules = _lora_linears(model, layout)
@@ -131,11 +173,11 @@ def first_order(model, loss: Callable[[], torch.Tensor], layout: Layout, flat: t
     factors = {name: (torch.cat(inputs[name]), torch.cat(grads[name][::-1]))
                for name in modules if name in grads}
 
-    def estimate(sources: list[ExpertSource]) -> list[float]:
+    def estimate(handles: list[ExpertHandle]) -> list[float]:
         out = []
         with torch.no_grad():
-            for source in sources:
-                tensors = source.load()
+            for handle in handles:
+                tensors = handle.load()
                 total = 0.0
                 for name, (x, d) in factors.items():
                     _, a_key, b_key, scaling = modules[name]

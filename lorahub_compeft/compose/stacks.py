@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorahub_compeft.compose.experts import ExpertSource
+from lorahub_compeft.compose.experts import ExpertHandle
 
 ADAPTER_NAME = "default"
 
@@ -146,14 +146,14 @@ def bind_flat(params: list[tuple[str, torch.nn.Parameter]], layout: Layout, devi
 
 
 # --- building a stack --------------------------------------------------------------------------
-def check_tensors(source: ExpertSource, found: dict[str, tuple], layout: Layout) -> None:
+def check_tensors(handle: ExpertHandle, found: dict[str, tuple], layout: Layout) -> None:
     missing = [k for k in layout.keys if k not in found]
     if missing:
-        raise ValueError(f"{source.name}: lacks {len(missing)} LoRA tensors the model has, "
+        raise ValueError(f"{handle.name}: lacks {len(missing)} LoRA tensors the model has, "
                          f"e.g. {missing[0]}")
     for key, shape in zip(layout.keys, layout.shapes):
         if tuple(found[key]) != shape:
-            raise ValueError(f"{source.name}: {key} has shape {tuple(found[key])}, the model "
+            raise ValueError(f"{handle.name}: {key} has shape {tuple(found[key])}, the model "
                              f"expects {shape}")
 
 
@@ -163,47 +163,55 @@ def _warn_ignored(ignored: set[str]) -> None:
                       f"{sorted(ignored)[0]}); only lora_A/lora_B are composed", stacklevel=4)
 
 
-def _check_finite(source, tensors) -> None:
+def write_expert(out: torch.Tensor, handle: ExpertHandle, tensors: dict[str, torch.Tensor],
+                 layout: Layout) -> None:
+    """Write one expert's LoRA tensors into a flat vector in the layout's order (in `out`'s
+    dtype and device): a stack's row, or the model's own LoRA buffer. A missing tensor or a
+    wrong shape names the expert."""
+    check_tensors(handle, {k: v.shape for k, v in tensors.items()}, layout)
+    for key, off in zip(layout.keys, layout.offsets):
+        value = tensors[key]
+        out[off:off + value.numel()] = value.reshape(-1).to(out.device, out.dtype)
+
+
+def _check_finite(handle, tensors) -> None:
     """One NaN in one expert would make every mix NaN, the zero composition included (0 * NaN):
     refuse it by name."""
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise ValueError(f"{source.name}: holds NaN or infinite values and cannot be composed; "
+        raise ValueError(f"{handle.name}: holds NaN or infinite values and cannot be composed; "
                          "recompress or retrain it, or leave it out")
 
 
-def build_stack(sources: list[ExpertSource], layout: Layout, device) -> tuple[Stack, float]:
+def build_stack(handles: list[ExpertHandle], layout: Layout, device) -> tuple[Stack, float]:
     """Decode each expert once into the stack; returns it and the seconds decoding took.
     ComPEFT experts (all of them) stay sparse in a TernaryStack; otherwise E is dense."""
-    if all(s.ternary is not None for s in sources):
-        return _build_ternary_stack(sources, layout, device)
-    matrix = torch.empty(len(sources), layout.numel, dtype=torch.float32, device=device)
+    if all(h.ternary is not None for h in handles):
+        return _build_ternary_stack(handles, layout, device)
+    matrix = torch.empty(len(handles), layout.numel, dtype=torch.float32, device=device)
     decode = 0.0
     ignored: set[str] = set()
-    for row, source in enumerate(sources):
+    for row, handle in enumerate(handles):
         start = time.perf_counter()
-        tensors = source.load()
+        tensors = handle.load()
         decode += time.perf_counter() - start
-        check_tensors(source, {k: v.shape for k, v in tensors.items()}, layout)
-        _check_finite(source, [tensors[k] for k in layout.keys])
-        for key, off in zip(layout.keys, layout.offsets):
-            value = tensors[key]
-            matrix[row, off:off + value.numel()] = value.reshape(-1).to(device, torch.float32)
+        write_expert(matrix[row], handle, tensors, layout)
+        _check_finite(handle, [tensors[k] for k in layout.keys])
         ignored |= set(tensors) - set(layout.keys)
     _warn_ignored(ignored)
     return DenseStack(layout, matrix), decode
 
 
-def _build_ternary_stack(sources, layout: Layout, device) -> tuple[TernaryStack, float]:
+def _build_ternary_stack(handles, layout: Layout, device) -> tuple[TernaryStack, float]:
     where = dict(zip(layout.keys, layout.offsets))
     index_dtype = torch.int32 if layout.numel < 2 ** 31 else torch.int64
     positions, signs, seg_expert, seg_scale, seg_length = [], [], [], [], []
     decode, ignored = 0.0, set()
-    for row, source in enumerate(sources):
+    for row, handle in enumerate(handles):
         start = time.perf_counter()
-        t = source.ternary()
+        t = handle.ternary()
         decode += time.perf_counter() - start
-        check_tensors(source, dict(zip(t.names, t.shapes)), layout)
-        _check_finite(source, [t.scales])
+        check_tensors(handle, dict(zip(t.names, t.shapes)), layout)
+        _check_finite(handle, [t.scales])
         ignored |= set(t.names) - set(layout.keys)
         own = t.offsets()  # the expert's own flat order: tensor j spans own[j]:own[j+1]
         bounds = np.searchsorted(t.positions, own)

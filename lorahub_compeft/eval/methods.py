@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION, PAPER_COMPRESSION
+from lorahub_compeft.config import (DEFAULT_N, PAPER_COMPEFT, PAPER_COMPOSE, CompeftOptions,
+                                    ComposeConfig, replace)
 from lorahub_compeft.eval.pool import ExpertPool
 from lorahub_compeft.eval.sources import TaskData
 
@@ -143,18 +144,18 @@ class ICL(Method):
 
 @dataclass(frozen=True)
 class ComposeParams(Params):
-    n_experts: int = 20
-    budget: int = 40
-    objective: str = "paper"
-    optimizer: str | None = None  # None: the objective's default
-    dtype: str = "auto"  # how the search runs the base (forward.py); the row records which
+    """LoraHub's protocol (config.PAPER_COMPOSE): the N experts `choose` drew, all composed."""
+    preset: ClassVar[ComposeConfig] = PAPER_COMPOSE  # compose()'s settings this method starts from
+    n_experts: int = PAPER_COMPOSE.n_experts
+    budget: int = PAPER_COMPOSE.budget
+    objective: str = PAPER_COMPOSE.objective
+    optimizer: str | None = PAPER_COMPOSE.optimizer  # None: the objective's default
+    dtype: str = PAPER_COMPOSE.dtype  # how the search runs the base; the row records which
 
-    def compose_options(self) -> dict:
-        """What `compose()` takes beyond experts, examples and model: LoraHub's protocol
-        composes the N experts `choose` drew, all of them."""
-        options = {"n_experts": self.n_experts, "select": "random", "budget": self.budget,
-                   "objective": self.objective, "dtype": self.dtype}
-        return options | ({"optimizer": self.optimizer} if self.optimizer else {})
+    def compose_config(self) -> ComposeConfig:
+        """compose()'s settings: the preset, with this method's fields that are its fields."""
+        fields = {f.name for f in dataclasses.fields(ComposeConfig)}
+        return replace(self.preset, **{k: v for k, v in self.to_json().items() if k in fields})
 
 
 @register
@@ -166,56 +167,66 @@ class LoraHub(Method):
         """The same N experts for every method of a (task, seed)."""
         return experts.sample(self.params.n_experts, seed)
 
-    def sources(self, experts: ExpertPool, names: list[str]) -> tuple[list, int]:
+    def expert_files(self, experts: ExpertPool, names: list[str]) -> tuple[list, int]:
         """What compose() reads for each chosen expert, and the bytes of those files."""
         return ([experts.dense(n) for n in names], sum(experts.dense_bytes(n) for n in names))
 
     def run(self, task, model, experts, seed):
         from lorahub_compeft.compose.composer import compose
-        from lorahub_compeft.compose.experts import candidate_sources
+        from lorahub_compeft.compose.experts import expert_handles
         names = self.choose(task, model, experts, seed)
-        sources, nbytes = self.sources(experts, names)
-        sources = [str(s) for s in sources]
+        files, nbytes = self.expert_files(experts, names)
+        files = [str(f) for f in files]
         # compose names a dense dir by its folder: map its names back to the pool's
-        pool_name = dict(zip((s.name for s in candidate_sources(sources, None)), names))
-        result = compose(sources, task.few_shot_examples(), model.model,
-                         tokenizer=model.tokenizer, seed=seed, progress=False,
-                         **self.params.compose_options())
+        pool_name = dict(zip((h.name for h in expert_handles(files)), names))
+        result = compose(files, task.few_shot_examples(), model.model, tokenizer=model.tokenizer,
+                         config=self.params.compose_config(), seed=seed, progress=False)
         predictions = result.generate([task.prompt(r["input"]) for r in task.rows],
                                       task.max_new_tokens, batch_size=model.batch_size)
         return Answers(predictions, {
             "experts": [experts.identities[pool_name[k]] for k in result.experts],
-            "bytes_read": nbytes, "files_read": len(sources),
+            "bytes_read": nbytes, "files_read": len(files),
             "weights": [result.weights[k] for k in result.experts],
             "best_loss": result.best_loss, "zero_loss": result.zero_loss,
             "precision": result.precision, "compose_timings": result.timings})
 
 
-@dataclass(frozen=True)
-class CompeftParams(ComposeParams):  # the paper's compression (Table 7)
-    density: float = PAPER_COMPRESSION["density"]
-    alpha: float | str = PAPER_COMPRESSION["alpha"]
-    per_tensor: bool = PAPER_COMPRESSION["per_tensor"]
+def compressed_file(experts: ExpertPool, name: str, options: CompeftOptions) -> Path:
+    """The pool's ComPEFT file of expert `name` compressed with `options` (made once, cached)."""
+    return experts.compressed(name, options.density, options.alpha, options.per_tensor)
 
 
-@register
-class Compeft(LoraHub):
-    """The same N experts, ComPEFT-compressed, composed."""
-    name, Params = "compeft", CompeftParams
+class CompressedExperts:
+    """expert_files for methods over ComPEFT experts: each chosen expert compressed with the
+    method's density, alpha and per_tensor."""
 
-    def sources(self, experts, names):
+    def expert_files(self, experts, names):
         p = self.params
-        paths = [experts.compressed(n, p.density, p.alpha, p.per_tensor) for n in names]
+        options = CompeftOptions(density=p.density, alpha=p.alpha, per_tensor=p.per_tensor)
+        paths = [compressed_file(experts, n, options) for n in names]
         return paths, sum(path.stat().st_size for path in paths)
 
 
 @dataclass(frozen=True)
-class SelectParams(ComposeParams):
-    n_experts: int = 3  # compose.DEFAULT_N["loss"], chosen on the zoo's validation seeds
-    restarts: int = 1
+class CompeftParams(ComposeParams):  # the paper's compression (Table 7)
+    density: float = PAPER_COMPEFT.density
+    alpha: float | str = PAPER_COMPEFT.alpha
+    per_tensor: bool = PAPER_COMPEFT.per_tensor
 
-    def compose_options(self) -> dict:
-        return super().compose_options() | {"select": "loss", "restarts": self.restarts}
+
+@register
+class Compeft(CompressedExperts, LoraHub):
+    """The same N experts, ComPEFT-compressed, composed."""
+    name, Params = "compeft", CompeftParams
+
+
+@dataclass(frozen=True)
+class SelectParams(ComposeParams):
+    """The package's protocol (config.ComposeConfig()): every expert a candidate, N chosen by
+    few-shot loss."""
+    preset: ClassVar[ComposeConfig] = ComposeConfig()
+    n_experts: int = DEFAULT_N["loss"]
+    restarts: int = ComposeConfig().restarts
 
 
 @register
@@ -229,14 +240,13 @@ class Select(LoraHub):
 
 
 @dataclass(frozen=True)
-class SelectCompeftParams(SelectParams):
-    density: float = DEFAULT_COMPRESSION["density"]
-    alpha: float | str = DEFAULT_COMPRESSION["alpha"]
-    per_tensor: bool = DEFAULT_COMPRESSION["per_tensor"]
+class SelectCompeftParams(SelectParams):  # the default compression
+    density: float = CompeftOptions().density
+    alpha: float | str = CompeftOptions().alpha
+    per_tensor: bool = CompeftOptions().per_tensor
 
 
 @register
-class SelectCompeft(Select):
+class SelectCompeft(CompressedExperts, Select):
     """The default protocol over ComPEFT experts at the default compression."""
     name, Params = "select-compeft", SelectCompeftParams
-    sources = Compeft.sources

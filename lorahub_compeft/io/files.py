@@ -153,20 +153,43 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Whole lines only: a line cut by a crash (bad JSON, or the last line without its
-    newline) is skipped with a warning; the lines after it are kept."""
-    if not path.exists():
+def read_jsonl(path: Path, strict: bool = False) -> list[dict]:
+    """One JSON object per line; blank lines skipped.
+
+    strict=False (files this package appends to, e.g. the runner's results): whole lines only;
+    a line cut by a crash (bad JSON, or the last line without its newline) is skipped with a
+    warning and the lines after it are kept; a missing file is empty.
+    strict=True (files a user wrote, e.g. compose's examples): a line that is not a JSON
+    object is a ValueError naming file:line; a missing file is an error."""
+    path = Path(path)
+    if not strict and not path.exists():
         return []
     rows = []
     for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        if strict:
+            rows.append(_json_object(line, path, number))
+            continue
         try:
             row = json.loads(line) if line.endswith("\n") else None
         except json.JSONDecodeError:
             row = None
         if isinstance(row, dict):
             rows.append(row)
-        elif line.strip():
+        else:
             log.warning("%s:%d: skipped a torn line (a run was killed while writing it)", path, number)
     return rows
 
+
+def _json_object(line: str, path: Path, number: int) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{number}: not a JSON object ({line.strip()[:40]}); write one "
+                         '{"key": value, ...} per line')
+    return row

@@ -1,0 +1,149 @@
+"""What composition scores mixes of experts with: the base model (loaded or copied), LoRA
+injected into it with its parameters as views of one flat buffer, the examples tokenized once,
+and the precision the search runs in; and the search's loss, task loss plus regularizer."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lorahub_compeft.config import ComposeConfig
+from lorahub_compeft.io.base_models import looks_like_path
+from lorahub_compeft.compose.experts import ExpertHandle, base_model_of
+from lorahub_compeft.compose.objective import (default_max_length, encoder_batches,
+                                               few_shot_loss, task_loss, tokenize_examples)
+from lorahub_compeft.compose.scoring import Int8Linears, Precision, Scorer, scoring
+from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, Stack, bind_flat, layout_of,
+                                            lora_params, write_expert)
+
+
+def load_base(model, tokenizer, expert: ExpertHandle, dtype):
+    """The base model and its tokenizer: `model` loaded by name or path (None: the base the
+    expert records), or a copy of a model object (LoRA is injected into it: the caller's model
+    is left alone); in `dtype` unless None."""
+    from transformers import AutoTokenizer
+
+    from lorahub_compeft.io.models import load_model
+    if model is None:
+        model = base_model_of(expert)
+        if looks_like_path(model) and not Path(model).expanduser().exists():
+            raise ValueError(f"the experts' base model {model} (their base_model_name_or_path) "
+                             "is not here; pass the base with --model (model=)")
+    if isinstance(model, (str, os.PathLike)):
+        base, loaded_tokenizer = load_model(str(model), dtype)
+        tokenizer = tokenizer or loaded_tokenizer
+    else:
+        base = copy.deepcopy(model)
+        if tokenizer is None:
+            name = (getattr(model, "name_or_path", None)
+                    or getattr(model.config, "_name_or_path", None))
+            if not name:
+                raise ValueError("pass tokenizer= with a model object")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+    if dtype is not None:
+        base = base.to(dtype)
+    return base, tokenizer
+
+
+def _peft_model(base, config: dict, device):
+    from peft import LoraConfig, get_peft_model
+    allowed = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
+    options = {k: v for k, v in config.items() if k in allowed}
+    # Evaluation only: no dropout, plain init (never an init that rewrites the base weights).
+    options.update(lora_dropout=0.0, init_lora_weights=True, inference_mode=True)
+    options.pop("modules_to_save", None)
+    # LoRA in the base's dtype: the fp32 mix is cast to it once per step (not x to fp32 per layer).
+    model = get_peft_model(base, LoraConfig(**options), adapter_name=ADAPTER_NAME,
+                           autocast_adapter_dtype=False)
+    return model.to(device).eval()
+
+
+@dataclass
+class ScoringSession:
+    """The PEFT model (its LoRA parameters views of `flat`, laid out by `layout`), the tokenized
+    examples, the precision the search runs in (int8: copies of the base's linear layers) and
+    the objective of a composition (config resolved)."""
+    model: Any
+    tokenizer: Any
+    layout: Layout
+    flat: torch.Tensor
+    batches: list[dict]
+    n_examples: int
+    precision: Precision
+    int8: Int8Linears | None
+    config: ComposeConfig
+    device: torch.device
+    loss_fn: Callable | None = None
+    regularizer: Callable | None = None
+
+    @classmethod
+    def open(cls, base, tokenizer, lora_config: dict, examples: list[dict],
+             config: ComposeConfig, precision: Precision, device: torch.device,
+             loss_fn: Callable | None = None, regularizer: Callable | None = None
+             ) -> "ScoringSession":
+        """LoRA of `lora_config` injected into `base` (on `device`), the examples tokenized."""
+        model = _peft_model(base, lora_config, device)
+        precision = precision.for_model(model)
+        int8 = Int8Linears(model) if precision.int8 else None
+        params = lora_params(model)
+        layout = layout_of(params)
+        flat = bind_flat(params, layout, device)
+        batches = encoder_batches(model, tokenize_examples(
+            examples, tokenizer, bool(model.config.is_encoder_decoder),
+            config.max_length or default_max_length(tokenizer, model),
+            config.batch_size or len(examples), device))
+        return cls(model, tokenizer, layout, flat, batches, len(examples), precision, int8,
+                   config, device, loss_fn, regularizer)
+
+    def regularize(self, w: np.ndarray) -> float:
+        """The regularizer: l1 * mean|w| unless one was given."""
+        if self.regularizer is not None:
+            return float(self.regularizer(w))
+        return self.config.l1 * float(np.mean(np.abs(w)))
+
+    def scorer(self, stack: Stack) -> Scorer:
+        """The task loss of mixes of `stack`'s experts, candidates_per_step per forward."""
+        return Scorer(self.model, stack, self.flat, self.batches, self.n_examples,
+                      self.config.objective, self.loss_fn, self.config.candidates_per_step,
+                      self.int8)
+
+    def search_loss(self, stack: Stack) -> "SearchLoss":
+        return SearchLoss(self.scorer(stack), self.regularize)
+
+    def loss_alone(self, handle: ExpertHandle) -> float:
+        """The task loss of one expert alone, written into the model's own LoRA buffer (left
+        at zero after)."""
+        write_expert(self.flat, handle, handle.load(), self.layout)
+        with scoring(self.int8):
+            loss = few_shot_loss(self.model, self.batches, self.n_examples,
+                                 self.config.objective, self.loss_fn)
+        self.flat.zero_()
+        return loss
+
+    def task_loss(self) -> torch.Tensor:
+        """The objective's task loss at the model's current LoRA (differentiable with grad)."""
+        return task_loss(self.model, self.batches, self.n_examples, self.config.objective)
+
+
+@dataclass
+class SearchLoss:
+    """What the search minimises, for K candidates at once: each one's task loss plus the
+    regularizer of its w."""
+    scorer: Scorer
+    regularize: Callable[[np.ndarray], float]
+
+    def __call__(self, ws: np.ndarray) -> list[float]:
+        return [loss + self.regularize(w) for loss, w in zip(self.scorer.score_candidates(ws), ws)]
+
+    def at_zero(self, n: int) -> float:
+        """The loss of no composition (w = 0); the scorer's timings then restart, so that they
+        count the search's steps only."""
+        loss = self(np.zeros((1, n)))[0]
+        self.scorer.reset_timings()
+        return loss
