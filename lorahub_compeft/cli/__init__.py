@@ -47,13 +47,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _main(argv)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
-        return code
     except SystemExit:  # --help, --version, a usage error: their output too
-        _flush_or_quiet()
+        _flush_or_quiet(0)
         raise
-    except BrokenPipeError:
-        return _quiet_exit()
+    return _flush_or_quiet(code)  # a closed pipe shows here, not in the interpreter's exit
 
 
 def _main(argv: list[str] | None) -> int:
@@ -96,8 +93,10 @@ def _quiet_exit() -> int:
     return QUIET_EXIT
 
 
-def _flush_or_quiet() -> None:
+def _flush_or_quiet(code: int) -> int:
+    """`code`, once stdout is flushed; QUIET_EXIT, without a word, when nobody reads it."""
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _quiet_exit()
+        return _quiet_exit()
+    return code
