@@ -18,6 +18,14 @@ Kill: `library add` of 4 adapters into a library killed with SIGKILL at a random
 the index must parse, every listed expert must decode, and the same command rerun must finish
 (every name listed, no temporary file left).
 
+Run files: a `bbh` run folder edited by hand (rows with fields of other types or missing, a
+malformed setting, lines that are not JSON, torn or deeply nested, a config.json that is not
+bbh's, results.jsonl linked to /dev/zero, huge, a folder or not UTF-8, a report.md of the
+user's), then the runner resumes it and `report` reads it, in a worker with the same cap.
+Outcomes: read (skipped what it could not use, with warnings), refused (one ValueError),
+lost-lines (a line other than a torn one, or a prediction whose result is unusable, was
+dropped), escaped:<Type>, memory, timeout.
+
     python scripts/fault_campaign.py            # the full campaign (about 20 min on 2 cores)
     python scripts/fault_campaign.py --quick    # a few seconds' worth, for CI
 """
@@ -72,6 +80,42 @@ for line in sys.stdin:
     except BaseException as err:
         out = "escaped:" + type(err).__name__
     print(out, flush=True)
+"""
+
+
+RUN_WORKER = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+from pathlib import Path
+from lorahub_compeft.eval.report import report
+from lorahub_compeft.eval.runner import PREDICTIONS, RESULTS, parse_line, read_lines, read_results, run
+def lines(path):
+    try:
+        return read_lines(path)
+    except ValueError:
+        return None
+for request in sys.stdin:
+    out = Path(json.loads(request)[0])
+    results, predictions = lines(out / RESULTS), lines(out / PREDICTIONS)
+    try:
+        run([], out, progress=False)  # what a resumed bbh does before its first cell
+        report(out)
+        outcome = "read"
+    except ValueError:
+        outcome = "refused"
+    except MemoryError:
+        outcome = "memory"
+    except BaseException as err:
+        outcome = "escaped:" + type(err).__name__
+    if outcome == "read":  # only torn lines and orphan predictions may have gone
+        done = {r["key"] for r in read_results(out / RESULTS) if "key" in r}
+        def orphan(line):
+            kind, row = parse_line(line)
+            return kind == "torn" or kind == "row" and isinstance(row.get("key"), str) and row["key"] not in done
+        if [l for l in results or [] if parse_line(l)[0] != "torn"] != (lines(out / RESULTS) or []) or \
+                [l for l in predictions or [] if not orphan(l)] != (lines(out / PREDICTIONS) or []):
+            outcome = "lost-lines"
+    print(outcome, flush=True)
 """
 
 
@@ -189,16 +233,16 @@ def mutate(original: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 # ------------------------------------------------------------------------------ fuzz runner
 class Worker:
-    def __init__(self, mem_bytes: int):
-        self.mem = mem_bytes
+    def __init__(self, mem_bytes: int, script: str = WORKER):
+        self.mem, self.script = mem_bytes, script
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(self.mem)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", self.script, str(self.mem)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
-    def run(self, path: Path, ref: Path, timeout: float) -> str:
+    def run(self, path: Path, ref: Path | None, timeout: float) -> str:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         self.proc.stdin.write(json.dumps([str(path), str(ref)]) + "\n")
@@ -302,11 +346,119 @@ def kills(n: int, seed: int, work: Path) -> dict:
     return dict(stats, window_s=round(window, 1))
 
 
+# ------------------------------------------------------------------------------ run files
+def _run_folder(root: Path) -> None:
+    """A bbh run folder as bbh writes it: 3 cells (config.json, results, predictions)."""
+    from lorahub_compeft.eval.cells import setting_key
+    from lorahub_compeft.eval.runner import CONFIG, PREDICTIONS, RESULTS, RUN_FORMAT
+    root.mkdir(parents=True)
+    results, predictions = [], []
+    for seed, method in ((1, "zeroshot"), (1, "lorahub"), (2, "lorahub")):
+        composed = method == "lorahub"
+        setting = {"task": "navigate", "seed": seed, "method": method,
+                   "params": {"n_experts": 2, "budget": 3} if composed else {}, "model": "/m",
+                   "experts": {"pool_sha256": "ab" * 32, "count": 3} if composed else None,
+                   "data": {"source": "bbh", "max_eval": 4, "sha256": "cd" * 32}}
+        key = setting_key(setting)
+        row = {"key": key, "task": "navigate", "seed": seed, "method": method, "em": 25.0 * seed,
+               "n_eval": 4, "seconds": 0.5, "started": 0.0, "worker": "host:1", "setting": setting}
+        if composed:
+            row.update(bytes_read=1000, best_loss=0.5 + seed, experts=[{"name": "a", "sha256": "ef" * 32}])
+        results.append(json.dumps(row) + "\n")
+        predictions.append(json.dumps({"key": key, "task": "navigate", "seed": seed, "method": method,
+                                       "predictions": ["yes"] * 4, "targets": ["no"] * 4}) + "\n")
+    (root / RESULTS).write_text("".join(results))
+    (root / PREDICTIONS).write_text("".join(predictions))
+    (root / CONFIG).write_text(json.dumps({"format": RUN_FORMAT, "runs": []}) + "\n")
+
+
+ROW_FIELDS = ["key", "task", "seed", "method", "em", "setting", "bytes_read", "best_loss", "model"]
+SETTING_FIELDS = ["method", "params", "model", "experts", "data"]
+
+
+def _edit_run(root: Path, rng: random.Random) -> str:
+    """One hand edit of a run folder; returns its kind."""
+    results, predictions, config = root / "results.jsonl", root / "predictions.jsonl", root / "config.json"
+    kind = rng.choice(["row_field", "row_delete", "setting_field", "line", "torn_end", "config",
+                       "no_config", "results_file", "prediction_key", "report"])
+    target = predictions if kind == "prediction_key" else results
+    if target.is_symlink() or not target.is_file() or target.stat().st_size > 1 << 20:
+        return "none"  # an earlier edit replaced the file itself
+    try:
+        lines = target.read_text().splitlines(keepends=True)
+    except UnicodeDecodeError:
+        return "none"
+    rows = [(i, json.loads(line)) for i, line in enumerate(lines) if line.startswith('{"key": "')
+            and line.endswith("}\n")]
+    if not rows:
+        return "none"
+    i, row = rng.choice(rows)
+    if kind in ("row_field", "prediction_key"):
+        row[rng.choice(ROW_FIELDS) if kind == "row_field" else "key"] = copy.deepcopy(rng.choice(JUNK))
+    elif kind == "row_delete":
+        row.pop(rng.choice(ROW_FIELDS), None)
+    elif kind == "setting_field":
+        row["setting"][rng.choice(SETTING_FIELDS)] = copy.deepcopy(rng.choice(JUNK))
+    if kind in ("row_field", "row_delete", "setting_field", "prediction_key"):
+        lines[i] = json.dumps(row) + "\n"
+    elif kind == "line":
+        lines.insert(i, rng.choice(["my notes\n", lines[i][:rng.randrange(1, len(lines[i]))] + "\n",
+                                    "[" * 100000 + "\n", "5\n", "[1, 2]\n", "\n", "null\n",
+                                    lines[i], '{"key": "x"\n']))
+    elif kind == "torn_end":
+        lines.append(lines[i][:rng.randrange(1, len(lines[i]))])
+    elif kind == "config":
+        config.write_text(rng.choice(["not json", "[1, 2]", "5", json.dumps({"runs": 5}),
+                                      json.dumps({"format": "other", "runs": []}),
+                                      json.dumps({"runs": [], "x": 1}), "{" * 100000]))
+    elif kind == "no_config":
+        config.unlink(missing_ok=True)
+    elif kind == "results_file":
+        how = rng.choice(["dev_zero", "huge", "folder", "not_utf8"])
+        results.unlink()
+        if how == "dev_zero":
+            results.symlink_to("/dev/zero")
+        elif how == "huge":
+            with open(results, "wb") as handle:
+                handle.truncate(rng.choice([600 << 20, 8 << 30]))  # sparse
+        elif how == "folder":
+            results.mkdir()
+        else:
+            results.write_bytes(b"\xff\xfe" + "".join(lines).encode())
+        return f"results_file:{how}"
+    elif kind == "report":
+        (root / "report.md").write_text("my own report\n")
+    target.write_text("".join(lines))
+    return kind
+
+
+def run_files(n: int, seed: int, work: Path, mem_gb: float, timeout: float) -> dict:
+    rng = random.Random(seed)
+    worker = Worker(int(mem_gb * 2 ** 30), RUN_WORKER)
+    outcomes, by_kind = Counter(), Counter()
+    start = time.time()
+    try:
+        for i in range(n):
+            root = work / f"run{i}"
+            _run_folder(root)
+            kinds = [_edit_run(root, rng) for _ in range(rng.choice([1, 1, 2, 3]))]
+            out = worker.run(root, None, timeout if i else 120)  # the first also imports
+            outcomes[out] += 1
+            for kind in kinds:
+                by_kind[(out, kind)] += 1
+            shutil.rmtree(root, ignore_errors=True)
+    finally:
+        worker.stop()
+    return {"folders": n, "outcomes": dict(outcomes), "seconds": round(time.time() - start),
+            "by_edit": {f"{o} ({k})": c for (o, k), c in sorted(by_kind.items())}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small campaign, for CI")
     parser.add_argument("--files", type=int, help="mutated files (default 2000; quick 40)")
     parser.add_argument("--kills", type=int, help="kill -9 trials (default 30; quick 1)")
+    parser.add_argument("--runs", type=int, help="hand-edited run folders (default 300; quick 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mem-gb", type=float, default=4.0, help="address-space cap per worker")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per file")
@@ -314,10 +466,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     files = args.files if args.files is not None else (40 if args.quick else 2000)
     n_kills = args.kills if args.kills is not None else (1 if args.quick else 30)
+    n_runs = args.runs if args.runs is not None else (20 if args.quick else 300)
     with tempfile.TemporaryDirectory(prefix="fault-campaign-") as tmp:
         work = Path(tmp)
         figures = {"fuzz": fuzz(files, args.seed, work, args.mem_gb, args.timeout),
-                   "kill": kills(n_kills, args.seed, work)}
+                   "kill": kills(n_kills, args.seed, work),
+                   "run_files": run_files(n_runs, args.seed, work, args.mem_gb, args.timeout)}
     print(json.dumps(figures, indent=1, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
@@ -326,6 +480,8 @@ def main(argv=None) -> int:
     # v1 files carry no header digest: undetected header damage there is reported, not failed
     bad.update({k: v for k, v in figures["fuzz"]["by_origin"].items() if k == "different (v2 damage)"})
     bad.update({k: kl.get(k, 0) for k in ("index_invalid", "listed_damaged") if kl.get(k)})
+    bad.update({f"run files {k}": v for k, v in figures["run_files"]["outcomes"].items()
+                if k not in ("read", "refused")})
     if kl.get("rerun_finished", 0) != kl.get("trials", 0):
         bad["rerun_not_finished"] = kl.get("trials", 0) - kl.get("rerun_finished", 0)
     print("FAILURES: " + json.dumps(bad) if bad else "no failure", file=sys.stderr)

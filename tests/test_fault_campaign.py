@@ -1,6 +1,7 @@
 """The fault campaign's quick mode: a few dozen mutated files and one kill -9 of `library add`
 end in a refusal, the original weights, or a forger's (finite) weights, and the rerun
-finishes the job. The full campaign's figures are in README ("Guarantees")."""
+finishes the job; hand-edited run folders are read (what cannot be used skipped) or refused,
+no line but a torn one lost. The full campaign's figures are in README ("Guarantees")."""
 import json
 import subprocess
 import sys
@@ -20,3 +21,6 @@ def test_quick_campaign_finds_no_failure(tmp_path):
     assert set(outcomes) <= {"refused", "identical", "different"}
     kill = figures["kill"]
     assert kill["trials"] == 1 and kill["rerun_finished"] == 1 and kill["listed_damaged"] == 0
+    runs = figures["run_files"]["outcomes"]
+    assert sum(runs.values()) == 20 and runs.get("read", 0) > 0 and runs.get("refused", 0) > 0
+    assert set(runs) <= {"read", "refused"}

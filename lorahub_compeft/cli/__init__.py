@@ -8,7 +8,7 @@ import os
 import sys
 
 from lorahub_compeft.cli import compose, evaluate, experts, library
-from lorahub_compeft.cli.errors import error_message
+from lorahub_compeft.cli.errors import error_message, stdout_closed
 
 EPILOG = """examples:
   lorahub-compeft compress path/to/peft_adapter_dir -o expert.safetensors --density 0.1 --alpha 1
@@ -45,6 +45,15 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+    except SystemExit:  # --help, --version, a usage error: their output too
+        _flush_or_quiet(0)
+        raise
+    return _flush_or_quiet(code)  # a closed pipe shows here, not in the interpreter's exit
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv if argv is None else ["lorahub-compeft", *argv]  # for OUT/config.json
@@ -54,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (Exception, KeyboardInterrupt) as err:
-        # Every command ends here: a known failure is one line with rc 2; anything else says
-        # how to get the traceback (--debug keeps it).
+        # Every command ends here: a known failure is one message with rc 2; anything else says
+        # how to get the traceback (--debug keeps it). A reader that went away (`| head -1`)
+        # ends the command quietly.
+        if isinstance(err, BrokenPipeError) and stdout_closed():
+            return _quiet_exit()
         if debug:
             raise
         message = error_message(err, args)
@@ -66,3 +78,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+QUIET_EXIT = 141  # what a shell reports for a command ended by SIGPIPE
+
+
+def _quiet_exit() -> int:
+    """Nobody reads stdout any more: end without a word, and point stdout at /dev/null so that
+    the interpreter's last flush has nowhere to fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+    return QUIET_EXIT
+
+
+def _flush_or_quiet(code: int) -> int:
+    """`code`, once stdout is flushed; QUIET_EXIT, without a word, when nobody reads it."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _quiet_exit()
+    return code

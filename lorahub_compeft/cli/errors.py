@@ -1,12 +1,18 @@
-"""The one error handler's triage: a known failure becomes one line naming the problem and the
-fix."""
+"""The one error handler's triage: a known failure becomes one message naming the problem and
+the fix, printed whole (a message that lists its problems keeps its list)."""
 from __future__ import annotations
 
 import pickle
+import select
+import sys
+
+from lorahub_compeft.io.adapters import AdapterError, HubOfflineError
 
 
 def _is_connection_error(err: BaseException) -> bool:
     """The Hub could not be reached (offline, or HF_HUB_OFFLINE=1 with nothing cached)."""
+    if isinstance(err, BrokenPipeError):  # a ConnectionError too, but about our own output
+        return False
     names = {t.__name__ for t in type(err).__mro__}
     text = str(err)
     return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
@@ -14,14 +20,27 @@ def _is_connection_error(err: BaseException) -> bool:
         or "couldn't connect" in text.lower() or "offline" in text.lower()
 
 
+def stdout_closed() -> bool:
+    """Whether nobody reads our output any more (`... | head -1` after head has exited)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. captured)
+        return False
+
+
 def error_message(err: BaseException, args) -> str | None:
-    """One line that names the problem and the fix for a known failure, else None."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """The message, naming the problem and the fix, for a known failure, else None."""
+    whole = str(err).strip() or type(err).__name__
+    first = whole.splitlines()[0]  # of a foreign message, only its first line fits inside ours
     if isinstance(err, KeyboardInterrupt):
         return "interrupted; nothing half-written was kept (every output is written atomically)"
     if isinstance(err, pickle.UnpicklingError):
         return ("a weights file holds pickled objects, which are never run or loaded; use a "
                 "model or adapter saved as safetensors (save_pretrained(safe_serialization=True))")
+    if isinstance(err, (AdapterError, HubOfflineError)):  # ours, naming what failed: as it is
+        return whole
     if args is not None and getattr(args, "command", None) == "bbh" and \
             not getattr(args, "bbh_dir", None) and _is_connection_error(err):
         return ("cannot download Big-Bench Hard from the Hugging Face Hub (offline?); point at "
@@ -36,8 +55,8 @@ def error_message(err: BaseException, args) -> str | None:
         return f"a file is not UTF-8 text ({first})"
     if isinstance(err, (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError,
                         NotADirectoryError, PermissionError)):
-        return first if not isinstance(err, OSError) or not err.filename else \
-            f"{err.filename}: {err.strerror or first}"
+        return whole if not isinstance(err, OSError) or not err.filename else \
+            f"{err.filename}: {err.strerror or whole}"
     if isinstance(err, (OSError, RecursionError, MemoryError)):
-        return f"{type(err).__name__}: {first}"
+        return f"{type(err).__name__}: {whole}"
     return None

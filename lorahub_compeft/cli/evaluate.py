@@ -86,20 +86,26 @@ def _add_bbh_parsers(sub) -> None:
 def cmd_bbh(args) -> int:
     apply_threads(args)
     from lorahub_compeft.eval.bbh import BBH_TASKS
-    from lorahub_compeft.eval.methods import make_method, method_options
+    from lorahub_compeft.eval.methods import METHODS, make_method, method_options
     from lorahub_compeft.eval.pool import ExpertPool
     from lorahub_compeft.eval.report import report
     from lorahub_compeft.io.base_models import check_model_reference
     from lorahub_compeft.eval.cells import plan
-    from lorahub_compeft.eval.runner import run
+    from lorahub_compeft.eval.runner import check_run_folder, run
     from lorahub_compeft.eval.sources import BBHSource
     check_model_reference(args.model)
+    names = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods {args.methods!r}: no method {', '.join(map(repr, unknown))}; "
+                         f"give a comma-separated list of {', '.join(METHODS)}")
+    check_run_folder(args.out)  # before anything is written into it (compressed experts first)
     experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
     options = {"n_experts": args.n_experts, "density": args.density, "alpha": args.alpha,
                "per_tensor": args.per_tensor, "restarts": args.restarts, "budget": args.budget,
                "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype}
     options = {k: v for k, v in options.items() if v is not None}  # else each method's default
-    methods = [make_method(m, **method_options(m, options)) for m in args.methods.split(",")]
+    methods = [make_method(m, **method_options(m, options)) for m in names]
     out = Path(args.out)
     pool = ExpertPool.from_sources(experts, out / "compressed") if experts else None
     cells = plan(BBHSource(args.bbh_dir, args.shots, args.max_eval),
@@ -112,11 +118,8 @@ def cmd_bbh(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from lorahub_compeft.io.files import check_file_target
     from lorahub_compeft.eval.report import report
-    for name in ("report.md", "report.png"):
-        check_file_target(Path(args.out) / name, args.force)
-    print(report(args.out))
+    print(report(args.out, force=args.force))
     return 0
 
 

@@ -3,14 +3,15 @@ source, one column per method setting (a method with other parameters or experts
 column), each column's setting printed under the table."""
 from __future__ import annotations
 
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from lorahub_compeft.io.files import atomic_write_text
-from lorahub_compeft.eval.runner import RESULTS
-from lorahub_compeft.io.files import read_jsonl
+from lorahub_compeft.eval.runner import (PLOT, PLOT_MARK, REPORT, REPORT_MARK, RESULTS,
+                                         is_own_report, read_results)
+from lorahub_compeft.io.files import OutputExistsError, atomic_write_bytes, atomic_write_text
 
 # ComPEFT paper, Table 7 averages (flan-t5-large, BBH, 5 seeds, N=20).
 PAPER_FLAN_T5_LARGE = {("zeroshot", "avg"): 27.0, ("icl", "avg"): 37.3, ("lorahub", "avg"): 30.5,
@@ -126,7 +127,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    """A bar chart of the average EM per method setting; None when matplotlib is missing."""
+    """A bar chart of the average EM per method setting (marked as the report's by a text
+    chunk); None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -148,19 +150,36 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("exact match (%)")
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120, metadata={"Description": PLOT_MARK})
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
     return path
 
 
-def report(out_dir: str | Path) -> str:
+def _check_report_target(path: Path, force: bool) -> None:
+    """The report replaces its own files; a file it did not write only with `force`, and never
+    a folder or a link."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputExistsError(f"{path}: is a folder or a link, not a report this wrote; move "
+                                "it away")
+    if path.exists() and not force and not is_own_report(path):
+        raise OutputExistsError(f"{path}: already exists and was not written by the report; "
+                                "move it away or pass --force to replace it")
+
+
+def report(out_dir: str | Path, force: bool = False) -> str:
+    """The report of OUT's results: written to OUT/report.md (and report.png), returned as text.
+    A report.md / report.png the report did not write is replaced only with `force`."""
     out_dir = Path(out_dir)
-    rows = read_jsonl(out_dir / RESULTS)
+    for name in (REPORT, PLOT):
+        _check_report_target(out_dir / name, force)
+    rows = read_results(out_dir / RESULTS)
     if not rows:
         raise ValueError(f"{out_dir}: no results yet ({RESULTS} missing or empty); run "
                          "`lorahub-compeft bbh --out` first")
     text = markdown(rows)
-    atomic_write_text(out_dir / "report.md", text + "\n")
-    if plot(rows, out_dir / "report.png") is None:
+    atomic_write_text(out_dir / REPORT, REPORT_MARK + "\n" + text + "\n")
+    if plot(rows, out_dir / PLOT) is None:
         text += '\n\n(pip install -e ".[plot]" for report.png)'
     return text

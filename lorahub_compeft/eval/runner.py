@@ -6,7 +6,12 @@ parameters, the model, the pool of experts (names and file hashes or Hub revisio
 data source. Its hash is the cell's key: with `out`, every finished cell is one line of
 results.jsonl (its predictions one line of predictions.jsonl, written first), and a rerun
 skips the keys already there, so a rerun with any other setting computes new cells and keeps
-the old ones. A torn line (a crash mid-write) is skipped with a warning, nothing else is.
+the old ones.
+
+`out` is a run folder: one the runner made (its config.json says so), or a new or empty one;
+anything else is refused, so a user's files are never written over. A line a crash cut (a torn
+line) is dropped from the file with a warning; any other line the runner cannot use (a
+hand-edited row) is skipped with a warning and kept as it is.
 """
 from __future__ import annotations
 
@@ -19,17 +24,113 @@ from pathlib import Path
 
 from lorahub_compeft.eval.cells import Cell, setting_key
 from lorahub_compeft.eval.worker import Worker, pool_init, pool_run
-from lorahub_compeft.io.files import atomic_write_text, read_jsonl
+from lorahub_compeft.io.adapters import is_finite_number
+from lorahub_compeft.io.files import OutputExistsError, atomic_write_text, read_json
 
 RESULTS, PREDICTIONS, CONFIG = "results.jsonl", "predictions.jsonl", "config.json"
+REPORT, PLOT = "report.md", "report.png"
+RUN_FORMAT = "lorahub-compeft bbh run"  # OUT/config.json's "format": the runner made OUT
+REPORT_MARK = "<!-- written by lorahub-compeft (bbh / report); `lorahub-compeft report` rewrites it -->"
+PLOT_MARK = "lorahub-compeft report"  # report.png's Description text chunk
+RUN_NAMES = (RESULTS, PREDICTIONS, CONFIG, REPORT, PLOT, "compressed")  # all a run folder holds
+MAX_RESULTS_BYTES = 512 << 20  # thousands of cells' predictions take a few tens of MB
+ROW_START = '{"key": "'  # how every line the runner writes begins
 log = logging.getLogger(__name__)
 
 
 # --- results files ------------------------------------------------------------------------------
-def _rewrite(path: Path, rows: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if path.exists() and path.read_text() != text:
-        atomic_write_text(path, text)
+def read_lines(path: Path) -> list[str]:
+    """The file's lines, each with its newline (the last may lack one); none when it is
+    missing. Read with a cap: a device (a link to /dev/zero), a pipe, or a file larger than
+    MAX_RESULTS_BYTES is refused, not read."""
+    if not path.exists() and not path.is_symlink():
+        return []
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file (a link to a device, a pipe, a folder or a "
+                         "dangling link); a run writes a plain file there: move it away")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_RESULTS_BYTES + 1)
+    if len(data) > MAX_RESULTS_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_RESULTS_BYTES >> 20} MB, more than any run "
+                         "writes; not a results file this reads")
+    try:
+        parts = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err}); not a results file this reads") from None
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def parse_line(line: str) -> tuple[str, dict | None]:
+    """("row", the object) for a whole JSON object; ("torn", None) for a line of the runner's
+    that a crash cut (it begins as the runner's lines do, but is not whole); ("blank", None);
+    ("foreign", None) for anything else."""
+    if not line.strip():
+        return "blank", None
+    try:
+        row = json.loads(line) if line.endswith("\n") else None
+    except (ValueError, RecursionError):
+        row = None
+    if isinstance(row, dict):
+        return "row", row
+    text = line.rstrip("\n")
+    return ("torn" if text.startswith(ROW_START) or ROW_START.startswith(text) else "foreign"), None
+
+
+def _setting_problem(s) -> str | None:
+    if not isinstance(s, dict):
+        return "'setting' is not an object"
+    if not isinstance(s.get("method"), str) or not isinstance(s.get("model"), str):
+        return "'setting' lacks its method or model name"
+    if not isinstance(s.get("params") or {}, dict) or not isinstance(s.get("data") or {}, dict):
+        return "'setting' has params or data that are not objects"
+    experts = s.get("experts")
+    if experts and not (isinstance(experts, dict) and isinstance(experts.get("count"), int)
+                        and isinstance(experts.get("pool_sha256"), str)):
+        return "'setting' has experts without their count and pool_sha256"
+    return None
+
+
+def row_problem(row: dict) -> str | None:
+    """What makes a results row unusable (hand-edited, or not the runner's), or None: the
+    fields the runner and the report read, with their types."""
+    if "key" in row and not isinstance(row["key"], str):
+        return "its 'key' is not a string"
+    for name in ("task", "method"):
+        if not isinstance(row.get(name), str):
+            return f"its '{name}' is missing or not a string"
+    if not isinstance(row.get("seed"), int) or isinstance(row["seed"], bool):
+        return "its 'seed' is missing or not a whole number"
+    for name in ("em", "bytes_read", "best_loss"):
+        if (name == "em" or name in row) and not is_finite_number(row.get(name)):
+            return f"its '{name}' is missing or not a number"
+    if row.get("setting") and (problem := _setting_problem(row["setting"])):
+        return problem
+    if "model" in row and not isinstance(row["model"], str):
+        return "its 'model' is not a string"
+    return None
+
+
+def _results(path: Path, lines: list[str]) -> list[dict]:
+    """The usable rows of a results file's lines; a warning for each other line."""
+    rows = []
+    for number, line in enumerate(lines, 1):
+        kind, row = parse_line(line)
+        problem = {"torn": "a torn line (a run was killed while writing it)",
+                   "foreign": "not a JSON object"}.get(kind)
+        if kind == "row":
+            problem = row_problem(row)
+            if problem is None:
+                rows.append(row)
+                continue
+            problem = f"a row that cannot be used: {problem}"
+        if problem:
+            log.warning("%s:%d: skipped %s", path, number, problem)
+    return rows
+
+
+def read_results(path: Path) -> list[dict]:
+    """The usable rows of a results file; every other line skipped with a warning."""
+    return _results(path, read_lines(path))
 
 
 def _append(path: Path, row: dict) -> None:
@@ -39,24 +140,113 @@ def _append(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def _drop_lines(path: Path, lines: list[str], drop) -> None:
+    """Rewrite the file without the lines `drop` picks, every other line exactly as it was."""
+    kept = [line for line in lines if not drop(line)]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
 def _open_results(out: Path) -> list[dict]:
-    """The finished rows; torn lines dropped, and predictions whose result line never got
-    written (a kill between the two appends) dropped too, so a rerun does not repeat them."""
-    results = read_jsonl(out / RESULTS)
-    _rewrite(out / RESULTS, results)
-    done = {r.get("key") for r in results}
-    predictions = read_jsonl(out / PREDICTIONS)
-    _rewrite(out / PREDICTIONS, [p for p in predictions if "key" not in p or p["key"] in done])
+    """The finished rows. Torn lines are dropped from both files, and so are predictions whose
+    result line never got written (a kill between the two appends), so a rerun does not repeat
+    them; every other line stays."""
+    lines = read_lines(out / RESULTS)
+    results = _results(out / RESULTS, lines)
+    _drop_lines(out / RESULTS, lines, lambda line: parse_line(line)[0] == "torn")
+    done = {r["key"] for r in results if "key" in r}
+
+    def orphan(line: str) -> bool:
+        kind, row = parse_line(line)
+        return kind == "torn" or kind == "row" and isinstance(row.get("key"), str) \
+            and row["key"] not in done
+    _drop_lines(out / PREDICTIONS, read_lines(out / PREDICTIONS), orphan)
     return results
 
 
-def _record_command(out: Path, command: list[str] | None) -> None:
-    """OUT/config.json: every command that wrote into this folder, in order."""
+# --- the run folder -----------------------------------------------------------------------------
+def is_own_report(path: Path) -> bool:
+    """report.md / report.png as the report writes them (its marker line / text chunk)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if path.name == PLOT:
+        return PLOT_MARK.encode() in head
+    return head.startswith(REPORT_MARK.encode())
+
+
+def _history(out: Path) -> list:
+    """The commands recorded in OUT/config.json; refused when the file is not the runner's."""
     path = out / CONFIG
-    history = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    if not path.exists() and not path.is_symlink():
+        return []
+    try:
+        config = read_json(path)
+    except (OSError, ValueError) as err:
+        raise OutputExistsError(f"{err}; this is not a run folder bbh made: choose a new or "
+                                "empty folder for --out") from None
+    # config.json as bbh wrote it before it marked its folders: {"runs": [...]} alone
+    legacy = isinstance(config, dict) and set(config) == {"runs"}
+    if not (isinstance(config, dict) and (config.get("format") == RUN_FORMAT or legacy)
+            and isinstance(config.get("runs"), list)):
+        what = f"a JSON {type(config).__name__}" if not isinstance(config, dict) else \
+            "no \"format\": \"" + RUN_FORMAT + "\""
+        raise OutputExistsError(f"{path}: not a run record bbh wrote ({what}); this is not a "
+                                "run folder bbh made: choose a new or empty folder for --out")
+    return config["runs"]
+
+
+def check_run_folder(out: str | Path) -> None:
+    """Refuse an `out` the runner did not make, before anything is written: the current
+    directory, a file, a folder whose config.json is not the runner's; without a config.json,
+    a folder holding anything but the runner's files and lines; report files the report did not
+    write. A new or empty folder, or one the runner made, is fine (it resumes)."""
+    if str(out).strip() == "":
+        raise OutputExistsError("--out is empty (the current directory); pass a folder of the "
+                                "run's own, e.g. --out runs/bbh")
+    out = Path(out)
+    cwd = Path.cwd().resolve()
+    if out.exists() and out.resolve() in (cwd, *cwd.parents):
+        raise OutputExistsError(f"{out}: is the current directory (or holds it); pass a folder "
+                                "of the run's own, e.g. --out runs/bbh")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: is a file, not a run folder; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    marked = (out / CONFIG).exists() or (out / CONFIG).is_symlink()
+    if marked:
+        _history(out)
+    else:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_NAMES)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise OutputExistsError(f"{out}: not a run folder bbh made (it holds {shown}, and no "
+                                    "config.json of bbh's); choose a new or empty folder for --out")
+    for name in (RESULTS, PREDICTIONS):
+        for number, line in enumerate(read_lines(out / name), 1):  # a device is refused here
+            kind, row = parse_line(line)
+            ours = kind in ("blank", "torn") or kind == "row" and isinstance(row.get("key"), str)
+            if not marked and not ours:
+                raise OutputExistsError(
+                    f"{out / name}:{number}: a line bbh did not write, in a folder without "
+                    "bbh's config.json; this is not a run folder bbh made: choose a new or "
+                    "empty folder for --out")
+    for name in (REPORT, PLOT):
+        path = out / name
+        if (path.exists() or path.is_symlink()) and not is_own_report(path):
+            raise OutputExistsError(f"{path}: a file the report did not write, where a run writes "
+                                    "its report; move it away (delete it if an older bbh wrote "
+                                    "it) or choose another --out")
+
+
+def _record_command(out: Path, command: list[str] | None) -> None:
+    """OUT/config.json: the run folder's mark, and every command that wrote into it, in order."""
+    history = _history(out)
     history.append({"argv": command or sys.argv, "cwd": os.getcwd(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    atomic_write_text(path, json.dumps({"runs": history}, indent=1) + "\n")
+    atomic_write_text(out / CONFIG, json.dumps({"format": RUN_FORMAT, "runs": history},
+                                               indent=1) + "\n")
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -74,6 +264,7 @@ def run(cells: list[Cell], out: str | Path | None = None, *, workers: int = 1,
     keys = [setting_key(c.setting()) for c in cells]
     done: dict[str, dict] = {}
     if out is not None:
+        check_run_folder(out)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         done = {r["key"]: r for r in _open_results(out) if "key" in r}

@@ -6,12 +6,15 @@ An adapter is what `PeftModel.save_pretrained` writes: `adapter_config.json` plu
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +36,39 @@ _TASK_VECTOR_INIT = {".lora_A.": 0.0, ".lora_B.": 0.0, "lora_embedding_A": 0.0,
 
 class AdapterError(ValueError):
     """A PEFT adapter that cannot be read or written; the message names the path."""
+
+
+class HubOfflineError(ValueError):
+    """A Hub id that is not in the local cache while the Hub cannot be reached; the message
+    names the id and how to point at a local copy."""
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be used now, or None. Checked once per process:
+    HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, else one TCP connection to the Hub's host that
+    fails within 3 s. (The loaders' own retries take about 30 s to give up.) Behind a proxy the
+    loaders know how to get through: no check then."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name}={os.environ[name]}"
+    if any(os.environ.get(v) for p in ("https", "http", "all") for v in (f"{p}_proxy", f"{p.upper()}_PROXY")):
+        return None
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3).close()
+    except OSError as err:
+        return f"no connection to {url.hostname}:{port}: {err.strerror or err}"
+    return None
+
+
+def hub_offline_error(repo_id: str, what: str, fix: str) -> HubOfflineError:
+    return HubOfflineError(
+        f"{repo_id}: {what} is not in the local Hugging Face cache and the Hub cannot be reached "
+        f"({hub_unreachable()}); {fix}, or fill the cache once where there is network "
+        f"(hf download {repo_id}) and rerun with HF_HUB_OFFLINE=1")
 
 
 def task_vector_init(name: str) -> float | None:
@@ -150,12 +186,19 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def download_adapter(repo_id: str, revision: str | None) -> Path:
+    """The adapter's snapshot folder: downloaded, or from the local cache when the Hub cannot
+    be reached."""
     from huggingface_hub import snapshot_download
+    offline = hub_unreachable() is not None
     try:
-        return Path(snapshot_download(repo_id, revision=revision,
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline,
                                       allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME]))
     except Exception as err:
-        raise AdapterError(f"{repo_id}: cannot download from the Hugging Face Hub ({err}); "
+        if offline:
+            raise hub_offline_error(repo_id, "this adapter", "pass a local directory holding "
+                                    "a copy of it") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdapterError(f"{repo_id}: cannot download from the Hugging Face Hub ({reason}); "
                            "check the id and your network, or pass a local directory") from None
 
 

@@ -1,17 +1,77 @@
-"""Batched greedy generation and exact-match scoring, for seq2seq and causal LMs alike."""
+"""Loading a base model (never its own code) and batched greedy generation, for seq2seq and
+causal LMs alike."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from lorahub_compeft.io.adapters import hub_offline_error, hub_unreachable
+from lorahub_compeft.io.files import read_json
+
+# Files in which a model names Python code of its own for transformers to import and run.
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+
+
+class RemoteCodeError(ValueError):
+    """A model that names code of its own (auto_map): it is never loaded, its code never run."""
+
+
+def _remote_code_error(where: str, name: str) -> RemoteCodeError:
+    return RemoteCodeError(f"{where}: its {name} has 'auto_map', Python code shipped with the model "
+                           "that transformers would run; this package never runs a model's own "
+                           "code: use a model whose architecture transformers implements")
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """Refuse a model folder that names code of its own, before any loader sees it."""
+    for name in CODE_CONFIGS:
+        path = folder / name
+        if path.is_file():
+            config = read_json(path)
+            if isinstance(config, dict) and "auto_map" in config:
+                raise _remote_code_error(str(folder), name)
+
+
+def _load_options(name: str) -> dict:
+    """from_pretrained options for `name`: a local folder is checked for code of its own; a Hub
+    id is read from the local cache when the Hub cannot be reached (an error at once, not after
+    the loaders' retries, when it is not there)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        refuse_remote_code(folder)
+        return {}
+    if hub_unreachable() is None:
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid Hub id: the loader says what is wrong with it
+        cached = True
+    if not cached:
+        raise hub_offline_error(name, "this model", "point --model at a local folder holding "
+                                "a copy of it (its config.json, weights and tokenizer)")
+    return {"local_files_only": True}
 
 
 def load_model(name: str, dtype: torch.dtype | None = None):
     """A base model and its tokenizer by name or path: seq2seq when the config says
-    encoder-decoder (T5, Flan-T5), a causal LM otherwise."""
+    encoder-decoder (T5, Flan-T5), a causal LM otherwise. A model that names code of its own
+    (auto_map) is refused: every load passes trust_remote_code=False."""
+    options = dict(_load_options(name), trust_remote_code=False)  # before seconds of imports
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name, **options)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):  # a Hub model whose architecture is its own code
+            raise _remote_code_error(name, "config.json") from None
+        raise
+    if getattr(config, "auto_map", None):
+        raise _remote_code_error(name, "config.json")
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return cls.from_pretrained(name, **kwargs), AutoTokenizer.from_pretrained(name)
+    return (cls.from_pretrained(name, config=config, **options, **kwargs),
+            AutoTokenizer.from_pretrained(name, **options))
 
 
 @torch.no_grad()
