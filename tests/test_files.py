@@ -90,8 +90,11 @@ def test_import_does_not_touch_the_umask(monkeypatch):
 def test_json_reads_are_size_capped(tmp_path):
     link = tmp_path / "adapter_config.json"
     link.symlink_to("/dev/zero")
-    with pytest.raises(ValueError, match="larger than"):
+    with pytest.raises(ValueError, match="not a regular file"):  # a device is never read
         read_json(link, limit=1 << 20)
+    (tmp_path / "big.json").write_text("[" + "0," * (1 << 20) + "0]")
+    with pytest.raises(ValueError, match="larger than"):
+        read_json(tmp_path / "big.json", limit=1 << 20)
     (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ValueError, match="nested too deeply"):
         read_json(tmp_path / "deep.json")

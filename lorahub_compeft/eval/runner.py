@@ -25,7 +25,8 @@ from pathlib import Path
 from lorahub_compeft.eval.cells import Cell, setting_key
 from lorahub_compeft.eval.worker import Worker, pool_init, pool_run
 from lorahub_compeft.io.adapters import is_finite_number
-from lorahub_compeft.io.files import OutputExistsError, atomic_write_text, read_json
+from lorahub_compeft.io.files import (MAX_JSONL_BYTES, OutputExistsError, atomic_write_text,
+                                      read_json, read_text)
 
 RESULTS, PREDICTIONS, CONFIG = "results.jsonl", "predictions.jsonl", "config.json"
 REPORT, PLOT = "report.md", "report.png"
@@ -33,7 +34,6 @@ RUN_FORMAT = "lorahub-compeft bbh run"  # OUT/config.json's "format": the runner
 REPORT_MARK = "<!-- written by lorahub-compeft (bbh / report); `lorahub-compeft report` rewrites it -->"
 PLOT_MARK = "lorahub-compeft report"  # report.png's Description text chunk
 RUN_NAMES = (RESULTS, PREDICTIONS, CONFIG, REPORT, PLOT, "compressed")  # all a run folder holds
-MAX_RESULTS_BYTES = 512 << 20  # thousands of cells' predictions take a few tens of MB
 ROW_START = '{"key": "'  # how every line the runner writes begins
 log = logging.getLogger(__name__)
 
@@ -41,22 +41,14 @@ log = logging.getLogger(__name__)
 # --- results files ------------------------------------------------------------------------------
 def read_lines(path: Path) -> list[str]:
     """The file's lines, each with its newline (the last may lack one); none when it is
-    missing. Read with a cap: a device (a link to /dev/zero), a pipe, or a file larger than
-    MAX_RESULTS_BYTES is refused, not read."""
+    missing. Read with io.files.read_text's cap: a device, a pipe or a file larger than
+    MAX_JSONL_BYTES is refused, not read."""
     if not path.exists() and not path.is_symlink():
         return []
     if not path.is_file():
         raise ValueError(f"{path}: not a regular file (a link to a device, a pipe, a folder or a "
                          "dangling link); a run writes a plain file there: move it away")
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_RESULTS_BYTES + 1)
-    if len(data) > MAX_RESULTS_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_RESULTS_BYTES >> 20} MB, more than any run "
-                         "writes; not a results file this reads")
-    try:
-        parts = data.decode("utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err}); not a results file this reads") from None
+    parts = read_text(path, MAX_JSONL_BYTES).split("\n")
     return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 

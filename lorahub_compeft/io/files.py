@@ -19,6 +19,7 @@ from typing import Collection
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 64 << 20  # no JSON file we read is legitimately larger
+MAX_JSONL_BYTES = 512 << 20  # a run's results and predictions: thousands of cells, tens of MB
 
 
 class OutputExistsError(FileExistsError, ValueError):
@@ -72,18 +73,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES):
-    """json.load with a size cap (a link to /dev/zero is not read forever). Raises ValueError
-    for a file that is too large, not UTF-8, or not JSON (RecursionError included)."""
+def read_text(path: str | os.PathLike, limit: int) -> str:
+    """A text file's contents, read with a cap: a device (a link to /dev/zero), a pipe, a
+    folder, a file larger than `limit` bytes or one that is not UTF-8 is a ValueError naming
+    it, never read without end. FileNotFoundError when it is missing."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: not a regular file (a device, a pipe or a folder); "
+                         "point at a plain file")
     with open(path, "rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path}: larger than {limit >> 20} MB; not a JSON file this reads")
+        raise ValueError(f"{path}: larger than {limit >> 20} MB; not a file this reads")
     try:
-        return json.loads(data.decode("utf-8"))
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES):
+    """json.load with a size cap (read_text). Raises ValueError for a file that is too large,
+    not UTF-8, or not JSON (RecursionError included)."""
+    text = read_text(path, limit)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     except RecursionError:
@@ -165,7 +178,7 @@ def read_jsonl(path: Path, strict: bool = False) -> list[dict]:
     if not strict and not path.exists():
         return []
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+    for number, line in enumerate(read_text(path, MAX_JSONL_BYTES).splitlines(keepends=True), 1):
         if not line.strip():
             continue
         if strict:
