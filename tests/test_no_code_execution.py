@@ -136,3 +136,20 @@ def test_every_load_passes_trust_remote_code_false(tiny_t5, monkeypatch):
     load_model(str(tiny_t5))
     assert {name for name, _ in calls} == {"AutoConfig", "AutoModelForSeq2SeqLM", "AutoTokenizer"}
     assert all(value is False for _, value in calls), calls
+
+
+def test_a_model_object_whose_tokenizer_names_code_is_refused(tiny_t5, lora_dir, tmp_path):
+    """compose() given a model object loads its tokenizer by the model's name: the same rule as
+    load_model (a tokenizer_config with auto_map is refused, nothing imported from it)."""
+    from transformers import T5ForConditionalGeneration
+
+    from lorahub_compeft import compose
+    base = tmp_path / "base"
+    shutil.copytree(tiny_t5, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    model = T5ForConditionalGeneration.from_pretrained(base)
+    with pytest.raises(ValueError, match="auto_map"):
+        compose([str(lora_dir)], [{"input": "say the word : red ?", "target": "red"}], model,
+                budget=1, progress=False)

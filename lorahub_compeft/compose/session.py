@@ -27,9 +27,7 @@ def load_base(model, tokenizer, expert: ExpertHandle, dtype):
     """The base model and its tokenizer: `model` loaded by name or path (None: the base the
     expert records), or a copy of a model object (LoRA is injected into it: the caller's model
     is left alone); in `dtype` unless None."""
-    from transformers import AutoTokenizer
-
-    from lorahub_compeft.io.models import load_model
+    from lorahub_compeft.io.models import load_model, load_tokenizer
     if model is None:
         model = base_model_of(expert)
         if looks_like_path(model) and not Path(model).expanduser().exists():
@@ -45,7 +43,7 @@ def load_base(model, tokenizer, expert: ExpertHandle, dtype):
                     or getattr(model.config, "_name_or_path", None))
             if not name:
                 raise ValueError("pass tokenizer= with a model object")
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = load_tokenizer(name)
     if dtype is not None:
         base = base.to(dtype)
     return base, tokenizer

@@ -74,6 +74,14 @@ def load_model(name: str, dtype: torch.dtype | None = None):
             AutoTokenizer.from_pretrained(name, **options))
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of a model by name or path, under load_model's rules (no code of its own
+    is run; offline, from the cache or an error at once)."""
+    options = dict(_load_options(name), trust_remote_code=False)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(name, **options)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
              batch_size: int = 32, max_length: int | None = None) -> list[str]:
