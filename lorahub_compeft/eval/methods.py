@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION, PAPER_COMPRESSION
+from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions
 from lorahub_compeft.eval.pool import ExpertPool
 from lorahub_compeft.eval.sources import TaskData
 
@@ -193,9 +193,9 @@ class LoraHub(Method):
 
 @dataclass(frozen=True)
 class CompeftParams(ComposeParams):  # the paper's compression (Table 7)
-    density: float = PAPER_COMPRESSION["density"]
-    alpha: float | str = PAPER_COMPRESSION["alpha"]
-    per_tensor: bool = PAPER_COMPRESSION["per_tensor"]
+    density: float = PAPER_COMPEFT.density
+    alpha: float | str = PAPER_COMPEFT.alpha
+    per_tensor: bool = PAPER_COMPEFT.per_tensor
 
 
 @register
@@ -205,7 +205,8 @@ class Compeft(LoraHub):
 
     def sources(self, experts, names):
         p = self.params
-        paths = [experts.compressed(n, p.density, p.alpha, p.per_tensor) for n in names]
+        options = CompeftOptions(density=p.density, alpha=p.alpha, per_tensor=p.per_tensor)
+        paths = [experts.compressed(n, options) for n in names]
         return paths, sum(path.stat().st_size for path in paths)
 
 
@@ -230,9 +231,9 @@ class Select(LoraHub):
 
 @dataclass(frozen=True)
 class SelectCompeftParams(SelectParams):
-    density: float = DEFAULT_COMPRESSION["density"]
-    alpha: float | str = DEFAULT_COMPRESSION["alpha"]
-    per_tensor: bool = DEFAULT_COMPRESSION["per_tensor"]
+    density: float = CompeftOptions().density
+    alpha: float | str = CompeftOptions().alpha
+    per_tensor: bool = CompeftOptions().per_tensor
 
 
 @register
