@@ -47,12 +47,12 @@ def add_parsers(sub) -> None:
 def cmd_compress(args) -> int:
     from lorahub_compeft.store.expert import compress
     from lorahub_compeft.io.files import check_file_target
+    codec, options = compression_options(args)  # a wrong flag fails before anything is read
     out = check_file_target(args.output, args.force)
     source = args.source
     if args.base:
         from lorahub_compeft.io.residuals import residual_adapter
         source = residual_adapter(args.source, args.base)
-    codec, options = compression_options(args)
     expert = compress(source, options, codec=codec, name=args.name, revision=args.revision)
     expert.save(out, force=args.force)
     print(f"{out}: {expert.codec} ({setting_text(expert.summary())}), "
