@@ -97,28 +97,36 @@ def _parser(parse):
 def add_codec_flags(p, unit: codecs.Codec, fields=None, note=None, title: str | None = None) -> None:
     """One flag per field of the codec's Options (or of `fields`), with the field's help.
     Every flag defaults to None, "not given"; the help shows the default a field takes then,
-    the dataclass's, or `note(field)` (e.g. each method's own). A bool is --name / --no-name
-    unless its metadata names the flag that turns it off (--per-tensor / --global)."""
+    the dataclass's, or `note(field)` (e.g. each method's own)."""
     group = p.add_argument_group(title or f"--codec {unit.name}", unit.Options.__doc__)
     for f in dataclasses.fields(unit.Options):
         if fields is not None and f.name not in fields:
             continue
-        meta = f.metadata
-        default = note(f) if note else f"default {shown(f.default)}"
         if f.type in (bool, "bool"):
-            off_flag, off_help = meta.get("off", (f"--no-{f.name.replace('_', '-')}", "the opposite"))
-            on_note, off_note = (note(f), None) if note else \
-                ("the default", None) if f.default else (None, "the default")
-            both = group.add_mutually_exclusive_group()
-            both.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True,
-                              help=meta["help"] + (f" ({on_note})" if on_note else ""))
-            both.add_argument(off_flag, dest=f.name, action="store_const", const=False,
-                              help=off_help + (f" ({off_note})" if off_note else ""))
+            _add_switch(group, f, note)
             continue
+        meta = f.metadata
         flags = [_flag(f.name)] + ([meta["short"]] if "short" in meta else [])
         kind = _parser(meta["parse"]) if "parse" in meta else type(f.default)
+        default = note(f) if note else f"default {shown(f.default)}"
         group.add_argument(*flags, dest=f.name, type=kind, choices=meta.get("choices"),
                            help=f"{meta['help']} ({default})")
+
+
+def _add_switch(group, f, note) -> None:
+    """A bool field: --name / --no-name, or the pair its metadata names (--per-tensor /
+    --global); "the default" marks the flag that is one, unless a note says otherwise."""
+    off_flag, off_help = f.metadata.get("off", (f"--no-{f.name.replace('_', '-')}", "the opposite"))
+    on_help = f.metadata["help"]
+    if note:
+        on_help += f" ({note(f)})"
+    elif f.default:
+        on_help += " (the default)"
+    else:
+        off_help += " (the default)"
+    both = group.add_mutually_exclusive_group()
+    both.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True, help=on_help)
+    both.add_argument(off_flag, dest=f.name, action="store_const", const=False, help=off_help)
 
 
 def add_compression_options(p: argparse.ArgumentParser) -> None:
