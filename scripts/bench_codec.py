@@ -22,6 +22,7 @@ import torch
 
 from lorahub_compeft.codecs import coding
 from lorahub_compeft.io.adapters import Adapter, load_adapter
+from lorahub_compeft.config import PAPER_COMPEFT, replace
 from lorahub_compeft.store.expert import compress, load_expert
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3)
@@ -70,9 +71,9 @@ def bench(adapter: Adapter, densities, repeats: int, tmpdir) -> list[dict]:
     rows = []
     for density in densities:
         for encoding in ("golomb", "bitmask"):
-            expert = compress(adapter, density=density, encoding=encoding)
-            encode_s = median_time(lambda: compress(adapter, density=density, encoding=encoding),
-                                   repeats)
+            setting = replace(PAPER_COMPEFT, density=density, encoding=encoding)
+            expert = compress(adapter, setting)
+            encode_s = median_time(lambda: compress(adapter, setting), repeats)
             path = expert.save(f"{tmpdir}/e-{density}-{encoding}.safetensors", force=True)
 
             def decode():

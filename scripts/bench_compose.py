@@ -87,7 +87,7 @@ def build_inputs(work: Path, model: str, n: int, sizes: list[int], density: floa
     from peft import LoraConfig, get_peft_model
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from lorahub_compeft import ExpertLibrary, compress
+    from lorahub_compeft import PAPER_COMPEFT, ExpertLibrary, compress
     spec = {"model": model, "n": n, "sizes": sizes, "density": density, "seed": seed, "version": 1}
     paths = {"base": work / "base",
              "experts": [work / "peft" / f"expert-{i:02d}" for i in range(n)],
@@ -118,7 +118,7 @@ def build_inputs(work: Path, model: str, n: int, sizes: list[int], density: floa
                 p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "lora_A" in name else 0.004))
         peft_model.save_pretrained(directory)
     del peft_model, base, lora
-    experts = [compress(d, density=density) for d in paths["experts"]]
+    experts = [compress(d, PAPER_COMPEFT, density=density) for d in paths["experts"]]
     for expert, path in zip(experts, paths["compeft"]):
         path.parent.mkdir(parents=True, exist_ok=True)
         expert.save(path, force=True)

@@ -32,9 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
 from lorahub_compeft.compose.composer import compose
-from lorahub_compeft.config import DEFAULT_N
+from lorahub_compeft.config import DEFAULT_N, CompeftOptions, number_or_auto
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.store.library import ExpertLibrary
 from lorahub_compeft.zoo.source import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
@@ -122,14 +121,14 @@ def configs_for(sweep: str, densities=(0.1, 0.2, 0.3)) -> list[tuple[str, int, f
     if sweep == "n":
         return [("select-dense", n, None) for n in (3, 5, 8, 10, 20)]
     if sweep == "n-compeft":
-        k = DEFAULT_COMPRESSION["density"]
+        k = CompeftOptions().density
         return [("select-compeft", n, k) for n in (3, 5, 8, 10, 20)]
     if sweep == "density":  # both protocols at each k (--methods picks)
         n = DEFAULT_N["loss"]
         return [("lorahub-dense", 20, None), ("select-dense", n, None)] + \
             [("lorahub-compeft", 20, k) for k in densities] + \
             [("select-compeft", n, k) for k in densities]
-    k, n = DEFAULT_COMPRESSION["density"], DEFAULT_N["loss"]
+    k, n = CompeftOptions().density, DEFAULT_N["loss"]
     return [("zeroshot", 0, None), ("lorahub-dense", 20, None), ("lorahub-compeft", 20, k),
             ("select-dense", n, None), ("select-compeft", n, k)]
 
@@ -145,12 +144,12 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def main(argv=None):
-    from lorahub_compeft.cli.options import parse_alpha, parse_seeds
+    from lorahub_compeft.cli.options import parse_seeds
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("validation", "demo"), required=True)
     parser.add_argument("--sweep", choices=("n", "n-compeft", "density", "none"), default="none")
     parser.add_argument("--densities", default="0.1,0.2,0.3", help="the density sweep's k values")
-    parser.add_argument("--alpha", type=parse_alpha, default=DEFAULT_COMPRESSION["alpha"],
+    parser.add_argument("--alpha", type=number_or_auto, default=CompeftOptions().alpha,
                         help="the ComPEFT experts' alpha (a number or 'auto'; default: the "
                              "package default)")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
@@ -185,7 +184,7 @@ def main(argv=None):
                     continue
                 if k is not None and k not in libraries:
                     libraries[k] = compressed_library(zoo, k, args.alpha,
-                                                      DEFAULT_COMPRESSION["per_tensor"])
+                                                      CompeftOptions().per_tensor)
                 row = run_method(zoo, method, few, rest, seed, n, libraries.get(k))
                 row = dict(row, task=task, seed=seed, method=method, n=n, density=k,
                            alpha=alpha_of(k))

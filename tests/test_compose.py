@@ -11,6 +11,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import support
 from lorahub_compeft import ExpertLibrary
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.compose.stacks import mix_weights
 from lorahub_compeft.io.models import generate
@@ -82,7 +83,7 @@ def test_saved_adapter_and_merged_model_reproduce_the_composition(tiny_t5, green
 def test_compressed_experts_compose_like_their_decoded_dense_weights(experts, tmp_path):
     library = ExpertLibrary(tmp_path / "lib")
     for w in WORDS:
-        library.add(experts[w], name=w, density=0.5)
+        library.add(experts[w], PAPER_COMPEFT, name=w, density=0.5)
     examples = support.constant_task("blue")
     compressed = compose(library, examples, n_experts=4, budget=8, seed=3, progress=False)
     dense_dirs = [library.get(n).export(tmp_path / "dense" / n) for n in library.names()]
@@ -101,7 +102,7 @@ def test_compressed_experts_compose_like_their_decoded_dense_weights(experts, tm
 
 def test_only_the_sampled_experts_are_decoded(experts, tmp_path, monkeypatch):
     library = ExpertLibrary(tmp_path / "lib")
-    expert = library.add(experts["red"], name="e0", density=0.3)
+    expert = library.add(experts["red"], PAPER_COMPEFT, name="e0", density=0.3)
     source = library.get("e0")
     for i in range(1, 30):  # the same expert under 30 names; compressed once
         source.meta["name"] = f"e{i}"
@@ -127,7 +128,7 @@ def test_compeft_experts_stay_sparse_and_mix_like_dense(experts, tmp_path):
     from lorahub_compeft.compose.stacks import TernaryStack
     library = ExpertLibrary(tmp_path / "lib")
     for w in WORDS:
-        library.add(experts[w], name=w, density=0.2, per_tensor=(w == "red"))
+        library.add(experts[w], PAPER_COMPEFT, name=w, density=0.2, per_tensor=(w == "red"))
     result = compose(library, support.constant_task("red"), n_experts=4, budget=2, progress=False)
     stack = result.stack
     assert isinstance(stack, TernaryStack) and not hasattr(stack, "matrix")
@@ -165,7 +166,7 @@ def test_a_longer_list_is_sampled_reproducibly(experts):
 def test_bad_inputs_are_refused_before_any_model_work(experts, tmp_path, examples, options, message):
     library = ExpertLibrary(tmp_path / "lib")
     for w in WORDS:
-        library.add(experts[w], name=w)
+        library.add(experts[w], PAPER_COMPEFT, name=w)
     with pytest.raises(ValueError, match=message):
         compose(library, examples, **{"n_experts": 2, "progress": False, **options})
 

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForSeq2SeqLM
 
 from lorahub_compeft import ExpertFileError, compress, load_adapter, load_expert
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.codecs import ere
 from lorahub_compeft.store.expert import _read_checked
 
@@ -132,7 +133,7 @@ def test_trained_expert_round_trips_through_peft(tiny_t5, lora_dir, tmp_path):
 
 
 def test_old_compeft_files_without_a_codec_field_still_load(lora_dir, tmp_path):
-    expert = compress(lora_dir, density=0.2)
+    expert = compress(lora_dir, PAPER_COMPEFT, density=0.2)
     assert "codec" not in expert.meta  # ComPEFT files are written exactly as before
     loaded = load_expert(expert.save(tmp_path / "old.safetensors"))
     assert loaded.codec == "compeft" and loaded.summary()["codec"] == "compeft"
@@ -220,7 +221,7 @@ def test_ere_experts_compose_like_their_decoded_factors(lora_dir, tmp_path):
                                   support.constant_task("blue"), steps=20, seed=2)
     library = ExpertLibrary(tmp_path / "lib")
     library.add(lora_dir, name="red", codec="ere", budget_bits=4)
-    library.add(second, name="blue")  # a ComPEFT expert beside it: the stack goes dense
+    library.add(second, PAPER_COMPEFT, name="blue")  # a ComPEFT expert beside it: the stack goes dense
     examples = support.constant_task("red")
     by_library = compose(library, examples, n_experts=2, budget=6, seed=3, progress=False)
     decoded = [Adapter(library.get(n).state_dict(), library.get(n).config, {"path": n})

@@ -13,6 +13,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 import support
 from lorahub_compeft import (AdapterError, CompressionError, ExpertFileError, compress,
                              load_adapter, load_expert)
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.codecs import coding
 from lorahub_compeft.store.format import FORMAT_VERSION, canonical_json
 
@@ -23,7 +24,7 @@ def _kept_values(state):
 
 @pytest.mark.parametrize("encoding", ["golomb", "bitmask"])
 def test_file_round_trip_is_bit_exact(lora_dir, tmp_path, encoding):
-    expert = compress(lora_dir, density=0.2, alpha=1.5, encoding=encoding)
+    expert = compress(lora_dir, PAPER_COMPEFT, density=0.2, alpha=1.5, encoding=encoding)
     before = expert.state_dict()
     path = expert.save(tmp_path / "e.safetensors")
     loaded = load_expert(path)
@@ -39,8 +40,8 @@ def test_file_round_trip_is_bit_exact(lora_dir, tmp_path, encoding):
 
 
 def test_encodings_decode_to_the_same_tensors(lora_dir):
-    a = compress(lora_dir, density=0.1, encoding="golomb").state_dict()
-    b = compress(lora_dir, density=0.1, encoding="bitmask").state_dict()
+    a = compress(lora_dir, PAPER_COMPEFT, density=0.1, encoding="golomb").state_dict()
+    b = compress(lora_dir, PAPER_COMPEFT, density=0.1, encoding="bitmask").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -51,7 +52,7 @@ def test_half_precision_adapters_round_trip_exactly(lora_dir, tmp_path, dtype):
     half.mkdir()
     (half / "adapter_config.json").write_text(json.dumps(adapter.config))
     save_file({k: v.to(dtype) for k, v in adapter.tensors.items()}, half / "adapter_model.safetensors")
-    expert = compress(half, density=0.3)
+    expert = compress(half, PAPER_COMPEFT, density=0.3)
     loaded = load_expert(expert.save(tmp_path / "h.safetensors")).state_dict()
     for k, t in expert.state_dict().items():
         assert loaded[k].dtype == dtype and torch.equal(loaded[k], t)
@@ -59,7 +60,7 @@ def test_half_precision_adapters_round_trip_exactly(lora_dir, tmp_path, dtype):
 
 def test_golomb_payload_is_near_the_entropy_bound(lora_dir):
     for density in (0.05, 0.1, 0.2, 0.3):
-        expert = compress(lora_dir, density=density)
+        expert = compress(lora_dir, PAPER_COMPEFT, density=density)
         numel = expert.meta["numel"]
         streams = {k: v for k, v in expert._payload.items() if k.startswith("stream.")}
         bits = coding.payload_bits(streams)
@@ -71,7 +72,7 @@ def test_golomb_payload_is_near_the_entropy_bound(lora_dir):
 
 
 def test_exported_adapter_loads_in_peft_and_matches_decoded_weights(tiny_t5, lora_dir, tmp_path):
-    expert = compress(lora_dir, density=0.3, alpha=1.0)
+    expert = compress(lora_dir, PAPER_COMPEFT, density=0.3, alpha=1.0)
     out = expert.export(tmp_path / "exported")
     tok = AutoTokenizer.from_pretrained(tiny_t5)
     batch = tok(["say the word : beta ?", "say the word : pi ?"], return_tensors="pt", padding=True)
@@ -90,7 +91,7 @@ def test_exported_adapter_loads_in_peft_and_matches_decoded_weights(tiny_t5, lor
 
 def test_ia3_task_vector_is_measured_from_one(ia3_dir, tmp_path):
     original = load_adapter(ia3_dir).tensors
-    expert = compress(ia3_dir, density=0.5)
+    expert = compress(ia3_dir, PAPER_COMPEFT, density=0.5)
     state = load_expert(expert.save(tmp_path / "ia3.safetensors")).state_dict()
     for k, t in state.items():
         changed = t != 1.0
@@ -104,7 +105,7 @@ def test_modules_to_save_are_carried_losslessly_and_counted(lora_head_dir, tmp_p
     original = load_adapter(lora_head_dir).tensors
     heads = [k for k in original if "lora_" not in k]
     assert heads, "the fixture should save an lm_head"
-    expert = compress(lora_head_dir, density=0.1)
+    expert = compress(lora_head_dir, PAPER_COMPEFT, density=0.1)
     state = load_expert(expert.save(tmp_path / "head.safetensors")).state_dict()
     head_bytes = sum(original[k].numel() * original[k].element_size() for k in heads)
     for k in heads:
@@ -118,8 +119,8 @@ def test_legacy_bin_adapters_are_read_without_pickle(lora_dir, tmp_path):
     legacy.mkdir()
     (legacy / "adapter_config.json").write_text((lora_dir / "adapter_config.json").read_text())
     torch.save(load_file(lora_dir / "adapter_model.safetensors"), legacy / "adapter_model.bin")
-    a = compress(legacy, density=0.1).state_dict()
-    b = compress(lora_dir, density=0.1).state_dict()
+    a = compress(legacy, PAPER_COMPEFT, density=0.1).state_dict()
+    b = compress(lora_dir, PAPER_COMPEFT, density=0.1).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
 
     class Evil:
@@ -154,9 +155,9 @@ def test_bad_adapters_name_the_path(tmp_path, lora_dir):
 
 def test_bad_compression_input(lora_dir, tmp_path):
     with pytest.raises(CompressionError, match="density"):
-        compress(lora_dir, density=0)
+        compress(lora_dir, PAPER_COMPEFT, density=0)
     with pytest.raises(CompressionError, match="alpha"):
-        compress(lora_dir, alpha=-1)
+        compress(lora_dir, PAPER_COMPEFT, alpha=-1)
     bad = tmp_path / "nan"
     bad.mkdir()
     (bad / "adapter_config.json").write_text((lora_dir / "adapter_config.json").read_text())
@@ -165,10 +166,10 @@ def test_bad_compression_input(lora_dir, tmp_path):
     tensors[first][0, 0] = float("nan")
     save_file(tensors, bad / "adapter_model.safetensors")
     with pytest.raises(CompressionError, match="NaN"):
-        compress(bad)
-    path = compress(lora_dir).save(tmp_path / "x.safetensors")
+        compress(bad, PAPER_COMPEFT)
+    path = compress(lora_dir, PAPER_COMPEFT).save(tmp_path / "x.safetensors")
     with pytest.raises(FileExistsError, match="force"):
-        compress(lora_dir).save(path)
+        compress(lora_dir, PAPER_COMPEFT).save(path)
 
 
 # --- damaged files --------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def _forge(path, mutate):
 
 @pytest.fixture
 def saved(lora_dir, tmp_path):
-    return compress(lora_dir, density=0.1).save(tmp_path / "e.safetensors")
+    return compress(lora_dir, PAPER_COMPEFT, density=0.1).save(tmp_path / "e.safetensors")
 
 
 def test_newer_version_is_refused(saved):
@@ -241,7 +242,7 @@ def test_forged_sizes_are_refused_before_allocating(saved):
 
 
 def test_indices_out_of_range_are_refused(lora_dir, tmp_path):
-    expert = compress(lora_dir, density=0.1)
+    expert = compress(lora_dir, PAPER_COMPEFT, density=0.1)
     path = expert.save(tmp_path / "e.safetensors")
 
     def shrink(meta):  # claim the last tensor is smaller than the stream says
@@ -258,8 +259,8 @@ def test_indices_out_of_range_are_refused(lora_dir, tmp_path):
 
 def test_export_with_force_replaces_the_old_dir_and_leaves_no_backup(lora_dir, tmp_path):
     out = tmp_path / "adapter"
-    compress(lora_dir, density=0.1).export(out)
-    compress(lora_dir, density=0.3).export(out, force=True)
+    compress(lora_dir, PAPER_COMPEFT, density=0.1).export(out)
+    compress(lora_dir, PAPER_COMPEFT, density=0.3).export(out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     reloaded = load_adapter(out).tensors
     kept = sum(int((t != 0).sum()) for t in reloaded.values())
@@ -267,10 +268,10 @@ def test_export_with_force_replaces_the_old_dir_and_leaves_no_backup(lora_dir, t
 
 
 def test_saved_header_is_sorted_so_files_are_reproducible(lora_dir, tmp_path):
-    path = compress(lora_dir, 0.3).save(tmp_path / "e.safetensors")
+    path = compress(lora_dir, PAPER_COMPEFT, density=0.3).save(tmp_path / "e.safetensors")
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     parsed = json.loads(data[8:8 + length])
     assert list(parsed) == sorted(parsed)
     assert list(parsed["__metadata__"]) == sorted(parsed["__metadata__"])
-    assert load_expert(path).state_dict().keys() == compress(lora_dir, 0.3).state_dict().keys()
+    assert load_expert(path).state_dict().keys() == compress(lora_dir, PAPER_COMPEFT, density=0.3).state_dict().keys()

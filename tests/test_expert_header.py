@@ -14,6 +14,7 @@ import torch
 
 import support
 from lorahub_compeft import ExpertFileError, compress, load_expert
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.io.adapters import Adapter
 from lorahub_compeft.store.format import canonical_json
 from lorahub_compeft.zoo.artifacts import ARTIFACTS
@@ -42,7 +43,7 @@ def _edit(path, mutate, sign=True):
 
 @pytest.fixture
 def saved(lora_dir, tmp_path):
-    return compress(lora_dir, density=0.2).save(tmp_path / "e.safetensors")
+    return compress(lora_dir, PAPER_COMPEFT, density=0.2).save(tmp_path / "e.safetensors")
 
 
 def _swap_names(meta):
@@ -146,9 +147,9 @@ def test_a_huge_forged_last_tensor_is_refused_before_allocating(saved):
 
 
 def test_non_finite_scale_in_a_file_is_refused(lora_dir, tmp_path):
-    expert = compress(lora_dir, density=0.2)
+    expert = compress(lora_dir, PAPER_COMPEFT, density=0.2)
     expert._payload["scales"] = torch.tensor([float("inf")])
-    expert._ternary.scales = expert._payload["scales"]
+    expert._weights.scales = expert._payload["scales"]
     path = expert.save(tmp_path / "inf.safetensors")  # digest matches: only the check stops it
     with pytest.raises(ExpertFileError, match="NaN or infinite"):
         load_expert(path).state_dict()
@@ -195,7 +196,7 @@ def test_header_is_compact(tmp_path):
     path = zoo.save(tmp_path / "zoo.safetensors")
     header = path.stat().st_size - zoo.sizes["payload_bytes"]
     assert header <= 0.25 * path.stat().st_size
-    large = compress(_flan_t5_large_shaped(), density=0.1)
+    large = compress(_flan_t5_large_shaped(), PAPER_COMPEFT, density=0.1)
     path = large.save(tmp_path / "large.safetensors")
     assert len(large.meta["tensors"]) == 288
     assert path.stat().st_size - large.sizes["payload_bytes"] <= 0.03 * path.stat().st_size

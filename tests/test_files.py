@@ -5,6 +5,7 @@ import os
 import pytest
 
 import lorahub_compeft.io.files as files
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft import compress, load_expert
 from lorahub_compeft.cli import main
 from lorahub_compeft.io.files import OutputExistsError, atomic_dir, read_json
@@ -12,7 +13,7 @@ from lorahub_compeft.io.files import OutputExistsError, atomic_dir, read_json
 
 @pytest.fixture
 def expert_file(lora_dir, tmp_path):
-    return compress(lora_dir, density=0.2).save(tmp_path / "e.safetensors")
+    return compress(lora_dir, PAPER_COMPEFT, density=0.2).save(tmp_path / "e.safetensors")
 
 
 def test_export_force_never_deletes_unrelated_files(expert_file, tmp_path, capsys):

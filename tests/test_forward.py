@@ -5,6 +5,7 @@ import torch
 
 import support
 from lorahub_compeft.compose import scoring as forward
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.compose.scoring import (Int8Linear, Int8Linears, Precision, Scorer,
@@ -57,7 +58,7 @@ def test_k_candidates_with_compeft_experts_and_a_causal_lm(tmp_path):
     base = support.build_tiny_gpt2(tmp_path / "gpt2")
     dirs = [support.train_expert(base, tmp_path / w, support.constant_task(w), steps=20,
                                  causal=True) for w in ("red", "green")]
-    experts = [compress(d, density=0.5) for d in dirs]
+    experts = [compress(d, PAPER_COMPEFT, density=0.5) for d in dirs]
     result = compose(experts, EXAMPLES, budget=1, progress=False)
     one, many = scorers(result, EXAMPLES, "paper", per_forward=4)
     weights = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7, -0.4]])

@@ -3,12 +3,13 @@ import json
 import pytest
 
 import lorahub_compeft.io.files as files
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft import ExpertLibrary, LibraryError, compress
 
 
 def test_add_list_get_remove(lora_dir, ia3_dir, tmp_path):
     lib = ExpertLibrary(tmp_path / "lib")
-    lib.add_many([lora_dir, ia3_dir], progress=False, density=0.2)
+    lib.add_many([lora_dir, ia3_dir], PAPER_COMPEFT, progress=False, density=0.2)
     assert lib.names() == sorted([lora_dir.name, ia3_dir.name])
     entry = lib.entry(lora_dir.name)
     assert entry["peft_type"] == "LORA" and entry["r"] == 4 and entry["density"] == 0.2
@@ -17,7 +18,7 @@ def test_add_list_get_remove(lora_dir, ia3_dir, tmp_path):
     again = ExpertLibrary(tmp_path / "lib")
     assert again.entries() == lib.entries()
     with pytest.raises(LibraryError, match="already"):
-        lib.add(lora_dir)
+        lib.add(lora_dir, PAPER_COMPEFT)
     lib.remove(ia3_dir.name)
     assert lib.names() == [lora_dir.name]
     assert not (tmp_path / "lib" / f"{ia3_dir.name}.safetensors").exists()
@@ -28,7 +29,7 @@ def test_add_list_get_remove(lora_dir, ia3_dir, tmp_path):
 def test_get_is_lazy_and_cached(lora_dir, tmp_path):
     lib = ExpertLibrary(tmp_path / "lib", cache_size=2)
     for i in range(3):
-        lib.add(lora_dir, name=f"e{i}")
+        lib.add(lora_dir, PAPER_COMPEFT, name=f"e{i}")
     expert = lib.get("e0")
     assert not expert.is_decoded  # header only
     expert.state_dict()
@@ -41,7 +42,7 @@ def test_get_is_lazy_and_cached(lora_dir, tmp_path):
 def test_sample_is_seeded_and_checked(lora_dir, tmp_path):
     lib = ExpertLibrary(tmp_path / "lib")
     for i in range(6):
-        lib.add(lora_dir, name=f"owner/e{i}")
+        lib.add(lora_dir, PAPER_COMPEFT, name=f"owner/e{i}")
     assert lib.sample(3, seed=1) == lib.sample(3, seed=1)
     assert len(set(lib.sample(6, seed=2))) == 6
     with pytest.raises(LibraryError, match="cannot sample 7"):
@@ -51,7 +52,7 @@ def test_sample_is_seeded_and_checked(lora_dir, tmp_path):
 
 def test_crash_during_add_leaves_the_library_as_it_was(lora_dir, tmp_path, monkeypatch):
     lib = ExpertLibrary(tmp_path / "lib")
-    lib.add(lora_dir, name="kept")
+    lib.add(lora_dir, PAPER_COMPEFT, name="kept")
     before = {p.name: p.read_bytes() for p in (tmp_path / "lib").iterdir()}
 
     real_replace = files.os.replace
@@ -61,7 +62,7 @@ def test_crash_during_add_leaves_the_library_as_it_was(lora_dir, tmp_path, monke
 
     monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
-        lib.add(lora_dir, name="new")
+        lib.add(lora_dir, PAPER_COMPEFT, name="new")
     monkeypatch.setattr(files.os, "replace", real_replace)
     after = {p.name: p.read_bytes() for p in (tmp_path / "lib").iterdir()}
     assert after == before  # no partial file, no temp file, index unchanged
@@ -71,8 +72,8 @@ def test_crash_during_add_leaves_the_library_as_it_was(lora_dir, tmp_path, monke
 def test_index_is_rebuilt_when_missing_or_damaged(lora_dir, tmp_path):
     root = tmp_path / "lib"
     lib = ExpertLibrary(root)
-    lib.add(lora_dir, name="a")
-    lib.add(lora_dir, name="b", density=0.3)
+    lib.add(lora_dir, PAPER_COMPEFT, name="a")
+    lib.add(lora_dir, PAPER_COMPEFT, name="b", density=0.3)
     (root / "index.json").unlink()
     assert ExpertLibrary(root).names() == ["a", "b"]
     (root / "index.json").write_text("{broken")
@@ -83,6 +84,6 @@ def test_index_is_rebuilt_when_missing_or_damaged(lora_dir, tmp_path):
 
 def test_incompatible_experts_are_still_stored(lora_dir, ia3_dir, tmp_path):
     lib = ExpertLibrary(tmp_path / "lib")
-    lib.add(compress(lora_dir), name="lora")
-    lib.add(compress(ia3_dir), name="ia3")
+    lib.add(compress(lora_dir, PAPER_COMPEFT), name="lora")
+    lib.add(compress(ia3_dir, PAPER_COMPEFT), name="ia3")
     assert {e["peft_type"] for e in lib.entries()} == {"LORA", "IA3"}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorahub_compeft import ExpertLibrary, LibraryError, compress
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.cli import main
 from lorahub_compeft.store.library import file_name_for
 
@@ -23,7 +24,7 @@ def test_index_paths_outside_the_root_are_refused(lora_dir, tmp_path):
     victim = outside / "victim.safetensors"
     victim.write_text("not yours")
     lib = ExpertLibrary(root)
-    lib.add(lora_dir, name="a")
+    lib.add(lora_dir, PAPER_COMPEFT, name="a")
     index = json.loads((root / "index.json").read_text())
     for name, file in (("rel", "../outside/victim.safetensors"), ("abs", str(victim))):
         index["experts"][name] = dict(index["experts"]["a"], file=file, name=name)
@@ -40,8 +41,8 @@ def test_two_names_never_share_a_file(lora_dir, ia3_dir, tmp_path):
     assert file_name_for("team/expert") != file_name_for("team--expert")
     assert file_name_for("a%2Fb") != file_name_for("a/b")
     lib = ExpertLibrary(tmp_path / "lib")
-    lib.add(lora_dir, name="team/expert")
-    lib.add(ia3_dir, name="team--expert")
+    lib.add(lora_dir, PAPER_COMPEFT, name="team/expert")
+    lib.add(ia3_dir, PAPER_COMPEFT, name="team--expert")
     assert lib.get("team/expert").summary()["peft_type"] == "LORA"
     assert lib.get("team--expert").summary()["peft_type"] == "IA3"
     for bad in ("", "x" * 201, "a\0b"):
@@ -52,7 +53,7 @@ def test_two_names_never_share_a_file(lora_dir, ia3_dir, tmp_path):
 def test_a_file_owned_by_another_name_is_refused(lora_dir, tmp_path):
     root = tmp_path / "lib"
     lib = ExpertLibrary(root)
-    lib.add(lora_dir, name="legacy")
+    lib.add(lora_dir, PAPER_COMPEFT, name="legacy")
     index = json.loads((root / "index.json").read_text())  # an old index: file named otherwise
     index["experts"]["legacy"]["file"] = file_name_for("new")
     (root / "legacy.safetensors").rename(root / file_name_for("new"))
@@ -64,8 +65,8 @@ def test_a_file_owned_by_another_name_is_refused(lora_dir, tmp_path):
 def test_damaged_entries_and_files_are_skipped_by_name(lora_dir, tmp_path, caplog, capsys):
     root = tmp_path / "lib"
     lib = ExpertLibrary(root)
-    lib.add(lora_dir, name="good")
-    lib.add(lora_dir, name="bad", density=0.3)
+    lib.add(lora_dir, PAPER_COMPEFT, name="good")
+    lib.add(lora_dir, PAPER_COMPEFT, name="bad", density=0.3)
     index = json.loads((root / "index.json").read_text())
     index["experts"]["bad"] = {"file": 7}
     (root / "index.json").write_text(json.dumps(index))
@@ -99,9 +100,9 @@ def test_two_processes_adding_at_once_lose_nothing(lora_dir, tmp_path):
 def test_a_writer_adopts_stray_files_and_clears_temp_files(lora_dir, ia3_dir, tmp_path, capsys):
     root = tmp_path / "lib"
     lib = ExpertLibrary(root)
-    lib.add(lora_dir, name="listed")
+    lib.add(lora_dir, PAPER_COMPEFT, name="listed")
     # what a kill -9 leaves: an expert file written but not indexed, and a temporary file
-    compress(lora_dir, density=0.3, name="stray").save(root / file_name_for("stray"))
+    compress(lora_dir, PAPER_COMPEFT, density=0.3, name="stray").save(root / file_name_for("stray"))
     (root / ".index.json.abc.tmp").write_text("{")
     before = _files(root)
     assert main(["library", "list", str(root)]) == 0
@@ -128,7 +129,7 @@ def test_rerunning_an_interrupted_add_finishes_the_job(lora_dir, ia3_dir, tmp_pa
 def test_remove_checks_every_name_first(lora_dir, tmp_path, capsys):
     root = tmp_path / "lib"
     lib = ExpertLibrary(root)
-    lib.add(lora_dir, name="a")
+    lib.add(lora_dir, PAPER_COMPEFT, name="a")
     assert main(["library", "remove", str(root), "a", "missing"]) == 2
     assert "missing" in capsys.readouterr().err
     assert ExpertLibrary(root).names() == ["a"] and (root / "a.safetensors").exists()
@@ -155,12 +156,12 @@ def test_reading_writes_nothing_and_only_a_library_is_a_library(lora_dir, tmp_pa
 def test_library_add_checks_the_base_model(lora_dir, tmp_path, tiny_t5):
     root = tmp_path / "lib"
     lib = ExpertLibrary(root)
-    lib.add(lora_dir, name="a")
+    lib.add(lora_dir, PAPER_COMPEFT, name="a")
     # the same base recorded another way (relative path) is the same base
-    relative = compress(lora_dir, name="b")
+    relative = compress(lora_dir, PAPER_COMPEFT, name="b")
     relative.meta["adapter_config"]["base_model_name_or_path"] = str(tiny_t5) + "/./"
     lib.add(relative)
-    other = compress(lora_dir, name="c")
+    other = compress(lora_dir, PAPER_COMPEFT, name="c")
     other.meta["adapter_config"]["base_model_name_or_path"] = "google/flan-t5-large"
     with pytest.raises(LibraryError, match="one base model per library"):
         lib.add(other)

@@ -6,6 +6,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 import support
 from lorahub_compeft import compress, load_adapter
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.merge import merge, merge_deltas, ties_merge
 
 
@@ -76,7 +77,7 @@ def test_matches_peft_add_weighted_adapter(tiny_t5, lora_dir, second_lora, metho
 
 
 def test_compressed_experts_merge_like_their_decoded_adapters(lora_dir, second_lora):
-    experts = [compress(lora_dir, density=0.3, alpha=2), compress(second_lora, codec="ere")]
+    experts = [compress(lora_dir, PAPER_COMPEFT, density=0.3, alpha=2), compress(second_lora, codec="ere")]
     via_experts = merge(experts, "ties").adapter
     via_adapters = merge([e.to_adapter() for e in experts], "ties").adapter
     assert all(torch.equal(via_experts.tensors[k], via_adapters.tensors[k])

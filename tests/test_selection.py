@@ -7,6 +7,7 @@ import pytest
 
 import support
 from lorahub_compeft import ExpertLibrary
+from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.io.adapters import Adapter, load_adapter
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.compose.result import COMPOSITION_NAME
@@ -40,7 +41,7 @@ def test_loss_selection_picks_the_skill_deterministically_and_records_scores(exp
 def test_ties_are_broken_by_name(experts, tmp_path):
     library = ExpertLibrary(tmp_path / "lib")
     for name, word in (("b_red", "red"), ("a_red", "red"), ("c_pink", "pink")):
-        library.add(experts[word], name=name, density=0.5)
+        library.add(experts[word], PAPER_COMPEFT, name=name, density=0.5)
     result = compose(library, support.constant_task("red"), n_experts=1, budget=4,
                      progress=False)
     assert result.selection.scores["a_red"] == result.selection.scores["b_red"]

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-from lorahub_compeft.cli.options import (add_dtype_option, add_threads_option, apply_threads, parse_alpha,
-                                         parse_seeds, read_experts_file)
+from lorahub_compeft.cli.options import (add_codec_flags, add_dtype_option, add_threads_option,
+                                         apply_threads, parse_seeds, read_experts_file, shown,
+                                         WholeWordsHelp)
+from lorahub_compeft.codecs.base import choose
+from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions
+
+# The ComPEFT options the compeft methods take; each defaults to the method's own setting.
+BBH_COMPRESSION = ("density", "alpha", "per_tensor")
 
 
 def add_parsers(sub) -> None:
@@ -16,12 +23,12 @@ def add_parsers(sub) -> None:
 
 
 def _add_bbh_parsers(sub) -> None:
-    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
     from lorahub_compeft.eval.methods import METHODS
     # The default reproduces the paper's Table 7; add select,select-compeft for the package's
     # protocol beside it.
     names = [m for m in METHODS if m in ("zeroshot", "icl", "lorahub", "compeft")]
     p = sub.add_parser("bbh", help="evaluate zero-shot, ICL, LoraHub and ComPEFT on Big-Bench Hard",
+                       formatter_class=WholeWordsHelp,
                        description="Per task and seed: 5 seeded few-shot examples, the rest "
                                    "evaluated by exact match. Results go to OUT/results.jsonl, "
                                    "one line per cell keyed by its whole setting (method and its "
@@ -36,21 +43,14 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
     p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
     # Each method's own defaults unless given: lorahub/compeft are the paper's protocol (random
-    # 20; k=0.1, alpha 1, global top-k), select/select-compeft the package's (3 chosen by loss;
-    # codec.DEFAULT_COMPRESSION: k=0.5, alpha auto, per tensor).
+    # 20; PAPER_COMPEFT), select/select-compeft the package's (3 chosen by loss; CompeftOptions()).
     p.add_argument("-n", "--n-experts", type=int,
                    help="experts per composition (default: 20 for lorahub/compeft, 3 for select*)")
-    p.add_argument("--density", type=float,
-                   help="ComPEFT fraction kept (default: 0.1 for compeft, "
-                        f"{DEFAULT_COMPRESSION['density']} for select-compeft)")
-    p.add_argument("--alpha", type=parse_alpha,
-                   help="ComPEFT scale factor or 'auto' (default: 1 for compeft, auto for "
-                        "select-compeft)")
-    scope = p.add_mutually_exclusive_group()
-    scope.add_argument("--per-tensor", dest="per_tensor", action="store_const", const=True,
-                       help="ComPEFT top-k and scale per tensor (default for select-compeft)")
-    scope.add_argument("--global", dest="per_tensor", action="store_const", const=False,
-                       help="ComPEFT top-k and one scale over the adapter (default for compeft)")
+    package = CompeftOptions()
+    add_codec_flags(p, choose(None, package), BBH_COMPRESSION, note=lambda f: (
+        f"default: {shown(getattr(PAPER_COMPEFT, f.name))} for compeft, "
+        f"{shown(getattr(package, f.name))} for select-compeft"),
+        title="ComPEFT compression of the compeft methods")
     p.add_argument("--restarts", type=int,
                    help="select*: searches from different starts, kept by few-shot loss (default 1)")
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
@@ -101,9 +101,9 @@ def cmd_bbh(args) -> int:
                          f"give a comma-separated list of {', '.join(METHODS)}")
     check_run_folder(args.out)  # before anything is written into it (compressed experts first)
     experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
-    options = {"n_experts": args.n_experts, "density": args.density, "alpha": args.alpha,
-               "per_tensor": args.per_tensor, "restarts": args.restarts, "budget": args.budget,
-               "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype}
+    options = {"n_experts": args.n_experts, "restarts": args.restarts, "budget": args.budget,
+               "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype,
+               **{k: getattr(args, k) for k in BBH_COMPRESSION}}
     options = {k: v for k, v in options.items() if v is not None}  # else each method's default
     methods = [make_method(m, **method_options(m, options)) for m in names]
     out = Path(args.out)
@@ -124,7 +124,6 @@ def cmd_report(args) -> int:
 
 
 def _add_demo_parser(sub) -> None:
-    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
     p = sub.add_parser(
         "demo", help="compose the shipped zoo's experts on its held-out tasks (offline, minutes)",
         description="The offline demo, on the zoo shipped in the package: a tiny T5\n"
@@ -143,7 +142,7 @@ def _add_demo_parser(sub) -> None:
                    help="random: LoraHub's protocol, N experts drawn with the seed (default, the "
                         "table in README); loss: the package's, every expert scored alone and "
                         "the N with the lowest few-shot loss composed (ComPEFT at the default "
-                        f"compression: k={DEFAULT_COMPRESSION['density']}, alpha auto, per "
+                        f"compression: k={CompeftOptions().density}, alpha auto, per "
                         "tensor)")
     p.add_argument("-n", "--n-experts", type=int,
                    help="experts to compose (default 20 with --select random, 3 with loss)")
@@ -170,12 +169,11 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     tasks = None if args.tasks == "all" else args.tasks.split(",")
     zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
-    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
     from lorahub_compeft.config import DEFAULT_N
     n_experts = args.n_experts or DEFAULT_N[args.select]
     rows = run_demo(zoo, tasks, args.seeds, n_experts, args.budget, n_eval=args.n_eval,
                     bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select)
-    c = zoo.compression if args.select == "random" else DEFAULT_COMPRESSION
+    c = zoo.compression if args.select == "random" else dataclasses.asdict(CompeftOptions())
     setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
     setting += "; N chosen by few-shot loss" if args.select == "loss" else "; N drawn at random"
     print(format_table(rows, setting))

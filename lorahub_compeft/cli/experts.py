@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from lorahub_compeft.cli.options import (add_compression_options, codec_options, human_bytes,
+from lorahub_compeft.cli.options import (add_compression_options, compression_options, human_bytes,
                                          setting_text, size_line)
 
 
@@ -48,13 +47,13 @@ def add_parsers(sub) -> None:
 def cmd_compress(args) -> int:
     from lorahub_compeft.store.expert import compress
     from lorahub_compeft.io.files import check_file_target
+    codec, options = compression_options(args)  # a wrong flag fails before anything is read
     out = check_file_target(args.output, args.force)
     source = args.source
     if args.base:
         from lorahub_compeft.io.residuals import residual_adapter
         source = residual_adapter(args.source, args.base)
-    expert = compress(source, args.density, args.alpha, args.per_tensor, args.encoding,
-                      name=args.name, revision=args.revision, **codec_options(args))
+    expert = compress(source, options, codec=codec, name=args.name, revision=args.revision)
     expert.save(out, force=args.force)
     print(f"{out}: {expert.codec} ({setting_text(expert.summary())}), "
           f"{size_line(out.stat().st_size, expert.sizes)}")
@@ -62,57 +61,31 @@ def cmd_compress(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from lorahub_compeft.codecs import coding
+    from lorahub_compeft.codecs.base import codec_of, coded_numel
     from lorahub_compeft.store.expert import load_expert
     expert = load_expert(args.path)
-    info = expert.summary()
+    info, meta = expert.summary(), expert.meta
     if args.json:
-        print(json.dumps(dict(info, meta_tensors=len(expert.meta["tensors"])), indent=2))
+        print(json.dumps(dict(info, meta_tensors=len(meta["tensors"])), indent=2))
         return 0
-    if expert.codec == "ere":
-        return _inspect_ere(expert, info)
-    s, numel = expert.sizes, expert.meta["numel"]
-    bound = coding.ternary_entropy_bits(expert.density, numel) / 8
-    stream = s["payload_bytes"] - s["carried_bytes"]
-    print(f"expert       {info['name']}")
-    print(f"source       {json.dumps(info['source'])}")
-    print(f"base model   {info['base_model']}")
-    print(_adapter_line(info, len(expert.meta["tensors"]), numel))
-    print(f"compression  density {expert.density}, alpha {expert.alpha}, sigma "
-          f"{expert.meta['sigma']:.4g}, {info['selection']} selection, {info['encoding']} encoding")
-    print(f"file         {size_line(Path(args.path).stat().st_size, s)}")
-    print(f"payload      {8 * stream / numel:.3f} bits/param; entropy bound {human_bytes(bound)}, "
-          f"{100 * (stream / bound - 1):+.1f}%")
-    if s["carried_bytes"]:
-        print(f"carried      {human_bytes(s['carried_bytes'])} of full tensors "
-              f"({', '.join(e['name'] for e in expert.meta['carried'])})")
+    lines = [("expert", info["name"]), ("source", json.dumps(info["source"])),
+             ("base model", info["base_model"]),
+             _adapter_line(info, len(meta["tensors"]), coded_numel(meta)),
+             *codec_of(meta).inspect_lines(meta),
+             ("file", size_line(Path(args.path).stat().st_size, expert.sizes))]
+    if expert.sizes["carried_bytes"]:
+        lines.append(("carried", f"{human_bytes(expert.sizes['carried_bytes'])} of full tensors "
+                                 f"({', '.join(e['name'] for e in meta['carried'])})"))
+    for label, text in lines:
+        print(f"{label:<12} {text}")
     return 0
 
 
-def _adapter_line(info: dict, tensors: int, numel: int) -> str:
+def _adapter_line(info: dict, tensors: int, numel: int) -> tuple[str, str]:
     if info["peft_type"] == "RESIDUAL":
-        return f"residual     full fine-tuning θ_ft − θ_base, {tensors} tensors coded, {numel:,} parameters"
-    return (f"adapter      {info['peft_type']} r={info['r']} targets={info['target_modules']}, "
-            f"{tensors} tensors, {numel:,} parameters")
-
-
-def _inspect_ere(expert, info: dict) -> int:
-    s, ere = expert.sizes, expert.meta["ere"]
-    numel = sum(math.prod(e["shape"]) for e in expert.meta["tensors"])
-    stream = s["payload_bytes"] - s["carried_bytes"]
-    ranks = ere["ranks"]
-    print(f"expert       {info['name']}")
-    print(f"source       {json.dumps(info['source'])}")
-    print(f"base model   {info['base_model']}")
-    print(_adapter_line(info, len(expert.meta["tensors"]), numel))
-    what = "each matrix" if info["peft_type"] == "RESIDUAL" else "each module's B·A"
-    print(f"compression  ere: low-rank factors of {what}, {info['encoding']} with a scale per row, "
-          f"budget {ere['budget_bits']:g} bits/param")
-    print(f"ranks        {min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.2f}) over "
-          f"{len(ranks)} modules, {100 * ere['energy_kept']:.1f}% of the energy kept")
-    print(f"file         {size_line(expert.path.stat().st_size, s)}")
-    print(f"payload      {8 * stream / numel:.3f} bits/param")
-    return 0
+        return "residual", f"full fine-tuning θ_ft − θ_base, {tensors} tensors coded, {numel:,} parameters"
+    return ("adapter", f"{info['peft_type']} r={info['r']} targets={info['target_modules']}, "
+                       f"{tensors} tensors, {numel:,} parameters")
 
 
 def cmd_export(args) -> int:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from lorahub_compeft.cli.options import add_compression_options, codec_options, human_bytes, setting_text
+from lorahub_compeft.cli.options import (add_compression_options, compression_options, human_bytes,
+                                         setting_text)
 
 
 def add_parsers(sub) -> None:
@@ -29,15 +30,15 @@ def add_parsers(sub) -> None:
 
 
 def cmd_library(args) -> int:
+    from lorahub_compeft.codecs.base import codec_of
     from lorahub_compeft.store.library import ExpertLibrary
     if args.action == "add":
         if args.name and len(args.sources) > 1:
             raise SystemExit("error: --name works with one source only")
+        codec, options = compression_options(args)
         lib = ExpertLibrary(args.root)
-        entries = lib.add_many(args.sources, name=args.name, density=args.density,
-                               alpha=args.alpha, per_tensor=args.per_tensor,
-                               encoding=args.encoding, force=args.force, revision=args.revision,
-                               **codec_options(args))
+        entries = lib.add_many(args.sources, options, codec=codec, name=args.name,
+                               force=args.force, revision=args.revision)
         for e in entries:
             print(f"stored {e['name']} ({human_bytes(e['file_bytes'])})")
         return 0
@@ -65,7 +66,7 @@ def cmd_library(args) -> int:
     for r in rows:
         total += r["file_bytes"]
         print(f"{r['name']:<{width}}  {str(r['peft_type']):<5} {r['r'] or '-':>3} "
-              f"{r.get('codec', 'compeft'):<7} {setting_text(r):<22} {human_bytes(r['file_bytes']):>10} "
+              f"{codec_of(r).name:<7} {setting_text(r):<22} {human_bytes(r['file_bytes']):>10} "
               f"{r['sizes']['fp16_bytes'] / r['file_bytes']:>7.1f}x")
     print(f"{len(rows)} experts, {human_bytes(total)} in all (whole files)")
     return 0

@@ -3,16 +3,13 @@ seeds, expert lists; and how sizes are printed."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import textwrap
 from pathlib import Path
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
+from lorahub_compeft.codecs import base as codecs
+from lorahub_compeft.codecs.base import human_bytes
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
@@ -71,57 +68,110 @@ def apply_threads(args) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def parse_alpha(text: str):
-    """'auto' or a positive number."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"alpha must be a positive number or 'auto', got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"alpha must be positive, got {text}")
-    return value
+class WholeWordsHelp(argparse.HelpFormatter):
+    """Help wrapped at spaces only, so that names such as select-compeft stay whole."""
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
-def add_selection_scope(p: argparse.ArgumentParser) -> None:
-    """--per-tensor (the default) or --global top-k selection and scale."""
-    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION
-    scope = p.add_mutually_exclusive_group()
-    scope.add_argument("--per-tensor", dest="per_tensor", action="store_true",
-                       default=DEFAULT_COMPRESSION["per_tensor"],
-                       help="top-k and scale within each tensor (default)")
-    scope.add_argument("--global", dest="per_tensor", action="store_false",
-                       help="top-k and one scale over the whole adapter (the paper's code)")
+# --- compression: each codec's flags, built from its Options dataclass (config.py) -------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def add_compression_options(p: argparse.ArgumentParser, encoding: bool = True) -> None:
-    from lorahub_compeft.codecs.compeft import DEFAULT_COMPRESSION as d, PAPER_COMPRESSION as paper
-    p.add_argument("--density", "-k", type=float, default=d["density"],
-                   help=f"fraction of task-vector entries kept, in (0, 1] (default {d['density']}, "
-                        f"chosen on the zoo's validation seeds; the paper's: {paper['density']})")
-    p.add_argument("--alpha", type=parse_alpha, default=d["alpha"],
-                   help="kept entries become sign * alpha * std(tau); 'auto' (default) picks the "
-                        "alpha whose LoRA products B·A are closest to the original's; the paper's: "
-                        f"{paper['alpha']:g}")
-    add_selection_scope(p)
-    if not encoding:
-        return
-    p.add_argument("--encoding", choices=("golomb", "bitmask"), default="golomb",
-                   help="golomb: near the entropy bound (default); bitmask: two bit masks")
-    p.add_argument("--codec", choices=("compeft", "ere"), default="compeft",
-                   help="compeft: sparse ternary (default; --density, --alpha, --per-tensor, "
-                        "--encoding); ere: low-rank factors of each LoRA module's B·A "
-                        "(--budget-bits, --quant-bits)")
-    p.add_argument("--budget-bits", type=float, default=1.0,
-                   help="ere: payload budget in bits per LoRA value (default 1)")
-    p.add_argument("--quant-bits", type=int, choices=(4, 8, 16), default=4,
-                   help="ere: bits per stored factor value, one scale per row (default 4)")
+def shown(value) -> str:
+    """An option's value as help texts print it (1.0 as 1)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _parser(parse):
+    """An argparse type from a parse function whose ValueError names the problem."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return convert
+
+
+def add_codec_flags(p, unit: codecs.Codec, fields=None, note=None, title: str | None = None) -> None:
+    """One flag per field of the codec's Options (or of `fields`), with the field's help.
+    Every flag defaults to None, "not given"; the help shows the default a field takes then,
+    the dataclass's, or `note(field)` (e.g. each method's own)."""
+    group = p.add_argument_group(title or f"--codec {unit.name}", unit.Options.__doc__)
+    for f in dataclasses.fields(unit.Options):
+        if fields is not None and f.name not in fields:
+            continue
+        if f.type in (bool, "bool"):
+            _add_switch(group, f, note)
+            continue
+        meta = f.metadata
+        flags = [_flag(f.name)] + ([meta["short"]] if "short" in meta else [])
+        kind = _parser(meta["parse"]) if "parse" in meta else type(f.default)
+        default = note(f) if note else f"default {shown(f.default)}"
+        group.add_argument(*flags, dest=f.name, type=kind, choices=meta.get("choices"),
+                           help=f"{meta['help']} ({default})")
+
+
+def _add_switch(group, f, note) -> None:
+    """A bool field: --name / --no-name, or the pair its metadata names (--per-tensor /
+    --global); "the default" marks the flag that is one, unless a note says otherwise."""
+    off_flag, off_help = f.metadata.get("off", (f"--no-{f.name.replace('_', '-')}", "the opposite"))
+    on_help = f.metadata["help"]
+    if note:
+        on_help += f" ({note(f)})"
+    elif f.default:
+        on_help += " (the default)"
+    else:
+        off_help += " (the default)"
+    both = group.add_mutually_exclusive_group()
+    both.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True, help=on_help)
+    both.add_argument(off_flag, dest=f.name, action="store_const", const=False, help=off_help)
+
+
+def add_compression_options(p: argparse.ArgumentParser) -> None:
+    """--codec (the registered ones), --preset, every codec's flags, --revision."""
+    presets = {name: f"{unit.name} " + ", ".join(f"{k}={shown(v)}" for k, v in
+                                                 dataclasses.asdict(options).items())
+               for unit in codecs.REGISTRY.values() for name, options in unit.presets.items()}
+    p.add_argument("--codec", choices=codecs.names(), default=codecs.DEFAULT_CODEC,
+                   help=f"how the task vector is coded (default {codecs.DEFAULT_CODEC}); each "
+                        "codec takes only its own flags, listed below")
+    p.add_argument("--preset", choices=sorted(presets) or None,
+                   help="start from a named setting of the codec instead of its defaults ("
+                        + "; ".join(f"{k}: {v}" for k, v in sorted(presets.items()))
+                        + "); flags given beside it change single fields")
+    taken = set()  # a field two codecs share is one flag
+    for unit in codecs.REGISTRY.values():
+        fields = [f.name for f in dataclasses.fields(unit.Options) if f.name not in taken]
+        add_codec_flags(p, unit, fields)
+        taken.update(fields)
     p.add_argument("--revision", help="Hub revision when the source is a Hub id")
 
 
-def codec_options(args) -> dict:
-    return {"codec": args.codec, "budget_bits": args.budget_bits, "quant_bits": args.quant_bits}
+def compression_options(args) -> tuple[str, object]:
+    """The codec --codec names and its Options: --preset's (else the defaults) with the flags
+    given. A flag of another codec is refused, naming the codec it belongs to."""
+    unit = codecs.get(args.codec)
+    own = {f.name for f in dataclasses.fields(unit.Options)}
+    given = {}
+    for other in codecs.REGISTRY.values():
+        for f in dataclasses.fields(other.Options):
+            value = getattr(args, f.name, None)
+            if value is None:
+                continue
+            if f.name not in own:
+                raise ValueError(f"{_flag(f.name)} is an option of --codec {other.name}, not of "
+                                 f"--codec {unit.name} (it takes "
+                                 f"{', '.join(_flag(n) for n in sorted(own)) or 'no flags'})")
+            given[f.name] = value
+    preset = None
+    if args.preset:
+        if args.preset not in unit.presets:
+            raise ValueError(f"--preset {args.preset} is not a setting of --codec {unit.name} "
+                             f"(its presets: {', '.join(unit.presets) or 'none'})")
+        preset = unit.presets[args.preset]
+    return unit.name, unit.options(preset, **given)
 
 
 def add_select_options(p: argparse.ArgumentParser) -> None:
@@ -166,7 +216,4 @@ def size_line(file_bytes: int, sizes: dict) -> str:
 
 def setting_text(summary: dict) -> str:
     """A codec's parameters in a few characters, for listings."""
-    if summary.get("codec", "compeft") == "ere":
-        return f"{summary['budget_bits']:g}b/p {summary['encoding']} r~{summary['mean_rank']:.1f}"
-    tensor = " pt" if summary.get("selection") == "per_tensor" else ""
-    return f"k={summary['density']:g} a={summary['alpha']:g}{tensor}"
+    return codecs.codec_of(summary).setting_text(summary)

@@ -29,6 +29,8 @@ __all__ = [
     "encode_bitmask",
     "decode_bitmask",
     "payload_bits",
+    "encode_ternary",
+    "decode_ternary",
 ]
 
 
@@ -274,3 +276,29 @@ def decode_bitmask(streams: dict[str, np.ndarray], numel: int) -> tuple[np.ndarr
 def payload_bits(streams: dict[str, np.ndarray]) -> int:
     """Stored size in bits (8 per byte of every stream)."""
     return 8 * sum(int(np.asarray(s).nbytes) for s in streams.values())
+
+
+def encode_ternary(positions, signs, numel: int, encoding: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A ternary vector's streams and the parameters a reader needs (both encodings: "count")."""
+    if encoding == "golomb":
+        streams, params = encode_golomb(positions, numel)
+        return dict(streams, signs=encode_signs(np.asarray(signs) > 0)), params
+    return encode_bitmask(positions, signs, numel), {"count": len(positions)}
+
+
+def decode_ternary(streams: dict[str, np.ndarray], params: dict, numel: int, encoding: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, signs) from `encode_ternary`'s streams, checked against params["count"]."""
+    if encoding == "golomb":
+        streams = dict(streams)
+        signs_packed = streams.pop("signs", None)
+        if signs_packed is None:
+            raise CodingError("no sign stream")
+        positions = decode_golomb(streams, params, numel)
+        signs = decode_signs(signs_packed, len(positions))
+    else:
+        positions, signs = decode_bitmask(streams, numel)
+    if len(positions) != params["count"]:
+        raise CodingError(f"the streams hold {len(positions)} kept values, header field coding "
+                          f"says {params['count']}")
+    return positions, signs

@@ -7,7 +7,8 @@ does, or per tensor with one scale per tensor. `magnitude="stc"` uses the mean k
 instead (Sparse Ternary Compression, an ablation); `prune` keeps the original values.
 `alpha="auto"` picks alpha from the adapter itself, no data (see `auto_alpha`).
 
-Everything here is tensor math; files live in expert.py, bits in coding.py.
+The tensor math comes first; then the codec (`ComPEFT`): what a file's payload and header
+hold (bits in coding.py), how they are checked and decoded. The file itself lives in store/.
 """
 from __future__ import annotations
 
@@ -19,19 +20,18 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lorahub_compeft.codecs import coding
+from lorahub_compeft.codecs.base import (DTYPES, Codec, CodecError, CompressionError,
+                                         bits_per_value, check_task_vector, human_bytes, is_count,
+                                         register)
+from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions, choices
+from lorahub_compeft.io.adapters import is_finite_number
+
 AUTO = "auto"
 log = logging.getLogger(__name__)
 SCALE_DTYPE = torch.float32  # holds fp16/bf16/fp32 scales exactly
 PAPER_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
-# The command line's defaults (README "Defaults"): per-tensor top-k, alpha from the expert, and
-# the density chosen on the zoo's validation seeds; and the paper's settings, one flag each away.
-DEFAULT_COMPRESSION = {"density": 0.5, "alpha": "auto", "per_tensor": True}
-PAPER_COMPRESSION = {"density": 0.1, "alpha": 1.0, "per_tensor": False}
 PAPER_ALPHAS = (0.5, 1, 2, 3, 4, 5, 6, 8, 10)
-
-
-class CompressionError(ValueError):
-    """Bad input to compression: the message says what is wrong and how to fix it."""
 
 
 @dataclass
@@ -93,21 +93,6 @@ def _check_arguments(density: float, alpha: float | str) -> None:
         return
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
         raise CompressionError(f"alpha must be a positive number or 'auto', got {alpha!r}")
-
-
-def check_task_vector(tensors: dict[str, torch.Tensor]) -> None:
-    if not tensors:
-        raise CompressionError("the adapter has no task-vector tensors (LoRA A/B or (IA)^3 "
-                               "vectors) to compress")
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise CompressionError(f"tensor {name} has dtype {t.dtype}; only floating-point "
-                                   "adapter tensors can be compressed")
-        if t.numel() == 0:
-            raise CompressionError(f"tensor {name} is empty")
-        if not torch.isfinite(t).all():
-            raise CompressionError(f"tensor {name} holds NaN or Inf; the adapter is damaged "
-                                   "(retrain or re-export it)")
 
 
 def _std(values: torch.Tensor) -> float:
@@ -285,3 +270,121 @@ def sparsify_rescaled(base: TernaryVector, tensors: dict[str, torch.Tensor], alp
     scales = _rounded_scales([alpha * s for s in stds], base.dtypes, per_tensor)
     return TernaryVector(base.names, base.shapes, base.dtypes, base.positions, base.signs,
                          scales, base.sigma, float(alpha))
+
+
+# --- the codec ---------------------------------------------------------------------------------
+ENCODINGS = choices(CompeftOptions, "encoding")
+SELECTIONS = ("global", "per_tensor")
+
+
+@register
+class ComPEFT(Codec):
+    """Payload: stream.<name> (the kept positions and signs, coding.py) and `scales` (float32,
+    one, or one per tensor). Header: encoding, selection, density, alpha (the chosen number
+    for "auto"), sigma, numel and the coding parameters."""
+    name, Options, presets, sparse = "compeft", CompeftOptions, {"paper": PAPER_COMPEFT}, True
+    header_fields = ("encoding", "selection", "density", "alpha", "sigma", "numel", "coding")
+    tagged = False  # ComPEFT headers name no codec, as every file before there were others
+
+    def compress(self, tau, config, options: CompeftOptions):
+        if options.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {options.encoding!r}")
+        ternary = sparsify(tau, options.density, options.alpha, options.per_tensor)
+        streams, params = coding.encode_ternary(ternary.positions, ternary.signs, ternary.numel,
+                                                options.encoding)
+        payload = {f"stream.{k}": v for k, v in streams.items()}
+        payload["scales"] = ternary.scales.clone()
+        fields = {"encoding": options.encoding,
+                  "selection": "per_tensor" if options.per_tensor else "global",
+                  "density": options.density, "alpha": ternary.alpha, "sigma": ternary.sigma,
+                  "numel": ternary.numel, "coding": params}
+        return payload, fields, ternary
+
+    def validate(self, meta, stored, numel, limit):
+        if meta["encoding"] not in ENCODINGS:
+            raise CodecError(f"header field encoding is {meta['encoding']!r}, not one of {ENCODINGS}")
+        if meta["selection"] not in SELECTIONS:
+            raise CodecError(f"header field selection is {meta['selection']!r}, not one of "
+                             f"{SELECTIONS}")
+        for key, low in (("density", 0), ("alpha", 0), ("sigma", -1)):
+            if not is_finite_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
+                raise CodecError(f"header field {key} is {meta[key]!r}, not a finite number in range")
+        claimed, tensors = meta["numel"], meta["tensors"]
+        if is_count(claimed) and claimed > limit:
+            raise CodecError(f"header claims {claimed} values, more than a file of this size can "
+                             f"hold ({limit}); the file is damaged or forged")
+        if not is_count(claimed, 1) or numel != claimed:
+            raise CodecError(f"tensor shapes add up to {numel} values, header field numel says "
+                             f"{claimed!r}")
+        params = meta["coding"]
+        count = params.get("count") if isinstance(params, dict) else None
+        if not is_count(count) or count > claimed:
+            raise CodecError(f"header field coding has a bad kept count {count!r}")
+        if meta["encoding"] == "golomb" and not is_count(params.get("m"), 1):
+            raise CodecError(f"header field coding has a bad Golomb parameter {params.get('m')!r}")
+        # The kept count must match the density: a forged size must also forge the count.
+        density, slack = meta["density"], len(tensors) + 1
+        if abs(count - density * claimed) > slack:
+            raise CodecError(f"kept count {count} does not match density {density} of {claimed} "
+                             "values")
+        n_scales = len(tensors) if meta["selection"] == "per_tensor" else 1
+        if stored.get("scales") not in ([n_scales], [1] if n_scales == 1 else None):
+            raise CodecError(f"the scales tensor must hold {n_scales} value(s), has shape "
+                             f"{stored.get('scales')}")
+
+    def decode(self, payload, meta) -> TernaryVector:
+        streams = {k.removeprefix("stream."): v.numpy() for k, v in payload.items()
+                   if k.startswith("stream.")}
+        try:
+            positions, signs = coding.decode_ternary(streams, meta["coding"], meta["numel"],
+                                                     meta["encoding"])
+        except coding.CodingError as err:
+            raise CodecError(str(err)) from None
+        entries = meta["tensors"]
+        scales = payload["scales"]
+        if scales.dtype != torch.float32 or scales.dim() != 1 or scales.numel() not in (1, len(entries)):
+            raise CodecError(f"scales must be float32 with 1 or {len(entries)} values")
+        if not torch.isfinite(scales).all():
+            raise CodecError("a scale is NaN or infinite; the file is damaged")
+        for entry, scale in zip(entries, scales.expand(len(entries))):
+            # init + sign * scale must be finite in the tensor's own dtype
+            if abs(entry["init"]) + abs(float(scale)) > torch.finfo(DTYPES[entry["dtype"]]).max:
+                raise CodecError(f"tensor {entry['name']}: its init and scale overflow "
+                                 f"{entry['dtype']}; the file is damaged")
+        return TernaryVector(names=[e["name"] for e in entries],
+                             shapes=[tuple(e["shape"]) for e in entries],
+                             dtypes=[DTYPES[e["dtype"]] for e in entries],
+                             positions=positions, signs=signs, scales=scales, sigma=meta["sigma"])
+
+    def task_vector(self, weights: TernaryVector, meta):
+        return weights.to_tensors()
+
+    def summary(self, meta):
+        return {k: meta[k] for k in ("encoding", "selection", "density", "alpha")}
+
+    def check_summary(self, entry):
+        for key in ("density", "alpha"):
+            if not is_finite_number(entry.get(key)):
+                return f"its {key} is damaged"
+        return None
+
+    def setting_text(self, summary):
+        tensor = " pt" if summary.get("selection") == "per_tensor" else ""
+        return f"k={summary['density']:g} a={summary['alpha']:g}{tensor}"
+
+    def inspect_lines(self, meta):
+        sizes = meta["sizes"]
+        bound = coding.ternary_entropy_bits(meta["density"], meta["numel"]) / 8
+        stream = sizes["payload_bytes"] - sizes["carried_bytes"]
+        return [("compression", f"density {meta['density']}, alpha {meta['alpha']}, sigma "
+                                f"{meta['sigma']:.4g}, {meta['selection']} selection, "
+                                f"{meta['encoding']} encoding"),
+                ("payload", f"{bits_per_value(meta):.3f} bits/param; entropy bound "
+                            f"{human_bytes(bound)}, {100 * (stream / bound - 1):+.1f}%")]
+
+    def same_setting(self, entry, options: CompeftOptions):
+        wanted = {"density": options.density, "encoding": options.encoding,
+                  "selection": "per_tensor" if options.per_tensor else "global"}
+        if options.alpha != AUTO:  # "auto" is stored as the number it chose
+            wanted["alpha"] = options.alpha
+        return all(entry.get(k) == v for k, v in wanted.items())

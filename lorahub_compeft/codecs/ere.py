@@ -13,7 +13,7 @@ Decoding gives the factors back: for LoRA B' = [√σ_j u_j] and A' = [√σ_j v
 to r, so that s·B'·A' ≈ ΔW and PEFT and the composer take them with the expert's own config; for
 a full-model residual the dense product.
 
-Everything here is tensor math; the file lives in expert.py.
+The tensor math comes first, then the codec (`ERE`); the file itself lives in store/.
 """
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-QUANT_BITS = (4, 8, 16)
-DEFAULT_QUANT_BITS = 4  # at equal bytes 4-bit factors beat 8-bit on the zoo (README, ERE)
+from lorahub_compeft.codecs.base import Codec, CodecError, bits_per_value, register
+from lorahub_compeft.config import EreOptions, choices
+from lorahub_compeft.io.adapters import is_finite_number
+from lorahub_compeft.io.residuals import is_residual
+
+QUANT_BITS = choices(EreOptions, "quant_bits")
 SCALE_BYTES = 4         # one float32 scale per stored row
 _LORA_PAIRS = ((".lora_A.", ".lora_B."), ("lora_embedding_A", "lora_embedding_B"))
 
@@ -205,8 +209,8 @@ def budget_bytes_for(numel: int, bits_per_param: float) -> float:
     return numel * bits_per_param / 8
 
 
-def compress_lora(tau: dict[str, torch.Tensor], config: dict, bits_per_param: float,
-                  bits: int = DEFAULT_QUANT_BITS) -> tuple[dict[str, torch.Tensor], dict]:
+def compress_lora(tau: dict[str, torch.Tensor], config: dict, bits_per_param: float, bits: int
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """ERE payload and header fields for LoRA factors {name: tensor}; the budget counts the
     payload (codes and scales) against the adapter's LoRA values."""
     if bits not in QUANT_BITS:
@@ -304,8 +308,8 @@ def _check_header(dims: list[tuple[int, int]], limits: list[int], info: dict,
 
 
 # --- full-model residuals ------------------------------------------------------------------------
-def compress_matrices(tau: dict[str, torch.Tensor], bits_per_param: float,
-                      bits: int = DEFAULT_QUANT_BITS) -> tuple[dict[str, torch.Tensor], dict]:
+def compress_matrices(tau: dict[str, torch.Tensor], bits_per_param: float, bits: int
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
     """ERE payload and header fields for residual matrices {name: out×in} (θ_ft − θ_base)."""
     if bits not in QUANT_BITS:
         raise EREError(f"quantization bits must be one of {QUANT_BITS}, got {bits!r}")
@@ -321,3 +325,74 @@ def decode_matrices(payload: dict[str, torch.Tensor], names: list[str],
                     shapes: dict[str, tuple], info: dict) -> dict[str, torch.Tensor]:
     factors = decode(payload, [shapes[n] for n in names], info["ranks"], info["bits"])
     return {n: u @ v for n, (u, v) in zip(names, factors)}
+
+
+# --- the codec ---------------------------------------------------------------------------------
+def _encoding(bits: int) -> str:
+    return f"int{bits}" if bits < 16 else "fp16"
+
+
+@register
+class ERE(Codec):
+    """Payload: ere.u, ere.v (the kept factor rows' codes end to end) and ere.scales. Header
+    field `ere`: bits, budget_bits, scaling, ranks (one per module or matrix), energy_kept."""
+    name, Options, header_fields = "ere", EreOptions, ("ere",)
+
+    def init(self, name, tensor, config):
+        if is_residual(config) and tensor.dim() != 2:  # a residual's layer norms and biases
+            return None
+        return super().init(name, tensor, config)
+
+    def compress(self, tau, config, options: EreOptions):
+        if is_residual(config):
+            payload, info = compress_matrices(tau, options.budget_bits, options.quant_bits)
+            factors = decode_matrices(payload, list(tau), {k: t.shape for k, t in tau.items()}, info)
+        else:
+            payload, info = compress_lora(tau, config, options.budget_bits, options.quant_bits)
+            factors = decode_lora(payload, list(tau), {k: t.shape for k, t in tau.items()}, info)
+        return payload, {"ere": info}, factors
+
+    def validate(self, meta, stored, numel, limit):
+        entries, info = meta["tensors"], meta["ere"]
+        if not isinstance(info, dict):
+            raise CodecError("header field ere must be an object")
+        if is_residual(meta["adapter_config"]):
+            problem = check_matrices_header([e["shape"] for e in entries], info, stored)
+        else:
+            problem = check_lora_header([e["name"] for e in entries],
+                                        {e["name"]: tuple(e["shape"]) for e in entries}, info, stored)
+        if problem:
+            raise CodecError(problem)
+
+    def decode(self, payload, meta):
+        decode = decode_matrices if is_residual(meta["adapter_config"]) else decode_lora
+        factors = decode(payload, [e["name"] for e in meta["tensors"]],
+                         {e["name"]: tuple(e["shape"]) for e in meta["tensors"]}, meta["ere"])
+        bad = next((k for k, t in factors.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise CodecError(f"{bad} decodes to NaN or infinity; the file is damaged")
+        return factors
+
+    def summary(self, meta):
+        info = meta["ere"]
+        return {"encoding": _encoding(info["bits"]), "selection": "rank",
+                "budget_bits": info["budget_bits"], "mean_rank": sum(info["ranks"]) / len(info["ranks"])}
+
+    def check_summary(self, entry):
+        return None if is_finite_number(entry.get("budget_bits")) else "its budget_bits is damaged"
+
+    def setting_text(self, summary):
+        return f"{summary['budget_bits']:g}b/p {summary['encoding']} r~{summary['mean_rank']:.1f}"
+
+    def inspect_lines(self, meta):
+        info, ranks = meta["ere"], meta["ere"]["ranks"]
+        what = "each matrix" if is_residual(meta["adapter_config"]) else "each module's B·A"
+        return [("compression", f"ere: low-rank factors of {what}, {_encoding(info['bits'])} with "
+                                f"a scale per row, budget {info['budget_bits']:g} bits/param"),
+                ("ranks", f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.2f}) over "
+                          f"{len(ranks)} modules, {100 * info['energy_kept']:.1f}% of the energy kept"),
+                ("payload", f"{bits_per_value(meta):.3f} bits/param")]
+
+    def same_setting(self, entry, options: EreOptions):
+        return entry.get("budget_bits") == options.budget_bits and \
+            entry.get("encoding") == _encoding(options.quant_bits)

@@ -72,8 +72,8 @@ def _once(expert: CompressedExpert, decode: Callable):
 
 
 def _compressed_handle(expert: CompressedExpert) -> ExpertHandle:
-    # Only ComPEFT experts have a sparse form; ERE experts decode to dense LoRA factors.
-    ternary = _once(expert, expert.ternary) if expert.codec == "compeft" else None
+    # Experts whose codec has a sparse form (ComPEFT) are stacked as it; others (ERE) densely.
+    ternary = _once(expert, expert.ternary) if expert.sparse else None
     return ExpertHandle(expert.name, expert.config, _once(expert, expert.state_dict), ternary,
                         expert.path, dict(expert.meta["source"]))
 

@@ -191,9 +191,6 @@ class LoraHub(Method):
             "precision": result.precision, "compose_timings": result.timings})
 
 
-def compressed_file(experts: ExpertPool, name: str, options: CompeftOptions) -> Path:
-    """The pool's ComPEFT file of expert `name` compressed with `options` (made once, cached)."""
-    return experts.compressed(name, options.density, options.alpha, options.per_tensor)
 
 
 class CompressedExperts:
@@ -203,7 +200,7 @@ class CompressedExperts:
     def expert_files(self, experts, names):
         p = self.params
         options = CompeftOptions(density=p.density, alpha=p.alpha, per_tensor=p.per_tensor)
-        paths = [compressed_file(experts, n, options) for n in names]
+        paths = [experts.compressed(n, options) for n in names]
         return paths, sum(path.stat().st_size for path in paths)
 
 

@@ -1,8 +1,9 @@
 """The experts a run may use: each one's files and identity (the weights' sha256 for a local
 PEFT dir, the commit for a Hub id), the seeded sample of N, and compressed copies made once
-per setting."""
+per setting (in an ExpertLibrary per setting, as `library add` makes them)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -69,15 +70,18 @@ class ExpertPool:
         path = Path(self.dense(name))
         return _weights_file(path if path.is_dir() else _locate(name)[0]).stat().st_size
 
-    def compressed(self, name: str, density: float, alpha, per_tensor: bool) -> Path:
-        """The expert compressed at this setting, made once and reused across cells (the file
-        name is the dense expert's identity, so a changed expert is compressed again)."""
-        from lorahub_compeft.store.expert import compress
-        tag = f"k{density}-a{alpha}" + ("-per_tensor" if per_tensor else "")
-        ident = hashlib.sha256(json.dumps(self.identities[name], sort_keys=True).encode())
+    def compressed(self, name: str, options) -> Path:
+        """The expert compressed with `options` (a codec's Options, e.g. CompeftOptions), made
+        once and reused across cells. The cache holds one library per setting, in which each
+        expert is named by its dense identity: a changed expert is compressed again."""
+        from lorahub_compeft.codecs.base import choose
+        from lorahub_compeft.store.library import ExpertLibrary
+        unit = choose(None, options)
+        setting = "-".join([unit.name] + [f"{k}={v}" for k, v in dataclasses.asdict(options).items()])
         root = Path(self.cache or Path(tempfile.gettempdir()) / "lorahub-compeft-cache")
-        path = root / tag / f"{ident.hexdigest()[:24]}.safetensors"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            compress(self.dense(name), density, alpha, per_tensor, name=name).save(path, force=True)
-        return path
+        library = ExpertLibrary(root / setting, one_base=False)  # pools may mix bases
+        ident = hashlib.sha256(json.dumps(self.identities[name], sort_keys=True).encode())
+        key = f"{Path(name).name[:100]}@{ident.hexdigest()[:24]}"
+        if key not in library:  # force: a writer that got there first stored the same weights
+            library.add(self.dense(name), options, name=key, force=True)
+        return library.root / library.entry(key)["file"]

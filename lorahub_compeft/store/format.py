@@ -6,7 +6,9 @@ no NaN), zlib-compressed and base85-encoded in the `header` metadata field, plus
 `header_sha256`, the sha256 of that canonical JSON: together with the payload digest inside it,
 every byte decoding reads is covered. Version 1 files (the fields as separate JSON strings,
 payload digest without dtypes and shapes, no header digest) still load. What decoding
-allocates is bounded by the file's size (MAX_VALUES_PER_BYTE) and MAX_NUMEL.
+allocates is bounded by the file's size (MAX_VALUES_PER_BYTE) and MAX_NUMEL. The fields every
+file has are checked here; those of its codec (the header's "codec", ComPEFT when absent) by
+the codec itself (codecs/).
 """
 from __future__ import annotations
 
@@ -23,24 +25,19 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lorahub_compeft.codecs import ere
+from lorahub_compeft.codecs import base as codecs
+from lorahub_compeft.codecs.base import DTYPES, CodecError, is_count
 from lorahub_compeft.io.adapters import config_problem, is_finite_number
-from lorahub_compeft.io.residuals import is_residual
 
 
 FORMAT_NAME = "lorahub-compeft-expert"
 FORMAT_VERSION = 2
-ENCODINGS = ("golomb", "bitmask")
-SELECTIONS = ("global", "per_tensor")
 # Decoding allocates about 6 bytes per value; a file may claim at most this many values per
 # byte it holds (density >= ~0.0002 at 0.57 bits per kept value) and MAX_NUMEL in all.
 MAX_VALUES_PER_BYTE = 4096
 MAX_NUMEL = 2 ** 31
 MAX_HEADER_BYTES = 16 << 20  # the decompressed v2 header
 _MAX_RANK = 8
-CODECS = ("compeft", "ere")  # the header's "codec"; files without one are ComPEFT
-DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32,
-                                                       torch.float64)}
 
 
 class ExpertFileError(ValueError):
@@ -94,11 +91,9 @@ def sorted_header(data: bytes) -> bytes:
     return data[:8] + text + b" " * (length - len(text)) + data[8 + length:]
 
 
+# Every file's fields; each codec requires its own `header_fields` beside them.
 _COMMON = ("format_version", "tensors", "carried", "adapter_config", "source", "sizes",
            "payload_sha256")
-_REQUIRED = {"compeft": _COMMON + ("encoding", "selection", "density", "alpha", "sigma", "numel",
-                                   "coding"),
-             "ere": _COMMON + ("ere",)}
 _V1_STRINGS = ("format", "encoding", "selection", "payload_sha256", "name")
 
 
@@ -135,7 +130,8 @@ def read_header(path: str | os.PathLike) -> dict:
 
 
 def _read_header_v1(path: Path, raw: dict[str, str]) -> dict:
-    missing = [k for k in _REQUIRED["compeft"] if k not in raw]  # v1 files are all ComPEFT
+    required = _COMMON + codecs.get(codecs.DEFAULT_CODEC).header_fields  # v1 files are all ComPEFT
+    missing = [k for k in required if k not in raw]
     if missing:
         raise ExpertFileError(f"{path}: header lacks {', '.join(missing)}")
     meta = {}
@@ -170,19 +166,16 @@ def _read_header_v2(path: Path, raw: dict[str, str]) -> dict:
         fail(f"header field 'header' is not JSON ({err})")
     if not isinstance(meta, dict) or canonical_json(meta) != body:
         fail("header field 'header' is not a canonical JSON object")
-    codec = meta.get("codec", "compeft")
-    if codec not in CODECS:
+    codec = meta.get("codec", codecs.DEFAULT_CODEC)
+    if codec not in codecs.names():
         raise ExpertFileError(f"{path}: unknown codec {codec!r} (this lorahub-compeft reads "
-                              f"{', '.join(CODECS)}); upgrade the package (pip install -U "
+                              f"{', '.join(codecs.names())}); upgrade the package (pip install -U "
                               "lorahub-compeft)")
-    missing = [k for k in _REQUIRED[codec] if k not in meta and k != "format_version"]
+    required = _COMMON + codecs.get(codec).header_fields
+    missing = [k for k in required if k not in meta and k != "format_version"]
     if missing:
         fail(f"header lacks {', '.join(missing)}")
     return {"format": FORMAT_NAME, "format_version": 2, **meta}
-
-
-def _is_count(value, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> None:
@@ -198,9 +191,9 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
     if not isinstance(meta["source"], dict):
         fail("header field source must be an object")
     sizes = meta["sizes"]
-    if not isinstance(sizes, dict) or not all(_is_count(sizes.get(k), 1) for k in
+    if not isinstance(sizes, dict) or not all(is_count(sizes.get(k), 1) for k in
                                               ("fp16_bytes", "fp32_bytes", "payload_bytes")) \
-            or not _is_count(sizes.get("carried_bytes")) or not _is_count(sizes.get("original_bytes")):
+            or not is_count(sizes.get("carried_bytes")) or not is_count(sizes.get("original_bytes")):
         fail("header field sizes must hold positive byte counts")
     problem = config_problem(meta["adapter_config"])
     if problem:
@@ -223,7 +216,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
             if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
                 fail(f"header field {field}[{i}] ({name}) has dtype {entry.get('dtype')!r}")
             if not isinstance(shape, list) or len(shape) > _MAX_RANK or \
-                    not all(_is_count(n, 1 if field == "tensors" else 0) for n in shape):
+                    not all(is_count(n, 1 if field == "tensors" else 0) for n in shape):
                 fail(f"header field {field}[{i}] ({name}) has a bad shape {shape!r}")
             if field == "tensors" and not is_finite_number(entry.get("init")):
                 fail(f"header field tensors[{i}] ({name}) has a bad init {entry.get('init')!r}")
@@ -237,54 +230,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
         if total > limit:
             fail(f"header claims more than {limit} values, more than a file of this size can "
                  "hold; the file is damaged or forged")
-    if meta.get("codec", "compeft") == "ere":
-        _validate_ere(meta, stored, fail)
-    else:
-        _validate_compeft(meta, stored, total, limit, fail)
-
-
-def _validate_compeft(meta: dict, stored: dict[str, list[int]], total: int, limit: int,
-                      fail) -> None:
-    if meta["encoding"] not in ENCODINGS:
-        fail(f"header field encoding is {meta['encoding']!r}, not one of {ENCODINGS}")
-    if meta["selection"] not in SELECTIONS:
-        fail(f"header field selection is {meta['selection']!r}, not one of {SELECTIONS}")
-    for key, low in (("density", 0), ("alpha", 0), ("sigma", -1)):
-        if not is_finite_number(meta[key]) or meta[key] <= low or (key == "density" and meta[key] > 1):
-            fail(f"header field {key} is {meta[key]!r}, not a finite number in range")
-    numel, tensors = meta["numel"], meta["tensors"]
-    if _is_count(numel) and numel > limit:
-        fail(f"header claims {numel} values, more than a file of this size can hold ({limit}); "
-             "the file is damaged or forged")
-    if not _is_count(numel, 1) or total != numel:
-        fail(f"tensor shapes add up to {total} values, header field numel says {numel!r}")
-    coding_params = meta["coding"]
-    count = coding_params.get("count") if isinstance(coding_params, dict) else None
-    if not _is_count(count) or count > numel:
-        fail(f"header field coding has a bad kept count {count!r}")
-    if meta["encoding"] == "golomb" and not _is_count(coding_params.get("m"), 1):
-        fail(f"header field coding has a bad Golomb parameter {coding_params.get('m')!r}")
-    # The kept count must match the density: a forged size must also forge the count.
-    density, slack = meta["density"], len(tensors) + 1
-    if abs(count - density * numel) > slack:
-        fail(f"kept count {count} does not match density {density} of {numel} values")
-    n_scales = len(tensors) if meta["selection"] == "per_tensor" else 1
-    if stored.get("scales") not in ([n_scales], [1] if n_scales == 1 else None):
-        fail(f"the scales tensor must hold {n_scales} value(s), "
-             f"has shape {stored.get('scales')}")
-
-
-def _validate_ere(meta: dict, stored: dict[str, list[int]], fail) -> None:
-    entries = meta["tensors"]
-    if not isinstance(meta["ere"], dict):
-        fail("header field ere must be an object")
-    if is_residual(meta["adapter_config"]):
-        problem = ere.check_matrices_header([e["shape"] for e in entries], meta["ere"], stored)
-    else:
-        problem = ere.check_lora_header([e["name"] for e in entries],
-                                        {e["name"]: tuple(e["shape"]) for e in entries},
-                                        meta["ere"], stored)
-    if problem:
-        fail(problem)
-
-
+    try:
+        codecs.codec_of(meta).validate(meta, stored, total, limit)
+    except CodecError as err:
+        fail(str(err))

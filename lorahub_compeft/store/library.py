@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
 
+from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.io.base_models import base_identity, same_base
 from lorahub_compeft.sampling import sample_names
 from lorahub_compeft.store.expert import CompressedExpert, ExpertFileError, compress, load_expert
@@ -78,11 +79,10 @@ def _entry_problem(entry) -> str | None:
     if not isinstance(sizes, dict) or not all(
             isinstance(sizes.get(k), int) and sizes[k] > 0 for k in ("payload_bytes", "fp16_bytes")):
         return "its sizes are damaged"
-    numbers = ("density", "alpha") if entry.get("codec", "compeft") == "compeft" else ("budget_bits",)
-    for key in numbers:
-        if not isinstance(entry.get(key), (int, float)) or isinstance(entry.get(key), bool):
-            return f"its {key} is damaged"
-    return None
+    codec = entry.get("codec", codecs.DEFAULT_CODEC)
+    if codec not in codecs.names():
+        return f"its codec {codec!r} is not one this lorahub-compeft reads"
+    return codecs.get(codec).check_summary(entry)
 
 
 def is_library(root: Path) -> bool:
@@ -95,9 +95,11 @@ def is_library(root: Path) -> bool:
 
 class ExpertLibrary:
     def __init__(self, root: str | os.PathLike, cache_size: int = 32, create: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, one_base: bool = True):
+        """one_base: refuse experts of another base model than the library's (False for a
+        cache of compressed copies, such as the evaluation pool's)."""
         self.root = Path(root)
-        self.read_only = read_only
+        self.read_only, self.one_base = read_only, one_base
         if not self.root.is_dir():
             if not create or read_only:
                 raise LibraryError(f"{self.root}: no such library; create it with "
@@ -166,8 +168,8 @@ class ExpertLibrary:
         for path in sorted(self.root.glob(f"*{SUFFIX}") if paths is None else paths):
             try:
                 expert = load_expert(path)
-                if verify:  # reads and checks the payload
-                    expert.ternary() if expert.codec == "compeft" else expert.state_dict()
+                if verify:  # reads, checks and decodes the payload
+                    expert.weights()
                 summary = expert.summary()
             except ExpertFileError as err:
                 log.warning("skipping %s", err)
@@ -283,37 +285,44 @@ class ExpertLibrary:
         return sample_names(self.names(), n, seed)  # the runner's draw: same seed, same experts
 
     # --- writing ----------------------------------------------------------------------------
-    def add(self, source, name: str | None = None, density: float = 0.1, alpha: float = 1.0,
-            per_tensor: bool = False, encoding: str = "golomb", force: bool = False,
-            revision: str | None = None, **codec_options) -> dict:
+    def add(self, source, options=None, *, codec: str | None = None, name: str | None = None,
+            force: bool = False, revision: str | None = None, **overrides) -> dict:
         """Compress a PEFT adapter (dir or Hub id) or store a CompressedExpert as is.
-        codec_options: codec, budget_bits, quant_bits as `compress` takes them.
-        Adding what is already stored (same source and settings) changes nothing, so a rerun
-        of an interrupted add finishes the job. An expert of another base model than the
-        library's is refused."""
+        options, codec and overrides as `compress` takes them (no options: the package's
+        defaults, as `library add`). Adding what is already stored (same source and
+        settings) changes nothing, so a rerun of an interrupted add finishes the job. An
+        expert of another base model than the library's is refused."""
         self._require_writable("add to")
-        if not isinstance(source, CompressedExpert):
-            same = self._already_stored(source, name, density, alpha, per_tensor, encoding,
-                                        revision, codec_options.get("codec", "compeft"))
+        stored_as_is = isinstance(source, CompressedExpert)
+        if stored_as_is and (options is not None or codec or overrides):
+            raise LibraryError("a CompressedExpert is stored as it is; compression options apply "
+                               "to PEFT adapters (dirs or Hub ids)")
+        if not stored_as_is:
+            unit = codecs.choose(codec, options)
+            options = unit.options(options, **overrides)
+            same = self._already_stored(source, name, revision, unit, options)
             if same and not force:
                 log.info("%s is already in %s with these settings", same["name"], self.root)
                 return same
-        expert = source if isinstance(source, CompressedExpert) else compress(
-            source, density, alpha, per_tensor, encoding, name=name, revision=revision,
-            **codec_options)
+        expert = source if stored_as_is else compress(source, options, name=name, revision=revision)
         if name:
             expert.meta["name"] = name
         name = expert.name
         path = self.root / file_name_for(name)
         with self._locked():
             if name in self._index and not force:
+                same = None if stored_as_is else self._already_stored(source, name, revision, unit,
+                                                                      options)
+                if same:  # another writer stored it meanwhile
+                    return same
                 raise LibraryError(f"{name!r} is already in {self.root} with other settings or "
                                    "weights; pass force=True (--force) to replace it")
             owner = next((n for n, e in self._index.items() if e["file"] == path.name and n != name), None)
             if owner is not None:
                 raise LibraryError(f"{name!r} would be stored in {path.name}, which holds "
                                    f"{owner!r}; choose another name")
-            self._check_base(expert)
+            if self.one_base:
+                self._check_base(expert)
             old = self._index.get(name)
             expert.save(path, force=True)
             self._index[name] = dict(expert.summary(), file=path.name, file_bytes=path.stat().st_size)
@@ -335,33 +344,29 @@ class ExpertLibrary:
                                f"library's experts (e.g. {other}) on {base!r}; keep one base "
                                "model per library (use another folder)")
 
-    def _already_stored(self, source, name, density, alpha, per_tensor, encoding, revision,
-                        codec):
+    def _already_stored(self, source, name, revision, unit, options) -> dict | None:
+        """The entry of `source` if it is stored with these options (the codec decides what
+        "the same settings" are), else None."""
         if name is None:
             text = str(source)
             name = Path(text).resolve().name if Path(text).is_dir() else text
         entry = self._index.get(name)
-        if entry is None:
+        if entry is None or entry.get("codec", codecs.DEFAULT_CODEC) != unit.name:
             return None
         if Path(str(source)).is_dir():
             wanted = {"path": str(Path(str(source)).resolve())}
         else:
             wanted = {"hub_id": str(source), "revision": revision or "main"}
-        settings = {"density": density, "alpha": alpha, "encoding": encoding,
-                    "selection": "per_tensor" if per_tensor else "global"}
-        if alpha == "auto":  # stored as the number it chose, known only after compressing
-            del settings["alpha"]
-        if codec != entry.get("codec", "compeft") or codec != "compeft":
-            return None  # another codec, or ERE's budget: compress again
-        if entry.get("source") == wanted and all(entry.get(k) == v for k, v in settings.items()):
+        if entry.get("source") == wanted and unit.same_setting(entry, options):
             return self.entry(name)
         return None
 
-    def add_many(self, sources: Iterable, progress: bool = True, **options) -> list[dict]:
+    def add_many(self, sources: Iterable, options=None, progress: bool = True, **kwargs) -> list[dict]:
+        """`add` each source with the same options and keyword arguments."""
         from tqdm.auto import tqdm
         sources = list(sources)
-        return [self.add(s, **options) for s in tqdm(sources, desc="compressing experts",
-                                                     unit="expert", disable=not progress)]
+        return [self.add(s, options, **kwargs) for s in tqdm(sources, desc="compressing experts",
+                                                             unit="expert", disable=not progress)]
 
     def remove(self, *names: str) -> None:
         """Remove experts by name: all names are checked before anything is removed."""

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorahub_compeft.config import CompeftOptions
 from lorahub_compeft.store.library import ExpertLibrary, file_name_for
 from lorahub_compeft.eval.methods import Base
 from lorahub_compeft.eval.pool import ExpertPool
@@ -46,12 +47,12 @@ def verify(root: Path = ARTIFACTS) -> dict:
 class ZooPool(ExpertPool):
     """The zoo's dense experts; at the shipped setting, the shipped ComPEFT files."""
     library: str = ""
-    shipped: tuple = ()  # (density, alpha, per_tensor) of the shipped library
+    shipped: CompeftOptions | None = None  # the shipped library's setting
 
-    def compressed(self, name, density, alpha, per_tensor):
-        if (density, alpha, per_tensor) == self.shipped:
+    def compressed(self, name, options):
+        if options == self.shipped:
             return Path(self.library) / file_name_for(name)
-        return super().compressed(name, density, alpha, per_tensor)
+        return super().compressed(name, options)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Zoo:
 
     @property
     def compression(self) -> dict:
-        """The shipped library's setting, as compeft's parameters."""
+        """The shipped library's setting, as the compeft method's parameters (the shipped
+        files are golomb-coded: CompeftOptions(**compression) is their setting)."""
         m = self.manifest
         return {"density": m["density"], "alpha": m["alpha"],
                 "per_tensor": m.get("selection") == "per_tensor"}
@@ -77,9 +79,8 @@ class Zoo:
         """Every shipped expert, identified by its dense file's sha256 from the manifest."""
         names = ExpertLibrary(self.root / "experts", create=False).names()
         weights = {n: f"dense/{n}/adapter_model.safetensors" for n in names}
-        c = self.compression
         return ZooPool({n: {"name": n, "sha256": self.manifest["files"][w]["sha256"]}
                         for n, w in weights.items()},
                        {n: str(self.root / "dense" / n) for n in names},
                        library=str(self.root / "experts"),
-                       shipped=(c["density"], c["alpha"], c["per_tensor"]))
+                       shipped=CompeftOptions(**self.compression))

@@ -29,6 +29,7 @@ from lorahub_compeft.io.adapters import (CONFIG_NAME, WEIGHTS_NAME, Adapter, loa
                                          save_adapter)
 from lorahub_compeft.codecs.compeft import (PAPER_ALPHAS, PAPER_DENSITIES, prune, sparsify,
                                             sparsify_rescaled)
+from lorahub_compeft.config import CompeftOptions
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.io.files import atomic_dir, atomic_write_text
 from lorahub_compeft.store.library import ExpertLibrary
@@ -108,7 +109,8 @@ def size_ratios(dense_dirs: dict[str, Path], densities, tmp: Path) -> dict[float
     for k in densities:
         r = []
         for task, path in dense_dirs.items():
-            out = compress(shipped_adapter(path), k, 1.0, name=task).save(
+            setting = CompeftOptions(density=k, alpha=1.0, per_tensor=False)
+            out = compress(shipped_adapter(path), setting, name=task).save(
                 tmp / f"{task}-{k}.safetensors", force=True)
             r.append((path / WEIGHTS_NAME).stat().st_size / Path(out).stat().st_size)
         ratios[k] = statistics.fmean(r)
@@ -149,8 +151,8 @@ def ship(build_dir: Path, out: Path = ARTIFACTS, seed: int = 0, n_val: int = 64,
                  summary[(method, k, a)])
         library = ExpertLibrary(staging / "experts")
         for task, path in dense.items():
-            library.add(shipped_adapter(path), name=task, density=k, alpha=a,
-                        per_tensor=per_tensor)
+            library.add(shipped_adapter(path),
+                        CompeftOptions(density=k, alpha=a, per_tensor=per_tensor), name=task)
         calibration = {"method": method, "density": k, "alpha": a, "min_ratio": min_ratio,
                        "n_val": n_val, "instruction": "",
                        "val_seed": VAL_SEED + seed, "size_ratio_fp16": ratios,
