@@ -7,7 +7,8 @@ runner, report); zoo/ (the shipped zoo at run time); cli/ (the command line).
 """
 from lorahub_compeft.codecs.compeft import CompressionError, calibrate, prune, sparsify
 from lorahub_compeft.compose import CompositionResult, compose
-from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions, EreOptions
+from lorahub_compeft.config import (PAPER_COMPEFT, PAPER_COMPOSE, CompeftOptions, ComposeConfig,
+                                    EreOptions)
 from lorahub_compeft.io.adapters import Adapter, AdapterError, load_adapter, save_adapter
 from lorahub_compeft.io.residuals import residual_adapter
 from lorahub_compeft.merge import merge
@@ -18,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["Adapter", "AdapterError", "load_adapter", "save_adapter", "CompressionError",
            "calibrate", "prune", "sparsify", "CompressedExpert", "ExpertFileError", "compress",
            "load_expert", "ExpertLibrary", "LibraryError", "compose", "CompositionResult", "merge",
-           "residual_adapter", "CompeftOptions", "EreOptions", "PAPER_COMPEFT"]
+           "residual_adapter", "CompeftOptions", "EreOptions", "PAPER_COMPEFT", "ComposeConfig",
+           "PAPER_COMPOSE"]
