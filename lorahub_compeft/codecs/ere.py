@@ -287,13 +287,15 @@ def _check_header(dims: list[tuple[int, int]], limits: list[int], info: dict,
     longest row stored (zero-rank matrices have no rows of their own)."""
     if not isinstance(info, dict) or info.get("bits") not in QUANT_BITS:
         return f"unknown ERE quantization {info.get('bits') if isinstance(info, dict) else info!r}"
-    if not isinstance(info.get("scaling"), (int, float)) or not info["scaling"] > 0:
-        return "ERE scaling must be a positive number"
+    for key, low, high in (("scaling", 0, math.inf), ("budget_bits", 0, math.inf),
+                           ("energy_kept", -1e-9, 1 + 1e-9)):
+        if not is_finite_number(info.get(key)) or not low < info[key] <= high:
+            return f"ERE {key} is {info.get(key)!r}, not a number in range"
     ranks = info.get("ranks")
     if not isinstance(ranks, list) or len(ranks) != len(dims):
         return f"ERE ranks must list one rank per coded matrix ({len(dims)})"
     for k, limit in zip(ranks, limits):
-        if not isinstance(k, int) or not 0 <= k <= limit:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= limit:
             return f"rank {k!r} is not in [0, {limit}]"
     lengths = expected_lengths(dims, ranks, info["bits"])
     for key, n in lengths.items():

@@ -164,7 +164,11 @@ def _read_header_v2(path: Path, raw: dict[str, str]) -> dict:
         meta = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         fail(f"header field 'header' is not JSON ({err})")
-    if not isinstance(meta, dict) or canonical_json(meta) != body:
+    try:
+        canonical = canonical_json(meta)
+    except ValueError:  # json.loads reads NaN and Infinity; the format never holds them
+        fail("header field 'header' holds NaN or Infinity")
+    if not isinstance(meta, dict) or canonical != body:
         fail("header field 'header' is not a canonical JSON object")
     codec = meta.get("codec", codecs.DEFAULT_CODEC)
     if codec not in codecs.names():
