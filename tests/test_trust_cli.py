@@ -29,7 +29,7 @@ def test_a_multi_line_message_is_printed_whole(lora_dir, ia3_dir, examples, tmp_
     assert main(["compose", "--experts", str(lora_dir), str(ia3_dir), "--examples", str(examples),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "error: these experts cannot be composed together:" in err
+    assert "error: these experts do not fit together:" in err
     assert f"{ia3_dir.name}: peft_type is 'IA3'" in err  # the list after the first line
     assert err.count("error:") == 1 and "Traceback" not in err
 
