@@ -105,3 +105,23 @@ def rewrite_safetensors_header(path: Path, mutate) -> None:
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def edit_v2_header(path: Path, mutate, sign: bool = True, allow_nan: bool = False) -> None:
+    """Edit the decoded header of a v2 expert file; `sign` recomputes header_sha256 as a forger
+    would (then only the reader's field checks stand in the way). The JSON is written in the
+    canonical form, with NaN and Infinity if `allow_nan` (a forger's serializer may allow them)."""
+    import base64
+    import hashlib
+    import zlib
+
+    def edit(h):
+        meta = h["__metadata__"]
+        body = json.loads(zlib.decompress(base64.b85decode(meta["header"])))
+        mutate(body)
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                         allow_nan=allow_nan).encode()
+        meta["header"] = base64.b85encode(zlib.compress(raw)).decode()
+        if sign:
+            meta["header_sha256"] = hashlib.sha256(raw).hexdigest()
+    rewrite_safetensors_header(path, edit)

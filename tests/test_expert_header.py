@@ -28,19 +28,6 @@ def _body(path) -> dict:
     return json.loads(zlib.decompress(base64.b85decode(meta["header"])))
 
 
-def _edit(path, mutate, sign=True):
-    """Edit the decoded v2 header; `sign` recomputes header_sha256 as a forger would."""
-    def edit(h):
-        meta = h["__metadata__"]
-        body = json.loads(zlib.decompress(base64.b85decode(meta["header"])))
-        mutate(body)
-        raw = canonical_json(body)
-        meta["header"] = base64.b85encode(zlib.compress(raw)).decode()
-        if sign:
-            meta["header_sha256"] = hashlib.sha256(raw).hexdigest()
-    support.rewrite_safetensors_header(path, edit)
-
-
 @pytest.fixture
 def saved(lora_dir, tmp_path):
     return compress(lora_dir, PAPER_COMPEFT, density=0.2).save(tmp_path / "e.safetensors")
@@ -60,7 +47,7 @@ def _swap_names(meta):
     lambda m: m["adapter_config"].update(lora_alpha=1),
 ], ids=["names", "order", "init", "dtype", "sigma", "config"])
 def test_any_header_edit_fails_the_header_digest(saved, mutate):
-    _edit(saved, mutate, sign=False)
+    support.edit_v2_header(saved, mutate, sign=False)
     with pytest.raises(ExpertFileError, match="header checksum"):
         load_expert(saved)
 
@@ -98,7 +85,7 @@ BAD_FIELDS = {
 @pytest.mark.parametrize("field,value", [(k, v) for k, vs in BAD_FIELDS.items() for v in vs],
                          ids=lambda v: repr(v)[:20])
 def test_malformed_field_is_an_expert_file_error_naming_it(saved, field, value):
-    _edit(saved, lambda m: m.update({field: value}))
+    support.edit_v2_header(saved, lambda m: m.update({field: value}))
     with pytest.raises(ExpertFileError) as err:
         expert = load_expert(saved)
         expert.summary()
@@ -109,7 +96,7 @@ def test_malformed_field_is_an_expert_file_error_naming_it(saved, field, value):
 def test_missing_field_and_bad_outer_fields(saved, tmp_path):
     copy = tmp_path / "c.safetensors"
     shutil.copy(saved, copy)
-    _edit(copy, lambda m: m.pop("tensors"))
+    support.edit_v2_header(copy, lambda m: m.pop("tensors"))
     with pytest.raises(ExpertFileError, match="lacks tensors"):
         load_expert(copy)
     for version, message in (("1.0", "format_version is '1.0'"), ("3", "newer lorahub-compeft")):
@@ -141,7 +128,7 @@ def test_a_huge_forged_last_tensor_is_refused_before_allocating(saved):
         meta["tensors"][-1]["shape"] = [10 ** 6, 10 ** 4]
         meta["numel"] = sum(torch.Size(t["shape"]).numel() for t in meta["tensors"])
         meta["density"] = meta["coding"]["count"] / meta["numel"]
-    _edit(saved, huge)
+    support.edit_v2_header(saved, huge)
     with pytest.raises(ExpertFileError, match="more than a file of this size can hold"):
         load_expert(saved)
 
@@ -211,6 +198,6 @@ def test_entry_fields_of_odd_types_or_overflowing_values_are_refused(saved, fiel
         meta["tensors"][0][field] = value
         if field == "init":
             meta["tensors"][0]["dtype"] = "float16"
-    _edit(saved, edit)
+    support.edit_v2_header(saved, edit)
     with pytest.raises(ExpertFileError, match="dtype|overflow"):
         load_expert(saved).state_dict()

@@ -1,9 +1,5 @@
 """Forged headers a reader must refuse with an ExpertFileError naming the field (never another
 exception): NaN or Infinity in a re-signed v2 header, and ERE fields of the wrong type or range."""
-import base64
-import hashlib
-import json
-import zlib
 
 import pytest
 
@@ -12,24 +8,10 @@ from lorahub_compeft import ExpertFileError, compress, load_expert
 from lorahub_compeft.config import EreOptions
 
 
-def _resign(path, mutate, allow_nan=False):
-    """Edit the decoded v2 header and sign it again, as a forger would (the JSON written with
-    the forger's own serializer, NaN allowed)."""
-    def edit(h):
-        meta = h["__metadata__"]
-        body = json.loads(zlib.decompress(base64.b85decode(meta["header"])))
-        mutate(body)
-        raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                         allow_nan=allow_nan).encode()
-        meta["header"] = base64.b85encode(zlib.compress(raw)).decode()
-        meta["header_sha256"] = hashlib.sha256(raw).hexdigest()
-    support.rewrite_safetensors_header(path, edit)
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_or_infinity_in_a_signed_header_is_an_expert_file_error(lora_dir, tmp_path, value):
     path = compress(lora_dir).save(tmp_path / "e.safetensors")
-    _resign(path, lambda m: m.update(sigma=value), allow_nan=True)
+    support.edit_v2_header(path, lambda m: m.update(sigma=value), allow_nan=True)
     with pytest.raises(ExpertFileError, match="NaN or Infinity"):
         load_expert(path)
 
@@ -49,6 +31,6 @@ def test_ere_fields_of_the_wrong_type_or_range_are_refused(lora_dir, tmp_path, f
             del meta["ere"][field]
         else:
             meta["ere"][field] = value
-    _resign(path, mutate)
+    support.edit_v2_header(path, mutate)
     with pytest.raises(ExpertFileError, match=field.rstrip("s") if field == "ranks" else field):
         load_expert(path)
