@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import support
+from conftest import BBH
 from lorahub_compeft.cli import main
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.compose.result import COMPOSITION_NAME
@@ -20,6 +21,7 @@ from lorahub_compeft.compose.stacks import ProductStack
 from lorahub_compeft.config import ComposeConfig
 from lorahub_compeft.eval.methods import make_method
 from lorahub_compeft.io.adapters import load_adapter
+from lorahub_compeft.io.files import read_jsonl
 from lorahub_compeft.store.expert import compress
 
 WORDS = ("red", "green", "blue", "pink")
@@ -269,3 +271,22 @@ def test_bf16_product_mix_scores_in_the_bases_dtype_and_saves_fp32(experts, prod
         flat = result.stack.layout.unflatten(result.flat)
         for key, value in tensors.items():
             torch.testing.assert_close(flat[key].float(), value, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
+def test_bbh_mix_keys_its_results_and_factors_keeps_the_old_keys(tiny_t5, experts, tmp_path):
+    out = tmp_path / "run"
+    argv = ["bbh", "--model", str(tiny_t5), "--experts", *[str(experts[w]) for w in WORDS[:3]],
+            "--tasks", "navigate", "--seeds", "1", "-n", "2", "--budget", "3", "--bbh-dir",
+            str(BBH), "--max-eval", "4", "--methods", "lorahub,select", "--out", str(out)]
+    assert main(argv) == 0
+    # each method's default mix, named: the same settings, nothing new to compute
+    assert main(argv + ["--methods", "lorahub", "--mix", "factors"]) == 0
+    assert main(argv + ["--methods", "select", "--mix", ComposeConfig().mix]) == 0
+    assert len(read_jsonl(out / "results.jsonl")) == 2
+    assert main(argv + ["--mix", "product"]) == 0 and main(argv + ["--mix", "factors"]) == 0
+    rows = read_jsonl(out / "results.jsonl")
+    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+    mixes = sorted((r["method"], r["setting"]["params"].get("mix", "factors")) for r in rows)
+    assert mixes == [("lorahub", "factors"), ("lorahub", "product"), ("select", "factors"),
+                     ("select", "product")]
