@@ -81,6 +81,7 @@ DEFAULT_N = {"loss": 3, "random": 20}
 
 SELECT_MODES = ("loss", "random")   # how compose() chooses N of the experts it is given
 OBJECTIVES = ("paper", "lorahub")   # what its search minimises (compose/objective.py)
+MIXES = ("factors", "product")      # how w combines the experts (compose/stacks.py)
 OBJECTIVE_OPTIMIZER = {"paper": "Shiwa", "lorahub": "NGOpt"}  # searched with, unless one is named
 
 
@@ -113,6 +114,10 @@ class ComposeConfig:
                                        "composed adapter is fp32 and answers come from the "
                                        "unquantized model whatever is chosen")
     candidates_per_step: int = option(1, "candidates scored per forward (more helps on GPUs)")
+    mix: str = option("factors", "how w combines the experts: factors mixes each module's "
+                                 "factors, A = sum w_i A_i and B = sum w_i B_i (LoraHub's); "
+                                 "product adds their updates, sum w_i s B_i A_i, exactly: a "
+                                 "LoRA of rank N*r")
 
     def __post_init__(self):
         problem = _compose_problem(self)
@@ -153,6 +158,8 @@ def _compose_problem(c: ComposeConfig) -> str | None:
         return f"unknown select {c.select!r}; use one of {', '.join(SELECT_MODES)}"
     if c.objective not in OBJECTIVES:
         return f"unknown objective {c.objective!r}; use one of {', '.join(OBJECTIVES)}"
+    if c.mix not in MIXES:
+        return f"unknown mix {c.mix!r}; use one of {', '.join(MIXES)}"
     counts = {"n_experts": "experts to compose", "restarts": "searches",
               "budget": "optimizer evaluations per search",
               "candidates_per_step": "candidates per forward",
@@ -178,4 +185,5 @@ def _compose_problem(c: ComposeConfig) -> str | None:
     return None
 
 
-PAPER_COMPOSE = ComposeConfig(select="random", n_experts=20, budget=40)  # LoraHub's protocol
+PAPER_COMPOSE = ComposeConfig(select="random", n_experts=20, budget=40,  # LoraHub's protocol
+                              mix="factors")

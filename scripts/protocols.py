@@ -22,6 +22,8 @@ The ComPEFT experts are compressed here, in memory, from the zoo's shipped dense
     python scripts/protocols.py --split validation --sweep density --alpha 1 ...  (another alpha:
         new rows beside the old ones; every row is keyed by method, N, density and alpha)
     python scripts/protocols.py --split demo --seeds 1-5
+    python scripts/protocols.py --split validation --seeds 101-105 --mix factors,product \
+        --methods select-dense,select-compeft   (each mix a row; rows without one are factors)
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 
 from lorahub_compeft.compose.composer import compose
-from lorahub_compeft.config import DEFAULT_N, CompeftOptions, number_or_auto
+from lorahub_compeft.config import DEFAULT_N, MIXES, CompeftOptions, number_or_auto
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.store.library import ExpertLibrary
 from lorahub_compeft.zoo.source import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
@@ -75,7 +77,8 @@ def compressed_library(zoo: Zoo, density: float, alpha, per_tensor: bool) -> dic
                         name=n) for n in zoo.library.names()}
 
 
-def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None) -> dict:
+def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None,
+               mix: str) -> dict:
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     if method == "zeroshot":
@@ -87,7 +90,7 @@ def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | N
         [zoo.dense_dir(x) for x in names]
     select = "random" if method.startswith("lorahub") else "loss"
     result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer, n_experts=n,
-                     select=select, seed=seed, budget=40, progress=False)
+                     select=select, seed=seed, budget=40, mix=mix, progress=False)
     em = exact_match(result.generate(inputs, 8, batch_size=64), targets)
     return {"em": em, "loss": result.best_loss, "experts": result.experts,
             "seconds": time.perf_counter() - start}
@@ -116,13 +119,14 @@ def summarize(rows: list[dict], key) -> dict:
     return out
 
 
-def configs_for(sweep: str, densities=(0.1, 0.2, 0.3)) -> list[tuple[str, int, float | None]]:
+def configs_for(sweep: str, densities=(0.1, 0.2, 0.3), ns=(3, 5, 8, 10, 20)
+                ) -> list[tuple[str, int, float | None]]:
     """(method, N, density) to run: the N sweep, the density sweep, or the demo table."""
     if sweep == "n":
-        return [("select-dense", n, None) for n in (3, 5, 8, 10, 20)]
+        return [("select-dense", n, None) for n in ns]
     if sweep == "n-compeft":
         k = CompeftOptions().density
-        return [("select-compeft", n, k) for n in (3, 5, 8, 10, 20)]
+        return [("select-compeft", n, k) for n in ns]
     if sweep == "density":  # both protocols at each k (--methods picks)
         n = DEFAULT_N["loss"]
         return [("lorahub-dense", 20, None), ("select-dense", n, None)] + \
@@ -133,8 +137,13 @@ def configs_for(sweep: str, densities=(0.1, 0.2, 0.3)) -> list[tuple[str, int, f
             ("select-dense", n, None), ("select-compeft", n, k)]
 
 
+def mix_of(row: dict) -> str:
+    return row.get("mix", "factors")  # rows written before the mix was recorded mixed factors
+
+
 def print_table(rows: list[dict], title: str) -> None:
-    label = lambda r: f"{r['method']} N={r['n']}" + (f" k={r['density']}" if r["density"] else "")
+    label = lambda r: (f"{r['method']} N={r['n']}" + (f" k={r['density']}" if r["density"] else "")
+                       + ("" if r["method"] == "zeroshot" else f" mix={mix_of(r)}"))
     print(f"\n### {title} (mean EM over the held-out zoo tasks)\n")
     print("| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
           "s per cell |\n|---|---|---|---|---|---|")
@@ -149,6 +158,9 @@ def main(argv=None):
     parser.add_argument("--split", choices=("validation", "demo"), required=True)
     parser.add_argument("--sweep", choices=("n", "n-compeft", "density", "none"), default="none")
     parser.add_argument("--densities", default="0.1,0.2,0.3", help="the density sweep's k values")
+    parser.add_argument("--ns", default="3,5,8,10,20", help="the N sweeps' N values")
+    parser.add_argument("--mix", default="factors",
+                        help="comma-separated mixes to run each setting with (factors, product)")
     parser.add_argument("--alpha", type=number_or_auto, default=CompeftOptions().alpha,
                         help="the ComPEFT experts' alpha (a number or 'auto'; default: the "
                              "package default)")
@@ -167,33 +179,40 @@ def main(argv=None):
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     # A row's setting: method, N, density and the ComPEFT alpha (None without ComPEFT experts;
     # rows written before alpha was recorded match no setting and are computed again).
-    setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"))
+    # The mix: each setting once per mix asked for (zero-shot mixes nothing: "factors").
+    setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"),
+                         mix_of(r))
     seen = {(r["task"], r["seed"], *setting(r)) for r in done}
     alpha_of = lambda k: None if k is None else args.alpha
     densities = [float(k) for k in args.densities.split(",")]
-    configs = [c for c in configs_for(args.sweep, densities)
-               if not args.methods or c[0] in args.methods.split(",")]
+    ns = [int(n) for n in args.ns.split(",")]
+    mixes = args.mix.split(",")
+    if not set(mixes) <= set(MIXES):
+        parser.error(f"--mix: use factors, product or both, got {args.mix!r}")
+    configs = [(m, n, k, mix) for m, n, k in configs_for(args.sweep, densities, ns)
+               if not args.methods or m in args.methods.split(",")
+               for mix in (["factors"] if m == "zeroshot" else mixes)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     libraries: dict = {}
     for seed in args.seeds:  # seed-major: a cut-short run still covers every task
         for task in tasks:
             few, rest = task_data(task, seed, args.split)
-            for method, n, k in configs:
-                if (task, seed, method, n, k, alpha_of(k)) in seen:
+            for method, n, k, mix in configs:
+                if (task, seed, method, n, k, alpha_of(k), mix) in seen:
                     continue
                 if k is not None and k not in libraries:
                     libraries[k] = compressed_library(zoo, k, args.alpha,
                                                       CompeftOptions().per_tensor)
-                row = run_method(zoo, method, few, rest, seed, n, libraries.get(k))
+                row = run_method(zoo, method, few, rest, seed, n, libraries.get(k), mix)
                 row = dict(row, task=task, seed=seed, method=method, n=n, density=k,
-                           alpha=alpha_of(k))
+                           alpha=alpha_of(k), mix=mix)
                 with path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 done.append(row)
-                print(f"{task} s{seed} {method} N={n} k={k}: {row['em']:.1f} "
+                print(f"{task} s{seed} {method} N={n} k={k} {mix}: {row['em']:.1f} "
                       f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    wanted = {(m, n, k, alpha_of(k)) for m, n, k in configs}
+    wanted = {(m, n, k, alpha_of(k), mix) for m, n, k, mix in configs}
     rows = [r for r in done if setting(r) in wanted
             and r["task"] in tasks and r["seed"] in args.seeds]
     print_table(rows, f"{args.split} split, seeds {','.join(map(str, args.seeds))}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_select_options, add_threads_option, apply_threads,
                                          positive_int, read_experts_file)
-from lorahub_compeft.config import OBJECTIVES, ComposeConfig
+from lorahub_compeft.config import MIXES, OBJECTIVES, ComposeConfig
 
 # compose()'s settings besides --select and -n (add_select_options), as flags: the flag and how
 # argparse reads it. Default and help come from config.ComposeConfig, so that `compose` with no
@@ -23,16 +23,18 @@ CONFIG_FLAGS = {
     "max_length": ("--max-length", {"type": positive_int}),
     "dtype": ("--dtype", {"choices": ("auto", "bf16", "fp32", "int8")}),
     "candidates_per_step": ("--candidates-per-step", {"type": positive_int, "metavar": "K"}),
+    "mix": ("--mix", {"choices": MIXES}),
 }
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("compose", help="learn a mix of experts for a new task from a few examples",
                        description="Choose N experts (by few-shot loss, or LoraHub's seeded "
-                                   "draw), mix them per module as A=sum w_i A_i, B=sum w_i B_i, "
-                                   "and learn w with a gradient-free optimizer (nevergrad) on "
-                                   "the examples' loss + l1*mean|w|. The defaults are compose()'s "
-                                   "in Python.")
+                                   "draw), mix them (--mix factors: per module A=sum w_i A_i, "
+                                   "B=sum w_i B_i; product: the update sum w_i s B_i A_i, a "
+                                   "LoRA of rank N*r), and learn w with a gradient-free "
+                                   "optimizer (nevergrad) on the examples' loss + l1*mean|w|. "
+                                   "The defaults are compose()'s in Python.")
     p.add_argument("--library", help="an expert library folder to sample from")
     p.add_argument("--experts", nargs="+", default=[], help="expert files, PEFT dirs or Hub ids")
     p.add_argument("--experts-file", help="file with one expert (file, PEFT dir or Hub id) per line")
@@ -51,6 +53,10 @@ def add_parsers(sub) -> None:
         p.add_argument(flag, dest=name, default=default, help=ComposeConfig.help(name) + shown,
                        **how)
     p.add_argument("--out", required=True, help="directory for the composed PEFT adapter")
+    p.add_argument("--rank", type=positive_int,
+                   help="write a compact adapter of this rank: each module's update truncated "
+                        "by SVD, its relative Frobenius error printed (default: the composed "
+                        "adapter exactly, of rank N*r with --mix product)")
     p.add_argument("--force", action="store_true",
                    help="replace an adapter folder holding only adapter_config.json and "
                         "adapter_model.safetensors (never other files)")
@@ -72,7 +78,8 @@ def cmd_compose(args) -> int:
     from lorahub_compeft.eval.bbh import accuracy
     from lorahub_compeft.store.library import ExpertLibrary
     from lorahub_compeft.io.adapters import CONFIG_NAME, WEIGHTS_NAME
-    from lorahub_compeft.io.files import check_dir_target, read_jsonl
+    from lorahub_compeft.compose.result import COMPOSITION_NAME
+    from lorahub_compeft.io.files import check_dir_target, read_json, read_jsonl
     from lorahub_compeft.io.base_models import check_model_reference
     out = Path(args.out)
     check_dir_target(out, args.force, (CONFIG_NAME, WEIGHTS_NAME))  # before the search, not after
@@ -87,7 +94,7 @@ def cmd_compose(args) -> int:
     held_out = read_jsonl(args.eval_file, strict=True) if args.eval_file else None
     experts = ExpertLibrary(args.library, read_only=True) if args.library else listed
     result = compose(experts, examples, model=args.model, config=config, progress=not args.quiet)
-    result.save_adapter(out, force=args.force)
+    result.save_adapter(out, force=args.force, rank=args.rank)
     scores = result.selection.scores
     if scores:
         print(f"chose {len(result.experts)} of {len(result.selection.scores)} scored experts by "
@@ -99,5 +106,9 @@ def cmd_compose(args) -> int:
         answers = result.generate([e["input"] for e in held_out], args.max_new_tokens)
         em = 100 * accuracy(answers, [e["target"] for e in held_out], exact_match)
         print(f"exact match on {len(held_out)} held-out examples ({args.eval_file}): {em:.1f}%")
+    if args.rank:
+        export = read_json(out / COMPOSITION_NAME)["export"]
+        print(f"rank {export['rank']} adapter (composed rank {result.config['r']}): relative "
+              f"Frobenius error {export['relative_error']:.4g}")
     print(f"wrote {out}")
     return 0

@@ -22,6 +22,15 @@ def add_parsers(sub) -> None:
     _add_demo_parser(sub)
 
 
+def add_mix_option(p: argparse.ArgumentParser) -> None:
+    from lorahub_compeft.config import MIXES
+    p.add_argument("--mix", choices=MIXES,
+                   help="how w combines the experts: factors (LoraHub's: A = sum w_i A_i, B = "
+                        "sum w_i B_i) or product (the update sum w_i s B_i A_i, exactly); "
+                        "default: factors for lorahub/compeft (the paper's protocol), the "
+                        "package's default for select/select-compeft")
+
+
 def _add_bbh_parsers(sub) -> None:
     from lorahub_compeft.eval.methods import METHODS
     # The default reproduces the paper's Table 7; add select,select-compeft for the package's
@@ -57,6 +66,7 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="composition objective (default paper)")
     p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
+    add_mix_option(p)
     add_dtype_option(p)
     p.add_argument("--shots", type=int, default=5, help="few-shot examples per cell (default 5)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
@@ -103,7 +113,7 @@ def cmd_bbh(args) -> int:
     experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
     options = {"n_experts": args.n_experts, "restarts": args.restarts, "budget": args.budget,
                "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype,
-               **{k: getattr(args, k) for k in BBH_COMPRESSION}}
+               "mix": args.mix, **{k: getattr(args, k) for k in BBH_COMPRESSION}}
     options = {k: v for k, v in options.items() if v is not None}  # else each method's default
     methods = [make_method(m, **method_options(m, options)) for m in names]
     out = Path(args.out)
@@ -147,6 +157,7 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("-n", "--n-experts", type=int,
                    help="experts to compose (default 20 with --select random, 3 with loss)")
     p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
+    add_mix_option(p)
     p.add_argument("--eval", type=int, default=100, dest="n_eval",
                    help="evaluation examples per task (default 100)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files: also run the tasks that "
@@ -172,10 +183,12 @@ def cmd_demo(args) -> int:
     from lorahub_compeft.config import DEFAULT_N
     n_experts = args.n_experts or DEFAULT_N[args.select]
     rows = run_demo(zoo, tasks, args.seeds, n_experts, args.budget, n_eval=args.n_eval,
-                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select)
+                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select,
+                    mix=args.mix)
     c = zoo.compression if args.select == "random" else dataclasses.asdict(CompeftOptions())
     setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
     setting += "; N chosen by few-shot loss" if args.select == "loss" else "; N drawn at random"
+    setting += f"; mix {args.mix}" if args.mix else ""
     print(format_table(rows, setting))
     print(f"\n{len(rows)} cells, N={n_experts} experts, budget {args.budget}, seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")

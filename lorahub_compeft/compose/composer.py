@@ -3,7 +3,8 @@
     experts ──► handles, checked to fit together (experts.py; LoraHub's random draw there)
             ──► the scoring session: base + LoRA as one flat buffer, examples tokenized
                 (session.py) ──► choose N by few-shot loss (selection.py) ──► decode each
-                once into a stack (stacks.py)
+                once into a stack (stacks.py; mix "product": the LoRA re-injected at rank
+                N·r first, A = [A_1; …; A_N] written once)
     each step:  w (search.py, nevergrad) ──► flat ← mix(w), in place ──► few-shot loss
                 (objective.py, scoring.py) + regularizer ──► back to the optimizer
     (restarts: R searches from different starts, the lowest few-shot loss kept; w = 0 counts)
@@ -23,8 +24,9 @@ from lorahub_compeft.compose.result import CompositionResult
 from lorahub_compeft.compose.scoring import check_loss_fn, pick_device, resolve_precision
 from lorahub_compeft.compose.search import optimizer_class, search_restarts
 from lorahub_compeft.compose.selection import choose_experts
-from lorahub_compeft.compose.session import ScoringSession, load_base
-from lorahub_compeft.compose.stacks import build_stack
+from lorahub_compeft.codecs.ere import lora_scaling
+from lorahub_compeft.compose.session import ScoringSession, load_base, product_config
+from lorahub_compeft.compose.stacks import build_product_stack, build_stack
 from lorahub_compeft.compose.timing import Stopwatch
 
 
@@ -64,6 +66,11 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         torch.dtype, or None for the model's own; the experts are always mixed in fp32, the
         loss computed in fp32, and the returned model is never int8 (result.precision says
         what the search ran).
+      mix: "factors" (LoraHub's) mixes each module's factors, A = Σ wᵢAᵢ and B = Σ wᵢBᵢ, so
+        the update is (Σ wᵢBᵢ)(Σ wⱼAⱼ), cross terms BᵢAⱼ included; "product" adds the experts'
+        updates exactly, ΔW = Σ wᵢ·sᵢ·BᵢAᵢ: a LoRA of rank N·r (A = [A₁; …; A_N] fixed, B =
+        [w₁B₁, …, w_NB_N]) re-injected after selection, which is the same in both (each
+        expert alone at w = 1). The result's adapter is that rank-N·r LoRA.
       candidates_per_step: K candidates scored in one forward (the examples repeated K times,
         LoRA added by batched matmuls), shared by the R restarts: each is asked for
         max(1, K // R) candidates per round. With K <= R every search stays sequential, so
@@ -84,14 +91,24 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
     device = pick_device(device)
     precision = resolve_precision(config.dtype, device)
     candidates = composition_candidates(experts, names, config, model)
+    if config.mix == "product":
+        product_config(candidates[0].config, 1)  # refuses per-module ranks before any model work
 
     clock = Stopwatch()
     base, tokenizer = load_base(model, tokenizer, candidates[0], precision.dtype)
     session = ScoringSession.open(base, tokenizer, candidates[0].config, examples, config,
                                   precision, device, loss_fn, regularizer)
-    selection = choose_experts(session, candidates)
+    selection = choose_experts(session, candidates)  # the same in both mixes: w = 1 alone
     chosen = selection.handles(candidates)
-    stack, decode_seconds = build_stack(chosen, session.layout, device)
+    if config.mix == "product":
+        lora_config = product_config(chosen[0].config, len(chosen))
+        session = session.for_product(lora_config)
+        stack, decode_seconds = build_product_stack(chosen, session.layout,
+                                                    lora_scaling(lora_config), device)
+        stack.bind(session.flat)
+    else:
+        lora_config = dict(chosen[0].config)
+        stack, decode_seconds = build_stack(chosen, session.layout, device)
     loss = session.search_loss(stack)
     clock.split("setup", select=selection.seconds, decode=decode_seconds)
 
@@ -99,5 +116,5 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
     with clock.lap("search"):
         outcomes = search_restarts(loss, len(chosen), config, progress)
     return CompositionResult.from_search(outcomes, zero_loss, chosen, selection, stack, session,
-                                         clock.report(loss.scorer.timings,
-                                                      config.budget * config.restarts))
+                                         lora_config, clock.report(loss.scorer.timings,
+                                                                   config.budget * config.restarts))

@@ -15,6 +15,7 @@ import torch
 from lorahub_compeft.io.adapters import save_adapter as _save_adapter_dir
 from lorahub_compeft.io.files import atomic_write_text
 from lorahub_compeft.compose.experts import ExpertHandle
+from lorahub_compeft.compose.export import CompactAdapter, compact_adapter
 from lorahub_compeft.compose.search import SearchOutcome, best_point
 from lorahub_compeft.compose.selection import Selection
 from lorahub_compeft.compose.session import ScoringSession
@@ -36,6 +37,8 @@ class CompositionResult:
     selection: how the experts were chosen and their scores; restart_losses: each restart's best.
     precision: how the search ran the base ("float32", "bfloat16", "int8": losses from int8
     copies of its linear layers; the composed model itself is never int8).
+    mix: how w combined the experts ("factors", or "product": then `config` is the rank-N·r
+    LoRA's and the model carries it).
     """
     weights: dict[str, float]
     losses: list[float]
@@ -54,13 +57,16 @@ class CompositionResult:
     selection: Selection | None = None
     restart_losses: list[float] = field(default_factory=list)
     precision: str = ""
+    mix: str = "factors"
 
     @classmethod
     def from_search(cls, outcomes: list[SearchOutcome], zero_loss: float,
                     chosen: list[ExpertHandle], selection: Selection, stack: Stack,
-                    session: ScoringSession, timings: dict) -> "CompositionResult":
+                    session: ScoringSession, lora_config: dict, timings: dict
+                    ) -> "CompositionResult":
         """The result of the restarts' searches over `chosen` (the best point, never worse
-        than w = 0), its weights applied to the session's model."""
+        than w = 0), its weights applied to the session's model, whose LoRA `lora_config`
+        describes."""
         best_w, best_loss = best_point(outcomes, zero_loss)
         names = [h.name for h in chosen]
         result = cls(
@@ -69,8 +75,9 @@ class CompositionResult:
             zero_loss=zero_loss, nonfinite_steps=sum(o.nonfinite for o in outcomes),
             timings=timings, experts=names, optimizer=session.config.optimizer,
             objective=session.config.objective, model=session.model, tokenizer=session.tokenizer,
-            stack=stack, flat=session.flat, config=dict(chosen[0].config), selection=selection,
-            restart_losses=[o.best_loss for o in outcomes], precision=session.precision.name)
+            stack=stack, flat=session.flat, config=lora_config, selection=selection,
+            restart_losses=[o.best_loss for o in outcomes], precision=session.precision.name,
+            mix=session.config.mix)
         result.apply_best()
         log.info("composed %d experts: best loss %.4f (no composition %.4f)", len(names),
                  best_loss, zero_loss)
@@ -96,12 +103,29 @@ class CompositionResult:
         return generate(self.model, self.tokenizer, list(inputs), max_new_tokens, batch_size,
                         max_length)
 
-    def save_adapter(self, directory: str | os.PathLike, force: bool = False) -> Path:
-        """A standard PEFT adapter dir (first expert's config) that PeftModel.from_pretrained loads."""
-        config = {k: v for k, v in self.config.items() if k != "modules_to_save"}
+    def compact_adapter(self, rank: int) -> CompactAdapter:
+        """The composed adapter at rank `rank`: each module's update s·B·A truncated by SVD,
+        with the relative Frobenius error over all modules (export.py)."""
+        return compact_adapter(self.lora_tensors(), self.config, rank)
+
+    def save_adapter(self, directory: str | os.PathLike, force: bool = False,
+                     rank: int | None = None) -> Path:
+        """A standard PEFT adapter dir that PeftModel.from_pretrained loads: the composed LoRA
+        exactly (the first expert's config; with mix "product" rank N·r and lora_alpha such
+        that the scale is the experts'), or with `rank` its compact_adapter(rank), whose rank
+        and relative error composition.json records ("export")."""
+        tensors, config, export = self.lora_tensors(), self.config, {}
+        if rank is not None:
+            compact = self.compact_adapter(rank)
+            tensors, config = compact.tensors, compact.config
+            export = {"export": {"rank": rank, "relative_error": compact.relative_error}}
+            log.info("rank-%d adapter: relative Frobenius error %.4g", rank,
+                     compact.relative_error)
+        config = {k: v for k, v in config.items() if k != "modules_to_save"}
         config["inference_mode"] = True
-        target = _save_adapter_dir(directory, self.lora_tensors(), config, force=force)
-        atomic_write_text(target / COMPOSITION_NAME, json.dumps(self.summary(), indent=1) + "\n")
+        target = _save_adapter_dir(directory, tensors, config, force=force)
+        atomic_write_text(target / COMPOSITION_NAME,
+                          json.dumps(self.summary() | export, indent=1) + "\n")
         return target
 
     def summary(self) -> dict:
@@ -109,7 +133,7 @@ class CompositionResult:
         return {"experts": self.experts, "weights": self.weights, "best_loss": self.best_loss,
                 "zero_loss": self.zero_loss, "restart_losses": self.restart_losses,
                 "objective": self.objective, "optimizer": self.optimizer,
-                "precision": self.precision,
+                "precision": self.precision, "mix": self.mix,
                 "selection": self.selection.to_json() if self.selection else None}
 
     def merged_model(self):

@@ -11,7 +11,8 @@ computed in fp32 (objective.py).
 K candidates per forward (`Scorer.score_candidates`): the examples are repeated K times,
 candidate-major (rows k*B .. k*B + B - 1 belong to candidate k), PEFT's own LoRA term is
 switched off, and a hook on each LoRA layer adds candidate k's term
-scaling * x_k A_k^T B_k^T with two batched matmuls, A_k and B_k being candidate k's mix.
+scaling * x_k A_k^T B_k^T with two batched matmuls, A_k and B_k being candidate k's mix (in
+product mix A is the same for every candidate: one matmul for all K, then the batched B).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from lorahub_compeft.compose.objective import candidate_losses, few_shot_loss
-from lorahub_compeft.compose.stacks import ADAPTER_NAME, Layout, Stack, lora_params
+from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, ProductStack, Stack,
+                                            lora_params, saved_key)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
@@ -150,7 +152,9 @@ class Int8Linears:
     inputs carry large outliers). The fp32 layers stay the model's own: the first-order
     estimate, generation and the saved adapter never see the int8 copies."""
 
-    def __init__(self, model):
+    def __init__(self, model, reuse: "Int8Linears | None" = None):
+        """reuse: the int8 copies made for the same base layers before LoRA was re-injected."""
+        known = {id(fp32): int8 for _, _, fp32, int8 in reuse.swaps} if reuse else {}
         keep = set(getattr(model.get_base_model(), "_keep_in_fp32_modules", None) or [])
         output = model.get_output_embeddings()
         self.swaps = []  # (parent, attribute, fp32 layer, int8 layer)
@@ -163,7 +167,8 @@ class Int8Linears:
                     continue
                 owner = attr if attr != "base_layer" else parent_name.split(".")[-1]
                 if owner not in keep:
-                    self.swaps.append((parent, attr, layer, Int8Linear(layer)))
+                    self.swaps.append((parent, attr, layer,
+                                       known.get(id(layer)) or Int8Linear(layer)))
 
     @staticmethod
     def pays(model) -> bool:
@@ -191,14 +196,16 @@ def scoring(int8: Int8Linears | None):
 class BatchedLoRA:
     """Hooks that add K candidates' LoRA terms in one forward of a PEFT LoRA model.
 
-    The candidates' mixes live in one [K, P] float32 buffer in the layout's order (P = the
-    LoRA parameters), cast once per step to the model's dtype; each layer reads its A [K, r, in]
-    and B [K, out, r] as views of that copy."""
+    The candidates' mixes live in one [K, P - head] float32 buffer in the layout's order (P =
+    the LoRA parameters), cast once per step to the model's dtype; each layer reads its A
+    [K, r, in] and B [K, out, r] as views of that copy. `shared`: the layout's first entries,
+    the same for every candidate (a ProductStack's A tensors, head = their count): those
+    layers read A [r, in] from it."""
 
-    def __init__(self, model, layout: Layout, k_max: int):
+    def __init__(self, model, layout: Layout, k_max: int, shared: torch.Tensor | None = None):
         from peft.tuners.lora import LoraLayer
         params = lora_params(model)
-        index = {name: j for j, (name, _) in enumerate(params)}
+        index = {key: j for j, key in enumerate(layout.keys)}
         self.layers = []  # (LoRA layer, index of A in the layout, index of B, scaling)
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer):
@@ -208,8 +215,8 @@ class BatchedLoRA:
                                  "candidates per forward; use candidates_per_step=1")
             if ADAPTER_NAME not in module.lora_A:
                 continue
-            a = index[f"{name}.lora_A.{ADAPTER_NAME}.weight"]
-            b = index[f"{name}.lora_B.{ADAPTER_NAME}.weight"]
+            a = index[saved_key(f"{name}.lora_A.{ADAPTER_NAME}.weight")]
+            b = index[saved_key(f"{name}.lora_B.{ADAPTER_NAME}.weight")]
             if len(layout.shapes[a]) != 2 or len(layout.shapes[b]) != 2:
                 raise ValueError(f"{name}: only LoRA on linear layers can be scored several "
                                  "candidates per forward; use candidates_per_step=1")
@@ -218,9 +225,12 @@ class BatchedLoRA:
             raise ValueError("some LoRA tensors are not on linear layers; use candidates_per_step=1")
         device = params[0][1].device
         self.layout = layout
-        self.mixed = torch.zeros(k_max, layout.numel, dtype=torch.float32, device=device)
+        self.head = 0 if shared is None else shared.numel()
+        self.mixed = torch.zeros(k_max, layout.numel - self.head, dtype=torch.float32,
+                                 device=device)
         dtype = params[0][1].dtype
         self.cast = self.mixed if dtype == torch.float32 else torch.empty_like(self.mixed, dtype=dtype)
+        self.shared = None if shared is None else shared.to(device, dtype)
         self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def load(self, stack: Stack, weights: torch.Tensor | np.ndarray) -> None:
@@ -229,10 +239,14 @@ class BatchedLoRA:
         stack.mix_many(weights, out=self.mixed[:k])
         if self.cast is not self.mixed:
             self.cast[:k].copy_(self.mixed[:k])  # the one cast per step
-        offsets, shapes = self.layout.offsets, self.layout.shapes
-        self.views = [(self.cast[:k, offsets[a]:offsets[a + 1]].view(k, *shapes[a]),
-                       self.cast[:k, offsets[b]:offsets[b + 1]].view(k, *shapes[b]))
-                      for _, a, b, _ in self.layers]
+        self.views = [(self._view(a, k), self._view(b, k)) for _, a, b, _ in self.layers]
+
+    def _view(self, j: int, k: int) -> torch.Tensor:
+        """Tensor j of the layout: [K, ...] from the candidates' copy, or shared by all."""
+        start, end = self.layout.offsets[j], self.layout.offsets[j + 1]
+        if end <= self.head:
+            return self.shared[start:end].view(self.layout.shapes[j])
+        return self.cast[:k, start - self.head:end - self.head].view(k, *self.layout.shapes[j])
 
     @contextlib.contextmanager
     def active(self, peft_model):
@@ -252,9 +266,10 @@ class BatchedLoRA:
         scaling = self.layers[j][3]
 
         def add_delta(module, args, output):
-            a, b = self.views[j]  # [K, r, in], [K, out, r]
-            x = args[0].reshape(len(a), -1, args[0].shape[-1]).to(a.dtype)
-            delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+            a, b = self.views[j]  # [K, r, in] (or one [r, in] for all), [K, out, r]
+            x = args[0].reshape(len(b), -1, args[0].shape[-1]).to(b.dtype)
+            xa = torch.bmm(x, a.transpose(1, 2)) if a.dim() == 3 else x @ a.T
+            delta = torch.bmm(xa, b.transpose(1, 2))
             return output + (delta * scaling).view(output.shape).to(output.dtype)
         return add_delta
 
@@ -285,7 +300,8 @@ class Scorer:
         self.n_examples, self.objective, self.loss_fn = n_examples, objective, loss_fn
         self.per_forward = per_forward
         self.int8 = int8
-        self.batched = (BatchedLoRA(model, stack.layout, per_forward)
+        shared = stack.fixed if isinstance(stack, ProductStack) else None
+        self.batched = (BatchedLoRA(model, stack.layout, per_forward, shared)
                         if per_forward > 1 else None)
         self.reset_timings()
         cuda = flat.device.type == "cuda"

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from lorahub_compeft.config import ComposeConfig
+from lorahub_compeft.codecs.ere import lora_scaling
 from lorahub_compeft.io.base_models import looks_like_path
 from lorahub_compeft.compose.experts import ExpertHandle, base_model_of
 from lorahub_compeft.compose.objective import (default_max_length, encoder_batches,
                                                few_shot_loss, task_loss, tokenize_examples)
 from lorahub_compeft.compose.scoring import Int8Linears, Precision, Scorer, scoring
 from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, Stack, bind_flat, layout_of,
-                                            lora_params, write_expert)
+                                            lora_params, product_order, write_expert)
 
 
 def load_base(model, tokenizer, expert: ExpertHandle, dtype):
@@ -62,6 +63,18 @@ def _peft_model(base, config: dict, device):
     return model.to(device).eval()
 
 
+def product_config(config: dict, n: int) -> dict:
+    """The LoRA config of n experts' product mix (mix="product"): rank n*r, rsLoRA off and
+    lora_alpha = s*n*r, so that PEFT's scaling lora_alpha / rank is the experts' own s."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("mix='product' needs one r and lora_alpha for every module, but the "
+                         "experts set rank_pattern or alpha_pattern; use mix='factors'")
+    rank = n * config["r"]
+    alpha = lora_scaling(config) * rank
+    return dict(config, r=rank, lora_alpha=int(alpha) if alpha.is_integer() else alpha,
+                use_rslora=False)
+
+
 @dataclass
 class ScoringSession:
     """The PEFT model (its LoRA parameters views of `flat`, laid out by `layout`), the tokenized
@@ -98,6 +111,17 @@ class ScoringSession:
             config.batch_size or len(examples), device))
         return cls(model, tokenizer, layout, flat, batches, len(examples), precision, int8,
                    config, device, loss_fn, regularizer)
+
+    def for_product(self, lora_config: dict) -> "ScoringSession":
+        """The session with LoRA re-injected as `lora_config` (product_config's rank N*r) into
+        the same base (no second copy of its weights; the int8 copies kept), its parameters
+        views of a new flat buffer with every A first (product_order)."""
+        model = _peft_model(self.model.unload(), lora_config, self.device)
+        int8 = Int8Linears(model, reuse=self.int8) if self.int8 is not None else None
+        params = product_order(lora_params(model))
+        layout = layout_of(params)
+        return dataclasses.replace(self, model=model, layout=layout, int8=int8,
+                                   flat=bind_flat(params, layout, self.device))
 
     def regularize(self, w: np.ndarray) -> float:
         """The regularizer: l1 * mean|w| unless one was given."""

@@ -1,15 +1,19 @@
 """The chosen experts held for mixing, and the model's LoRA parameters as one flat buffer.
 
-Both stacks answer `mix(w, out)`: the flat vector sum_i w_i E_i in the layout of the model's
-LoRA parameters (per module A = sum_i w_i A_i and B = sum_i w_i B_i, as in LoraHub, not
-sum_i w_i B_i A_i). The model's lora_A/lora_B parameters are views into one flat buffer, so
-a step's mixing writes that buffer in place: no state dict is rebuilt, no adapter reloaded.
-`mix_many(W, out)` is the same for each row of W [K, N] into out [K, P] (K candidates scored
-in one forward, forward.py).
+Every stack answers `mix(w, out)`: the flat vector of the composed LoRA for weights w, in the
+layout of the model's LoRA parameters. The model's lora_A/lora_B parameters are views into one
+flat buffer, so a step's mixing writes that buffer in place: no state dict is rebuilt, no
+adapter reloaded. `mix_many(W, out)` is the same for each row of W [K, N] into out [K, P - head]
+(K candidates scored in one forward, scoring.py); `head` leading entries of the flat vector do
+not depend on w (0 but for ProductStack) and are shared by the K candidates.
 
+mix "factors" (LoraHub's): per module A = sum_i w_i A_i and B = sum_i w_i B_i, so the update
+is (sum_i w_i B_i)(sum_j w_j A_j), cross terms included.
     DenseStack     one [N, P] float32 matrix; a step is one matrix-vector product
     TernaryStack   ComPEFT experts kept sparse (int32 position + int8 sign per kept value);
                    a step scatters sum_i w_i * scale * sign into the buffer
+mix "product": the update is exactly sum_i w_i s_i B_i A_i, a LoRA of rank N*r.
+    ProductStack   A = [A_1; ...; A_N] written once; a step rescales the B blocks [w_i B_i]
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorahub_compeft.codecs.ere import lora_scaling
 from lorahub_compeft.compose.experts import ExpertHandle
 
 ADAPTER_NAME = "default"
@@ -57,6 +62,7 @@ class DenseStack:
     """N experts' LoRA tensors as one [N, P] float32 matrix in the layout's order."""
     layout: Layout
     matrix: torch.Tensor
+    head = 0  # every entry depends on w
 
     @property
     def numel(self) -> int:
@@ -87,6 +93,7 @@ class TernaryStack:
     segment_expert: np.ndarray   # [S]: which expert a segment belongs to
     segment_scale: np.ndarray    # [S]
     segment_start: list[int]     # [S + 1]: segment s is positions[start[s]:start[s+1]]
+    head = 0  # every entry depends on w
 
     @property
     def numel(self) -> int:
@@ -113,7 +120,50 @@ class TernaryStack:
         return out
 
 
-Stack = DenseStack | TernaryStack
+@dataclass
+class ProductStack:
+    """N experts as one LoRA of rank N*r: per module A = [A_1; ...; A_N] (stacked along the
+    rank, fixed) and B = [w_1 B_1, ..., w_N B_N], so that s*B*A = sum_i w_i s B_i A_i exactly,
+    s the adapter's scaling (an expert's own s_i / s is folded into its B_i). The layout
+    (product_order) puts every A first: that head of the flat vector is written once (`bind`),
+    and a step only rescales the B blocks, one broadcast multiply."""
+    layout: Layout
+    fixed: torch.Tensor   # [head] float32: every module's A, in the layout's order
+    blocks: torch.Tensor  # [rows, N, r] float32: the B tensors' rows at w = 1, split per expert
+    bound: torch.Tensor | None = None  # the buffer whose head `bind` wrote
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    @property
+    def head(self) -> int:
+        return self.fixed.numel()
+
+    def bind(self, out: torch.Tensor) -> None:
+        """Write the fixed A tensors into `out` (the model's buffer) once for all steps."""
+        out[:self.head] = self.fixed
+        self.bound = out
+
+    def mix(self, w, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat rank-N*r LoRA for w, into `out` if given (its A head too, unless `out` is
+        the bound buffer)."""
+        if out is None:
+            out = torch.empty(self.numel, dtype=torch.float32, device=self.blocks.device)
+        if out is not self.bound:
+            out[:self.head] = self.fixed
+        w = as_weights(w, torch.float32, self.blocks.device).view(1, -1, 1)
+        torch.mul(self.blocks, w, out=out[self.head:].view(self.blocks.shape))
+        return out
+
+    def mix_many(self, weights, out: torch.Tensor) -> torch.Tensor:
+        """Row k of out [K, P - head] = the B part of mix(weights[k]) (A is `fixed`, shared)."""
+        w = as_weights(weights, torch.float32, self.blocks.device)
+        torch.mul(self.blocks, w[:, None, :, None], out=out.view(len(w), *self.blocks.shape))
+        return out
+
+
+Stack = DenseStack | TernaryStack | ProductStack
 
 
 # --- the model's LoRA parameters ---------------------------------------------------------------
@@ -157,7 +207,7 @@ def check_tensors(handle: ExpertHandle, found: dict[str, tuple], layout: Layout)
                              f"expects {shape}")
 
 
-def _warn_ignored(ignored: set[str]) -> None:
+def warn_ignored(ignored: set[str]) -> None:
     if ignored:
         warnings.warn(f"ignoring {len(ignored)} non-LoRA tensors of the experts (e.g. "
                       f"{sorted(ignored)[0]}); only lora_A/lora_B are composed", stacklevel=4)
@@ -174,7 +224,7 @@ def write_expert(out: torch.Tensor, handle: ExpertHandle, tensors: dict[str, tor
         out[off:off + value.numel()] = value.reshape(-1).to(out.device, out.dtype)
 
 
-def _check_finite(handle, tensors) -> None:
+def check_finite(handle, tensors) -> None:
     """One NaN in one expert would make every mix NaN, the zero composition included (0 * NaN):
     refuse it by name."""
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
@@ -195,9 +245,9 @@ def build_stack(handles: list[ExpertHandle], layout: Layout, device) -> tuple[St
         tensors = handle.load()
         decode += time.perf_counter() - start
         write_expert(matrix[row], handle, tensors, layout)
-        _check_finite(handle, [tensors[k] for k in layout.keys])
+        check_finite(handle, [tensors[k] for k in layout.keys])
         ignored |= set(tensors) - set(layout.keys)
-    _warn_ignored(ignored)
+    warn_ignored(ignored)
     return DenseStack(layout, matrix), decode
 
 
@@ -211,7 +261,7 @@ def _build_ternary_stack(handles, layout: Layout, device) -> tuple[TernaryStack,
         t = handle.ternary()
         decode += time.perf_counter() - start
         check_tensors(handle, dict(zip(t.names, t.shapes)), layout)
-        _check_finite(handle, [t.scales])
+        check_finite(handle, [t.scales])
         ignored |= set(t.names) - set(layout.keys)
         own = t.offsets()  # the expert's own flat order: tensor j spans own[j]:own[j+1]
         bounds = np.searchsorted(t.positions, own)
@@ -232,10 +282,62 @@ def _build_ternary_stack(handles, layout: Layout, device) -> tuple[TernaryStack,
                 seg_expert.append(row)
                 seg_scale.append(scale)
                 seg_length.append(hi - lo)
-    _warn_ignored(ignored)
+    warn_ignored(ignored)
     cat = lambda xs, dtype: (torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)).to(device)
     stack = TernaryStack(
         layout, positions=cat(positions, index_dtype), signs=cat(signs, torch.int8),
         segment_expert=np.array(seg_expert, dtype=np.int64), segment_scale=np.array(seg_scale),
         segment_start=np.cumsum([0] + seg_length).tolist())
     return stack, decode
+
+
+# --- the product mix ---------------------------------------------------------------------------
+def is_lora_b(key: str) -> bool:
+    return ".lora_B." in key or "lora_embedding_B" in key
+
+
+def product_order(params: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, torch.nn.Parameter]]:
+    """The LoRA parameters with every A before every B (each in the model's order): the
+    ProductStack's layout, whose B tensors are one contiguous tail."""
+    return sorted(params, key=lambda p: is_lora_b(saved_key(p[0])))
+
+
+def build_product_stack(handles: list[ExpertHandle], layout: Layout, scaling: float, device
+                        ) -> tuple[ProductStack, float]:
+    """Each expert decoded densely once (dense, ComPEFT or ERE) into the ProductStack of the
+    rank-N*r `layout` (product_order) whose LoRA scaling is `scaling`; returns it and the
+    seconds decoding took."""
+    n = len(handles)
+    a_keys = [k for k in layout.keys if not is_lora_b(k)]
+    if layout.keys[:len(a_keys)] != a_keys:
+        raise ValueError("the product layout holds every LoRA A before every B (product_order)")
+    b_keys = layout.keys[len(a_keys):]
+    shapes = dict(zip(layout.keys, layout.shapes))
+    # an expert's own shapes: the rank split N ways (dim 0 of A, dim 1 of B)
+    own = {k: ((shapes[k][0] // n, *shapes[k][1:]) if k in a_keys else
+               (shapes[k][0], shapes[k][1] // n, *shapes[k][2:])) for k in layout.keys}
+    expert_layout = Layout(layout.keys, [own[k] for k in layout.keys], layout.offsets)
+    blocks = {k: [] for k in b_keys}
+    fixed = torch.empty(layout.offsets[len(a_keys)], dtype=torch.float32, device=device)
+    decode, ignored = 0.0, set()
+    for i, handle in enumerate(handles):
+        start = time.perf_counter()
+        tensors = handle.load()
+        decode += time.perf_counter() - start
+        check_tensors(handle, {k: v.shape for k, v in tensors.items()}, expert_layout)
+        check_finite(handle, [tensors[k] for k in layout.keys])
+        ignored |= set(tensors) - set(layout.keys)
+        ratio = lora_scaling(handle.config) / scaling  # 1 when the experts agree
+        for key, off in zip(a_keys, layout.offsets):
+            size = math.prod(own[key])
+            fixed[off + i * size:off + (i + 1) * size] = tensors[key].reshape(-1)
+        for key in b_keys:
+            blocks[key].append(tensors[key].to(device, torch.float32).reshape(shapes[key][0], -1)
+                               * ratio)
+    warn_ignored(ignored)
+    widths = {blocks[k][0].shape[1] for k in b_keys}
+    if len(widths) != 1:
+        raise ValueError("mix='product' needs every LoRA module of the same rank; use "
+                         "mix='factors'")
+    rows = torch.cat([torch.stack(blocks[k], dim=1) for k in b_keys])  # [rows, N, r]
+    return ProductStack(layout, fixed, rows), decode

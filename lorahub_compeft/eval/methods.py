@@ -1,7 +1,8 @@
 """Methods as units: a name, a parameters dataclass, and `run(task, model, experts, seed)`.
 
 Every field of a method's `Params` is part of each result's setting (and so of its resume
-key), so a new parameter needs no change elsewhere. A new method is a small registered class;
+key), so a new parameter needs no change elsewhere. A field added after results were keyed
+(`mix`) is left out of the key at the value that reproduces those results, so they keep it. A new method is a small registered class;
 a selection protocol, for example, would read::
 
     @dataclass(frozen=True)
@@ -61,12 +62,28 @@ def model_identity(name: str) -> str:
 
 
 # --- methods -----------------------------------------------------------------------------------
+def later_field(default, before):
+    """A parameter added after results were keyed, whose value `before` is what they ran:
+    left out of the key at that value (Params.to_json)."""
+    return field(default=default, metadata={"keyed_unless": before})
+
+
+def mix_param(default: str):
+    return later_field(default, before="factors")  # results before `mix` mixed factors
+
+
 @dataclass(frozen=True)
 class Params:
     """A method's parameters; every field is part of the result key."""
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The parameters as a result's setting holds them (a later_field at its old value
+        left out)."""
+        data = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if "keyed_unless" in f.metadata and data[f.name] == f.metadata["keyed_unless"]:
+                del data[f.name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Params":
@@ -151,11 +168,13 @@ class ComposeParams(Params):
     objective: str = PAPER_COMPOSE.objective
     optimizer: str | None = PAPER_COMPOSE.optimizer  # None: the objective's default
     dtype: str = PAPER_COMPOSE.dtype  # how the search runs the base; the row records which
+    mix: str = mix_param(PAPER_COMPOSE.mix)  # the paper's protocol mixes factors
 
     def compose_config(self) -> ComposeConfig:
         """compose()'s settings: the preset, with this method's fields that are its fields."""
         fields = {f.name for f in dataclasses.fields(ComposeConfig)}
-        return replace(self.preset, **{k: v for k, v in self.to_json().items() if k in fields})
+        return replace(self.preset, **{k: v for k, v in dataclasses.asdict(self).items()
+                                       if k in fields})
 
 
 @register
@@ -224,6 +243,7 @@ class SelectParams(ComposeParams):
     preset: ClassVar[ComposeConfig] = ComposeConfig()
     n_experts: int = DEFAULT_N["loss"]
     restarts: int = ComposeConfig().restarts
+    mix: str = mix_param(ComposeConfig().mix)  # the package's default
 
 
 @register
