@@ -58,6 +58,7 @@ DEFAULT_N = {"loss": 3, "random": 20}
 SELECT_MODES = ("loss", "random")   # how compose() chooses N of the experts it is given
 OBJECTIVES = ("paper", "lorahub")   # what its search minimises (compose/objective.py)
 OBJECTIVE_OPTIMIZER = {"paper": "Shiwa", "lorahub": "NGOpt"}  # searched with, unless one is named
+WEIGHTINGS = ("search", "uniform")  # how w is set: learnt by the search, or 1/N (a baseline)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class ComposeConfig:
                                        "composed adapter is fp32 and answers come from the "
                                        "unquantized model whatever is chosen")
     candidates_per_step: int = option(1, "candidates scored per forward (more helps on GPUs)")
+    weights: str = option("search", "search: w learnt by the optimizer on the examples; uniform: "
+                                    "w = 1/N for the N chosen experts, no search (the baseline "
+                                    "that says whether learning w pays)")
 
     def __post_init__(self):
         problem = _compose_problem(self)
@@ -129,6 +133,8 @@ def _compose_problem(c: ComposeConfig) -> str | None:
         return f"unknown select {c.select!r}; use one of {', '.join(SELECT_MODES)}"
     if c.objective not in OBJECTIVES:
         return f"unknown objective {c.objective!r}; use one of {', '.join(OBJECTIVES)}"
+    if c.weights not in WEIGHTINGS:
+        return f"unknown weights {c.weights!r}; use one of {', '.join(WEIGHTINGS)}"
     counts = {"n_experts": "experts to compose", "restarts": "searches",
               "budget": "optimizer evaluations per search",
               "candidates_per_step": "candidates per forward",

@@ -70,6 +70,8 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         restarts=K, candidates_per_step=K gives R searches for about the forwards of one; with
         K > R a search gets several candidates at once (nevergrad's num_workers), for which
         Shiwa/NGOpt pick CMA instead of COBYLA and lose exact match at LoraHub's budgets.
+      weights: "search" (the default) learns w as above; "uniform" sets w = 1/N for the
+        chosen experts and scores it once, no search (a baseline; kept even when w = 0 is lower).
     loss_fn(model, batch) -> float replaces the loss (averaged over batches, weighted by batch
       size); regularizer(w: np.ndarray) -> float replaces l1 * mean|w|.
     The returned weights are the best evaluated point; a non-finite loss is told to the
@@ -100,4 +102,4 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         outcomes = search_restarts(loss, len(chosen), config, progress)
     return CompositionResult.from_search(outcomes, zero_loss, chosen, selection, stack, session,
                                          clock.report(loss.scorer.timings,
-                                                      config.budget * config.restarts))
+                                                      sum(len(o.losses) for o in outcomes)))
