@@ -76,6 +76,20 @@ def test_uniform_averages_the_experts_select_chooses(base, pool):
     assert compeft.info["weights"] == [0.5, 0.5] and compeft.info["bytes_read"] < uniform.info["bytes_read"]
 
 
+def test_uniform_weights_are_kept_even_when_no_composition_is_lower(base, experts):
+    from lorahub_compeft.compose.composer import compose
+    heavy = lambda w: 100.0 * float(abs(w).sum())  # any w != 0 costs more than w = 0 gains
+    result = compose(experts, word_task("red").few_shot_examples(), base.model,
+                     tokenizer=base.tokenizer, weights="uniform", n_experts=3, regularizer=heavy,
+                     progress=False)
+    assert list(result.weights.values()) == [1 / 3] * 3 and result.best_loss > result.zero_loss
+    assert result.losses == [result.best_loss]  # scored once
+    searched = compose(experts, word_task("red").few_shot_examples(), base.model,
+                       tokenizer=base.tokenizer, n_experts=3, regularizer=heavy, budget=5,
+                       progress=False)
+    assert searched.best_loss <= searched.zero_loss  # the search never returns worse than w = 0
+
+
 def test_single_is_the_lowest_expert_alone_as_peft_loads_it(base, pool, experts):
     task = word_task("blue")
     losses = {e: alone_loss(base, e, task) for e in experts}
