@@ -83,6 +83,7 @@ SELECT_MODES = ("loss", "random")   # how compose() chooses N of the experts it 
 OBJECTIVES = ("paper", "lorahub")   # what its search minimises (compose/objective.py)
 MIXES = ("factors", "product")      # how w combines the experts (compose/stacks.py)
 OBJECTIVE_OPTIMIZER = {"paper": "Shiwa", "lorahub": "NGOpt"}  # searched with, unless one is named
+WEIGHTINGS = ("search", "uniform")  # how w is set: learnt by the search, or 1/N (a baseline)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,9 @@ class ComposeConfig:
                                  "factors, A = sum w_i A_i and B = sum w_i B_i (LoraHub's); "
                                  "product adds their updates, sum w_i s B_i A_i, exactly: a "
                                  "LoRA of rank N*r")
+    weights: str = option("search", "search: w learnt by the optimizer on the examples; uniform: "
+                                    "w = 1/N for the N chosen experts, no search (the baseline "
+                                    "that says whether learning w pays)")
 
     def __post_init__(self):
         problem = _compose_problem(self)
@@ -160,6 +164,8 @@ def _compose_problem(c: ComposeConfig) -> str | None:
         return f"unknown objective {c.objective!r}; use one of {', '.join(OBJECTIVES)}"
     if c.mix not in MIXES:
         return f"unknown mix {c.mix!r}; use one of {', '.join(MIXES)}"
+    if c.weights not in WEIGHTINGS:
+        return f"unknown weights {c.weights!r}; use one of {', '.join(WEIGHTINGS)}"
     counts = {"n_experts": "experts to compose", "restarts": "searches",
               "budget": "optimizer evaluations per search",
               "candidates_per_step": "candidates per forward",

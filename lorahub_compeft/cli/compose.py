@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_select_options, add_threads_option, apply_threads,
                                          positive_int, read_experts_file)
-from lorahub_compeft.config import MIXES, OBJECTIVES, ComposeConfig
+from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig
 
 # compose()'s settings besides --select and -n (add_select_options), as flags: the flag and how
 # argparse reads it. Default and help come from config.ComposeConfig, so that `compose` with no
@@ -24,6 +24,7 @@ CONFIG_FLAGS = {
     "dtype": ("--dtype", {"choices": ("auto", "bf16", "fp32", "int8")}),
     "candidates_per_step": ("--candidates-per-step", {"type": positive_int, "metavar": "K"}),
     "mix": ("--mix", {"choices": MIXES}),
+    "weights": ("--weights", {"choices": WEIGHTINGS}),
 }
 
 

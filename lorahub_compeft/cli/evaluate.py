@@ -68,6 +68,11 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
     add_mix_option(p)
     add_dtype_option(p)
+    p.add_argument("--steps", type=int,
+                   help="lora-tune/fft: Adam steps on the few shots (default: each method's, "
+                        "chosen on the zoo's validation seeds)")
+    p.add_argument("--lr", type=float, help="lora-tune/fft: Adam's learning rate (default: each "
+                                            "method's)")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples per cell (default 5)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
                                      "else the Hub's lukaemon/bbh)")
@@ -113,7 +118,8 @@ def cmd_bbh(args) -> int:
     experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
     options = {"n_experts": args.n_experts, "restarts": args.restarts, "budget": args.budget,
                "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype,
-               "mix": args.mix, **{k: getattr(args, k) for k in BBH_COMPRESSION}}
+               "mix": args.mix, "steps": args.steps, "lr": args.lr,
+               **{k: getattr(args, k) for k in BBH_COMPRESSION}}
     options = {k: v for k, v in options.items() if v is not None}  # else each method's default
     methods = [make_method(m, **method_options(m, options)) for m in names]
     out = Path(args.out)

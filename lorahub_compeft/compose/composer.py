@@ -24,9 +24,7 @@ from lorahub_compeft.compose.result import CompositionResult
 from lorahub_compeft.compose.scoring import check_loss_fn, pick_device, resolve_precision
 from lorahub_compeft.compose.search import optimizer_class, search_restarts
 from lorahub_compeft.compose.selection import choose_experts
-from lorahub_compeft.codecs.ere import lora_scaling
 from lorahub_compeft.compose.session import ScoringSession, load_base, product_config
-from lorahub_compeft.compose.stacks import build_product_stack, build_stack
 from lorahub_compeft.compose.timing import Stopwatch
 
 
@@ -77,6 +75,8 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         restarts=K, candidates_per_step=K gives R searches for about the forwards of one; with
         K > R a search gets several candidates at once (nevergrad's num_workers), for which
         Shiwa/NGOpt pick CMA instead of COBYLA and lose exact match at LoraHub's budgets.
+      weights: "search" (the default) learns w as above; "uniform" sets w = 1/N for the
+        chosen experts and scores it once, no search (a baseline; kept even when w = 0 is lower).
     loss_fn(model, batch) -> float replaces the loss (averaged over batches, weighted by batch
       size); regularizer(w: np.ndarray) -> float replaces l1 * mean|w|.
     The returned weights are the best evaluated point; a non-finite loss is told to the
@@ -100,15 +100,7 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
                                   precision, device, loss_fn, regularizer)
     selection = choose_experts(session, candidates)  # the same in both mixes: w = 1 alone
     chosen = selection.handles(candidates)
-    if config.mix == "product":
-        lora_config = product_config(chosen[0].config, len(chosen))
-        session = session.for_product(lora_config)
-        stack, decode_seconds = build_product_stack(chosen, session.layout,
-                                                    lora_scaling(lora_config), device)
-        stack.bind(session.flat)
-    else:
-        lora_config = dict(chosen[0].config)
-        stack, decode_seconds = build_stack(chosen, session.layout, device)
+    session, stack, lora_config, decode_seconds = session.mixing(chosen)
     loss = session.search_loss(stack)
     clock.split("setup", select=selection.seconds, decode=decode_seconds)
 
@@ -117,4 +109,4 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         outcomes = search_restarts(loss, len(chosen), config, progress)
     return CompositionResult.from_search(outcomes, zero_loss, chosen, selection, stack, session,
                                          lora_config, clock.report(loss.scorer.timings,
-                                                                   config.budget * config.restarts))
+                                                                   sum(len(o.losses) for o in outcomes)))

@@ -22,6 +22,7 @@ class SearchOutcome:
     best_loss: float   # inf when no step was finite
     losses: list[float]
     nonfinite: int
+    fixed: bool = False  # a given point, not searched: the result whatever its loss
 
 
 def optimizer_class(name: str):
@@ -56,7 +57,10 @@ def restart_seed(seed: int, restart: int) -> int:
 def search_restarts(evaluate: Callable[[np.ndarray], list[float]], n: int, config,
                     progress: bool = True) -> list[SearchOutcome]:
     """config.restarts searches (config: a resolved ComposeConfig) over n weights, restart r
-    from restart_start(r) with restart_seed(r), their candidates sharing forwards."""
+    from restart_start(r) with restart_seed(r), their candidates sharing forwards; with
+    config.weights "uniform", no search: w = 1/n, scored once."""
+    if config.weights == "uniform":
+        return [fixed_point(evaluate, np.full(n, 1.0 / n))]
     restarts = range(config.restarts)
     return search(evaluate, n, config.budget, config.optimizer, config.bounds,
                   [restart_seed(config.seed, r) for r in restarts], progress,
@@ -64,13 +68,23 @@ def search_restarts(evaluate: Callable[[np.ndarray], list[float]], n: int, confi
                   [restart_start(n, config.seed, r, config.bounds) for r in restarts])
 
 
+def fixed_point(evaluate: Callable[[np.ndarray], list[float]], w: np.ndarray) -> SearchOutcome:
+    """A given w, scored once, kept as the result (no search)."""
+    loss = evaluate(w[None])[0]
+    finite = math.isfinite(loss)
+    return SearchOutcome(w, loss if finite else math.inf, [loss], int(not finite), fixed=True)
+
+
 def best_point(outcomes: list[SearchOutcome], zero_loss: float) -> tuple[np.ndarray, float]:
     """The lowest loss of all restarts (the first on ties), or w = 0 when no step beat it:
-    composition is never worse than no composition."""
+    composition is never worse than no composition. A fixed point is kept as given."""
     outcome = min(outcomes, key=lambda o: o.best_loss)
     if not math.isfinite(outcome.best_loss):
-        warnings.warn("every step's loss was non-finite; returning the zero composition",
+        warnings.warn("every step's loss was non-finite; returning the "
+                      + ("given weights" if outcome.fixed else "zero composition"),
                       stacklevel=4)  # at compose()'s caller (via CompositionResult.from_search)
+    if outcome.fixed:
+        return outcome.best_w, outcome.best_loss
     if not outcome.best_loss < zero_loss:
         return np.zeros(len(outcome.best_w)), zero_loss
     return outcome.best_w, outcome.best_loss

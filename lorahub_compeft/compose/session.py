@@ -20,7 +20,8 @@ from lorahub_compeft.compose.experts import ExpertHandle, base_model_of
 from lorahub_compeft.compose.objective import (default_max_length, encoder_batches,
                                                few_shot_loss, task_loss, tokenize_examples)
 from lorahub_compeft.compose.scoring import Int8Linears, Precision, Scorer, scoring
-from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, Stack, bind_flat, layout_of,
+from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, Stack, bind_flat,
+                                            build_product_stack, build_stack, layout_of,
                                             lora_params, product_order, write_expert)
 
 
@@ -122,6 +123,22 @@ class ScoringSession:
         layout = layout_of(params)
         return dataclasses.replace(self, model=model, layout=layout, int8=int8,
                                    flat=bind_flat(params, layout, self.device))
+
+    def mixing(self, chosen: list[ExpertHandle]) -> tuple["ScoringSession", Stack, dict, float]:
+        """What the search mixes the chosen experts with, by config.mix: "factors" in this
+        session's rank-r LoRA (a stack of the experts' factors); "product" in a rank-N*r LoRA
+        re-injected for them (for_product; A written once, a step rescales the B blocks).
+        Returns the session to score with, the stack, the composed adapter's LoRA config and
+        the seconds decoding took."""
+        if self.config.mix == "factors":
+            stack, seconds = build_stack(chosen, self.layout, self.device)
+            return self, stack, dict(chosen[0].config), seconds
+        lora_config = product_config(chosen[0].config, len(chosen))
+        session = self.for_product(lora_config)
+        stack, seconds = build_product_stack(chosen, session.layout, lora_scaling(lora_config),
+                                             self.device)
+        stack.bind(session.flat)
+        return session, stack, lora_config, seconds
 
     def regularize(self, w: np.ndarray) -> float:
         """The regularizer: l1 * mean|w| unless one was given."""
