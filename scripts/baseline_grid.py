@@ -20,13 +20,13 @@ from lorahub_compeft.eval.methods import make_method
 from lorahub_compeft.eval.runner import run
 from lorahub_compeft.eval.worker import Worker
 from lorahub_compeft.zoo.artifacts import Zoo
-from lorahub_compeft.zoo.source import ZOO_SHOT_SEED, ZooSource
+from lorahub_compeft.zoo.benchmark import ZOO_SHOT_SEED, ZooBenchmark
 from lorahub_compeft.zoo.tasks import questions, task_names
 from protocols import VALIDATION_EVAL_SEED
 
 
 @dataclass
-class ValidationSource(ZooSource):
+class ValidationSource(ZooBenchmark):
     """The zoo's held-out tasks on the validation split: the demo's shots draw, the
     validation evaluation rows."""
 

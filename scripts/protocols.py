@@ -38,7 +38,7 @@ from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.config import DEFAULT_N, MIXES, CompeftOptions, number_or_auto
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.store.library import ExpertLibrary
-from lorahub_compeft.zoo.source import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
+from lorahub_compeft.zoo.benchmark import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
 from lorahub_compeft.zoo.artifacts import Zoo as ShippedZoo
 from lorahub_compeft.zoo.tasks import generate, task_names
 

@@ -14,7 +14,7 @@ from lorahub_compeft.eval import runner
 from lorahub_compeft.eval.baselines import ArrowParams, arrow_model
 from lorahub_compeft.eval.methods import Base, make_method
 from lorahub_compeft.eval.pool import ExpertPool
-from lorahub_compeft.eval.sources import TaskData
+from lorahub_compeft.eval.benchmarks import TaskData
 from lorahub_compeft.io.files import read_jsonl
 from lorahub_compeft.io.models import generate
 from lorahub_compeft.store.expert import load_expert

@@ -18,7 +18,7 @@ from lorahub_compeft.eval.report import markdown, report
 from lorahub_compeft.eval.cells import plan, setting_key
 from lorahub_compeft.eval.runner import run
 from lorahub_compeft.io.files import read_jsonl
-from lorahub_compeft.eval.sources import BBHSource
+from lorahub_compeft.eval.benchmarks import BBHBenchmark
 
 pytestmark = pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
 
@@ -27,7 +27,7 @@ def cells_for(tiny_t5, experts, out, density=0.3, methods=METHOD_NAMES, tasks=TA
     options = {"n_experts": 2, "budget": 3, "density": density}
     made = [make_method(m, **{k: v for k, v in options.items() if k in
                               METHODS[m].Params.__dataclass_fields__}) for m in methods]
-    return plan(BBHSource(str(BBH), 5, max_eval=4), tasks, SEEDS, made, str(tiny_t5),
+    return plan(BBHBenchmark(str(BBH), 5, max_eval=4), tasks, SEEDS, made, str(tiny_t5),
                 ExpertPool.from_sources(experts, out / "compressed"))
 
 
@@ -193,7 +193,7 @@ def test_a_new_method_is_a_small_class_and_its_parameters_key_its_results(tiny_t
             make_method("compeft-select-test", sparsity=0.3)
         one, other = (make_method("compeft-select-test", select=s, n_experts=2) for s in ("random", "loss"))
         keys = {setting_key(c.setting()) for m in (one, other) for c in
-                plan(BBHSource(str(BBH), 5, 4), ["navigate"], [1], [m], str(tiny_t5),
+                plan(BBHBenchmark(str(BBH), 5, 4), ["navigate"], [1], [m], str(tiny_t5),
                      ExpertPool.from_sources(experts))}
         assert len(keys) == 2
         with pytest.raises(ValueError, match="taken"):
@@ -206,10 +206,10 @@ def test_bad_configuration_is_refused_before_any_cell(tiny_t5, experts, tmp_path
     with pytest.raises(ValueError, match="unknown method"):
         make_method("magic")
     with pytest.raises(ValueError, match="3 were given"):
-        plan(BBHSource(str(BBH)), ["navigate"], [1], [make_method("lorahub", n_experts=5)],
+        plan(BBHBenchmark(str(BBH)), ["navigate"], [1], [make_method("lorahub", n_experts=5)],
              str(tiny_t5), ExpertPool.from_sources(experts))
     with pytest.raises(ValueError, match="no_such_task"):
-        plan(BBHSource(str(BBH)), ["no_such_task"], [1], [make_method("zeroshot")], str(tiny_t5))
+        plan(BBHBenchmark(str(BBH)), ["no_such_task"], [1], [make_method("zeroshot")], str(tiny_t5))
     with pytest.raises(ValueError, match="not a Hub id"):
         ExpertPool.from_sources(["./no/such/dir"])
     assert main(["bbh", "--model", str(tiny_t5), "--experts", "./nope", "--tasks", "navigate",
@@ -248,7 +248,7 @@ def test_selection_protocols_run_beside_the_papers(tiny_t5, experts, tmp_path):
                make_method("select-compeft", **options)]
     assert make_method("select").params.n_experts == 3
     assert make_method("select-compeft").params.alpha == "auto"
-    cells = plan(BBHSource(str(BBH), 5, max_eval=4), ["navigate"], [1], methods, str(tiny_t5),
+    cells = plan(BBHBenchmark(str(BBH), 5, max_eval=4), ["navigate"], [1], methods, str(tiny_t5),
                  ExpertPool.from_sources(experts, tmp_path / "compressed"))
     rows = {r["method"]: r for r in run(cells, tmp_path / "out", progress=False)}
     assert set(rows) == {"lorahub", "select", "select-compeft"}

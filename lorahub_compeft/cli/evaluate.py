@@ -107,7 +107,7 @@ def cmd_bbh(args) -> int:
     from lorahub_compeft.io.base_models import check_model_reference
     from lorahub_compeft.eval.cells import plan
     from lorahub_compeft.eval.runner import check_run_folder, run
-    from lorahub_compeft.eval.sources import BBHSource
+    from lorahub_compeft.eval.benchmarks import BBHBenchmark
     check_model_reference(args.model)
     names = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in names if m not in METHODS]
@@ -124,7 +124,7 @@ def cmd_bbh(args) -> int:
     methods = [make_method(m, **method_options(m, options)) for m in names]
     out = Path(args.out)
     pool = ExpertPool.from_sources(experts, out / "compressed") if experts else None
-    cells = plan(BBHSource(args.bbh_dir, args.shots, args.max_eval),
+    cells = plan(BBHBenchmark(args.bbh_dir, args.shots, args.max_eval),
                  list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
                  args.seeds, methods, args.model, pool)
     run(cells, out, workers=args.workers, backend=args.backend, address=args.address,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from lorahub_compeft.eval.methods import Method, model_identity
 from lorahub_compeft.eval.pool import ExpertPool
-from lorahub_compeft.eval.sources import TaskSource
+from lorahub_compeft.eval.benchmarks import Benchmark
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Cell:
     task: str
     seed: int
     method: Method
-    source: TaskSource
+    benchmark: Benchmark
     model: str
     experts: ExpertPool | None = None
 
@@ -27,19 +27,19 @@ class Cell:
                 "params": m.params.to_json(), "model": model_identity(self.model),
                 "experts": ({"pool_sha256": self.experts.digest(), "count": len(self.experts)}
                             if m.uses_experts else None),
-                "data": self.source.identity(self.task)}
+                "data": self.benchmark.identity(self.task)}
 
 
 def setting_key(setting: dict) -> str:
     return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def plan(source: TaskSource, tasks: list[str], seeds: list[int], methods: list[Method],
+def plan(benchmark: Benchmark, tasks: list[str], seeds: list[int], methods: list[Method],
          model: str, experts: ExpertPool | None = None) -> list[Cell]:
     """Every (task, seed, method) cell, checked before any runs."""
     if not tasks or not seeds or not methods:
         raise ValueError("nothing to run: give at least one task, seed and method")
-    source.check(tasks)
+    benchmark.check(tasks)
     for m in methods:
         if m.uses_experts:
             n = getattr(m.params, "n_experts", 1)
@@ -47,4 +47,4 @@ def plan(source: TaskSource, tasks: list[str], seeds: list[int], methods: list[M
                 have = 0 if experts is None else len(experts)
                 raise ValueError(f"{m.name} composes {n} experts but {have} were given; pass "
                                  "more experts (--experts / --experts-file) or lower -n")
-    return [Cell(t, s, m, source, model, experts) for t in tasks for s in seeds for m in methods]
+    return [Cell(t, s, m, benchmark, model, experts) for t in tasks for s in seeds for m in methods]

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from lorahub_compeft.config import (DEFAULT_N, PAPER_COMPEFT, PAPER_COMPOSE, CompeftOptions,
                                     ComposeConfig, replace)
 from lorahub_compeft.eval.pool import ExpertPool
-from lorahub_compeft.eval.sources import TaskData
+from lorahub_compeft.eval.benchmarks import TaskData
 
 log = logging.getLogger(__name__)
 

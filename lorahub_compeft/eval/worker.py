@@ -23,7 +23,7 @@ class Worker:
         """Evaluate one cell; returns (result row, predictions row)."""
         setting = cell.setting()
         key = setting_key(setting)
-        task = cell.source.load(cell.task, cell.seed)
+        task = cell.benchmark.load(cell.task, cell.seed)
         started, start = time.time(), time.perf_counter()
         answers = cell.method.run(task, self.base(cell.model), cell.experts, cell.seed)
         row = {"key": key, "task": cell.task, "seed": cell.seed, "method": cell.method.name,

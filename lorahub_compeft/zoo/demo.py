@@ -12,8 +12,8 @@ from lorahub_compeft.eval.methods import make_method
 from lorahub_compeft.eval.worker import Worker
 from lorahub_compeft.eval.cells import plan
 from lorahub_compeft.eval.runner import run
-from lorahub_compeft.eval.sources import BBHSource
-from lorahub_compeft.zoo.source import ZooSource
+from lorahub_compeft.eval.benchmarks import BBHBenchmark
+from lorahub_compeft.zoo.benchmark import ZooBenchmark
 from lorahub_compeft.zoo.artifacts import Zoo
 from lorahub_compeft.zoo.tasks import get_task, task_names
 
@@ -43,10 +43,10 @@ def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
         methods = [make_method("zeroshot"), make_method("lorahub", **compose),
                    make_method("compeft", **compose, **zoo.compression)]
     model = str(zoo.root / "base")
-    cells = plan(ZooSource(shots, n_eval), tasks, list(seeds), methods, model, pool)
+    cells = plan(ZooBenchmark(shots, n_eval), tasks, list(seeds), methods, model, pool)
     mirrored = [get_task(t).bbh_task for t in tasks if get_task(t).bbh_task]
     if bbh_dir and mirrored:
-        cells += plan(BBHSource(bbh_dir, shots, max_bbh_eval), mirrored, list(seeds), methods,
+        cells += plan(BBHBenchmark(bbh_dir, shots, max_bbh_eval), mirrored, list(seeds), methods,
                       model, pool)
     rows = run(cells, worker=Worker(preloaded=zoo.base), progress=progress)
     return _demo_rows(rows, n_experts)

@@ -1,16 +1,16 @@
-"""The zoo's generated held-out tasks as a task source for the runner."""
+"""The zoo's generated held-out tasks as a benchmark for the runner."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorahub_compeft.eval.sources import TaskData, TaskSource
+from lorahub_compeft.eval.benchmarks import TaskData, Benchmark
 from lorahub_compeft.zoo.tasks import get_task, questions, task_names
 
 ZOO_SHOT_SEED, ZOO_EVAL_SEED = 4_000, 5_000  # apart from the zoo's training and validation
 
 
 @dataclass
-class ZooSource(TaskSource):
+class ZooBenchmark(Benchmark):
     """The zoo's generated held-out tasks: shots drawn with the seed, the same evaluation
     rows for every seed (less any that is also a shot)."""
     shots: int = 5

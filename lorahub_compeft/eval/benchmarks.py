@@ -1,7 +1,7 @@
-"""Where a task's examples come from: one `TaskSource` per kind of data, one `TaskData` per
-(task, seed) that every method receives.
+"""Where a task's examples come from: one `Benchmark` per kind of task data, one `TaskData`
+per (task, seed) that every method receives.
 
-A source draws a task's few-shot examples with the seed and gives the evaluation rows;
+A benchmark draws a task's few-shot examples with the seed and gives the evaluation rows;
 prompts (`bbh.format_prompt`), the answer check (`bbh.exact_match`) and the draw
 (`bbh.draw_few_shot`) are the package's one implementation of each.
 """
@@ -40,7 +40,7 @@ class TaskData:
                               lambda p, t: bbh.exact_match(p, t, self.answer))
 
 
-class TaskSource:
+class Benchmark:
     """A kind of task data. `identity(task)` goes into every result's setting, so a change
     of data (another folder, file, number of shots or rows) makes new results."""
     kind = ""
@@ -56,7 +56,7 @@ class TaskSource:
 
 
 @dataclass
-class BBHSource(TaskSource):
+class BBHBenchmark(Benchmark):
     """Big-Bench Hard from a folder of `<task>.json` files, else the Hub's lukaemon/bbh."""
     bbh_dir: str | None = None
     shots: int = 5
