@@ -56,16 +56,17 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         p = r["setting"]["params"]
-        groups.setdefault((r["method"], p["steps"], p["lr"]), []).append(r)
+        groups.setdefault((r["method"], p.get("steps", 0), p.get("lr", 0)), []).append(r)
     lines = ["| method | steps | lr | mean EM | mean per-task seed std | s per cell | passes |",
              "|---|---|---|---|---|---|---|"]
     for (method, steps, lr), rs in sorted(groups.items()):
         tasks = sorted({r["task"] for r in rs})
         ems = [[r["em"] for r in rs if r["task"] == t] for t in tasks]
         std = [statistics.stdev(e) if len(e) > 1 else 0.0 for e in ems]
-        lines.append(f"| {method} | {steps} | {lr:g} | {statistics.fmean(map(statistics.fmean, ems)):.1f} "
-                     f"| {statistics.fmean(std):.1f} | {statistics.fmean(r['seconds'] for r in rs):.1f} "
-                     f"| {rs[0]['passes']} |")
+        lines.append(f"| {method} | {steps or '–'} | {f'{lr:g}' if lr else '–'} | "
+                     f"{statistics.fmean(map(statistics.fmean, ems)):.1f} | "
+                     f"{statistics.fmean(std):.1f} | {statistics.fmean(r['seconds'] for r in rs):.1f} | "
+                     f"{rs[0].get('passes', '–')} |")
     return "\n".join(lines)
 
 
@@ -73,7 +74,9 @@ def main(argv=None):
     from lorahub_compeft.cli.options import parse_seeds
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=parse_seeds, required=True, help="validation seeds, e.g. 101-103")
-    parser.add_argument("--methods", default="lora-tune,fft")
+    parser.add_argument("--methods", default="lora-tune,fft",
+                        help="lora-tune and fft run their grid; any other method (zeroshot, "
+                             "select, ...) its defaults, for reference")
     parser.add_argument("--tasks", default="all", help="held-out zoo tasks (default all 7)")
     parser.add_argument("--lora-steps", type=ints, default=[20, 50, 100])
     parser.add_argument("--lora-lrs", type=floats, default=[1e-4, 3e-4, 1e-3])
@@ -84,8 +87,13 @@ def main(argv=None):
     if set(args.seeds) & set(range(1, 6)):
         parser.error("seeds 1-5 are the demo's; validate on others, e.g. 101-103")
     grid = {"lora-tune": (args.lora_steps, args.lora_lrs), "fft": (args.fft_steps, args.fft_lrs)}
-    methods = [make_method(m, steps=s, lr=lr) for m in args.methods.split(",")
-               for s in grid[m][0] for lr in grid[m][1]]
+
+    def settings(name: str) -> list:
+        if name not in grid:
+            return [make_method(name)]  # a reference, at its defaults
+        steps, lrs = grid[name]
+        return [make_method(name, steps=s, lr=lr) for s in steps for lr in lrs]
+    methods = [m for name in args.methods.split(",") for m in settings(name)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     cells = plan(ValidationSource(), tasks, args.seeds, methods, str(zoo.root / "base"), zoo.pool())
