@@ -290,3 +290,23 @@ def test_bbh_mix_keys_its_results_and_factors_keeps_the_old_keys(tiny_t5, expert
     mixes = sorted((r["method"], r["setting"]["params"].get("mix", "factors")) for r in rows)
     assert mixes == [("lorahub", "factors"), ("lorahub", "product"), ("select", "factors"),
                      ("select", "product")]
+
+
+def test_the_product_session_reuses_the_base_and_its_int8_copies(tiny_t5, experts):
+    """Re-injecting LoRA at rank N·r keeps the base's own weights (no second copy) and the int8
+    copies made for them."""
+    from lorahub_compeft.compose.scoring import Precision
+    from lorahub_compeft.compose.session import ScoringSession, load_base, product_config
+    from lorahub_compeft.compose.experts import expert_handles
+    handles = expert_handles([str(experts[w]) for w in WORDS[:2]])
+    base, tok = load_base(None, None, handles[0], None)
+    config = ComposeConfig(dtype="int8").resolved()
+    session = ScoringSession.open(base, tok, handles[0].config, TASK, config,
+                                  Precision(torch.float32, int8=True), torch.device("cpu"))
+    weights = {n: p.data_ptr() for n, p in session.model.get_base_model().named_parameters()
+               if "lora_" not in n}
+    product = session.for_product(product_config(handles[0].config, 2))
+    assert {n: p.data_ptr() for n, p in product.model.get_base_model().named_parameters()
+            if "lora_" not in n} == weights
+    assert [s[3] for s in product.int8.swaps] == [s[3] for s in session.int8.swaps]
+    assert product.layout.shapes[0] == (8, 32) and product.flat.numel() == 2 * session.flat.numel()
