@@ -47,11 +47,36 @@ def number_or_auto(text: str) -> float | str:
     return value
 
 
+def fraction(text: str) -> float:
+    """A number in (0, 1] (how --density is read)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ValueError(f"density must be a number in (0, 1], got {text!r}; e.g. 0.1 keeps "
+                         "the 10% largest entries")
+    return value
+
+
+def bits_per_value(text: str) -> float:
+    """A number of bits in (0, 64) (how --budget-bits is read)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 64:
+        raise ValueError(f"budget_bits must be a number of bits per LoRA value in (0, 64), got "
+                         f"{text!r}; e.g. 1")
+    return value
+
+
 @dataclass(frozen=True)
 class CompeftOptions:
     """ComPEFT: keep the top-k of the task vector, each kept value as sign * alpha * sigma."""
     density: float = option(0.5, "fraction of task-vector entries kept, in (0, 1]; chosen on the "
-                                 "zoo's validation seeds (the paper's: 0.1)", short="-k")
+                                 "zoo's validation seeds (the paper's: 0.1)", short="-k",
+                            parse=fraction)
     alpha: float | str = option("auto", "kept entries become sign * alpha * std(tau); 'auto' picks "
                                         "the alpha whose LoRA products B·A are closest to the "
                                         "original's (the paper's: 1)", parse=number_or_auto)
@@ -68,7 +93,8 @@ PAPER_COMPEFT = CompeftOptions(density=0.1, alpha=1.0, per_tensor=False)
 @dataclass(frozen=True)
 class EreOptions:
     """ERE: low-rank factors of each LoRA module's B·A, ranks allocated under one byte budget."""
-    budget_bits: float = option(1.0, "payload budget in bits per LoRA value")
+    budget_bits: float = option(1.0, "payload budget in bits per LoRA value",
+                                parse=bits_per_value)
     quant_bits: int = option(4, "bits per stored factor value (4, 8 or 16), one scale per row; at "
                                 "equal bytes 4-bit factors beat 8-bit on the zoo",
                              choices=(4, 8, 16))
@@ -140,6 +166,30 @@ class ComposeConfig:
         return cls.__dataclass_fields__[name].metadata["help"]
 
 
+# The range of each count ComposeConfig holds: below 1 nothing runs, and the cap refuses a
+# mistyped value (restarts 1e12 searched for ever, candidates_per_step 1e9 asks for terabytes)
+# before any model is loaded. Each cap is far above what a run on the zoo or BBH uses.
+COUNT_LIMITS = {  # field: (the most, what it counts)
+    "n_experts": (1000, "experts to compose"),
+    "restarts": (100, "searches"),
+    "budget": (10_000, "optimizer evaluations per search"),
+    "candidates_per_step": (256, "candidates per forward"),
+    "batch_size": (65_536, "examples per forward"),
+    "max_length": (1_000_000, "tokens per example"),
+}
+OPTIONAL_COUNTS = ("n_experts", "batch_size", "max_length")  # None: the default
+
+
+def count_problem(name: str, value, optional: bool = False) -> str | None:
+    """What is wrong with `value` for the count `name` of COUNT_LIMITS, as one line; None if
+    nothing (`optional`: None means the default)."""
+    most, what = COUNT_LIMITS[name]
+    if value is None and optional or _integer(value) and 1 <= value <= most:
+        return None
+    return (f"{name} must be a positive integer of at most {most:,} ({what}), got {value!r}"
+            + ("; or None for the default" if optional else ""))
+
+
 def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -166,16 +216,10 @@ def _compose_problem(c: ComposeConfig) -> str | None:
         return f"unknown mix {c.mix!r}; use one of {', '.join(MIXES)}"
     if c.weights not in WEIGHTINGS:
         return f"unknown weights {c.weights!r}; use one of {', '.join(WEIGHTINGS)}"
-    counts = {"n_experts": "experts to compose", "restarts": "searches",
-              "budget": "optimizer evaluations per search",
-              "candidates_per_step": "candidates per forward",
-              "batch_size": "examples per forward", "max_length": "tokens per example"}
-    optional = ("n_experts", "batch_size", "max_length")  # None: the default
-    for name, what in counts.items():
-        value = getattr(c, name)
-        if (value is not None or name not in optional) and (not _integer(value) or value < 1):
-            return (f"{name} must be a positive integer ({what}), got {value!r}"
-                    + ("; or None for the default" if name in optional else ""))
+    for name in COUNT_LIMITS:
+        problem = count_problem(name, getattr(c, name), optional=name in OPTIONAL_COUNTS)
+        if problem:
+            return problem
     if not _integer(c.seed) or not 0 <= c.seed < 2 ** 32:
         return f"seed must be an integer in [0, 2**32), got {c.seed!r}"
     if not _number(c.l1) or c.l1 < 0:
