@@ -65,7 +65,7 @@ def error_message(err: BaseException, args) -> str | None:
         return (f"cannot load {what} from the Hugging Face Hub or its cache ({first}); pass a "
                 "local folder (e.g. --model path/to/model), or connect and retry")
     full = _disk_full(err)
-    if full:
+    if full is not None:
         return (f"no space left on the device{full}; free some space or write elsewhere "
                 "(nothing half-written was kept)")
     if type(err).__name__ == "SafetensorError":  # safetensors' one type for every I/O failure
