@@ -47,36 +47,11 @@ def number_or_auto(text: str) -> float | str:
     return value
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1] (how --density is read)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise ValueError(f"density must be a number in (0, 1], got {text!r}; e.g. 0.1 keeps "
-                         "the 10% largest entries")
-    return value
-
-
-def bits_per_value(text: str) -> float:
-    """A number of bits in (0, 64) (how --budget-bits is read)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 64:
-        raise ValueError(f"budget_bits must be a number of bits per LoRA value in (0, 64), got "
-                         f"{text!r}; e.g. 1")
-    return value
-
-
 @dataclass(frozen=True)
 class CompeftOptions:
     """ComPEFT: keep the top-k of the task vector, each kept value as sign * alpha * sigma."""
     density: float = option(0.5, "fraction of task-vector entries kept, in (0, 1]; chosen on the "
-                                 "zoo's validation seeds (the paper's: 0.1)", short="-k",
-                            parse=fraction)
+                                 "zoo's validation seeds (the paper's: 0.1)", short="-k")
     alpha: float | str = option("auto", "kept entries become sign * alpha * std(tau); 'auto' picks "
                                         "the alpha whose LoRA products B·A are closest to the "
                                         "original's (the paper's: 1)", parse=number_or_auto)
@@ -93,8 +68,7 @@ PAPER_COMPEFT = CompeftOptions(density=0.1, alpha=1.0, per_tensor=False)
 @dataclass(frozen=True)
 class EreOptions:
     """ERE: low-rank factors of each LoRA module's B·A, ranks allocated under one byte budget."""
-    budget_bits: float = option(1.0, "payload budget in bits per LoRA value",
-                                parse=bits_per_value)
+    budget_bits: float = option(1.0, "payload budget in bits per LoRA value")
     quant_bits: int = option(4, "bits per stored factor value (4, 8 or 16), one scale per row; at "
                                 "equal bytes 4-bit factors beat 8-bit on the zoo",
                              choices=(4, 8, 16))

@@ -77,15 +77,12 @@ NUMERIC = [  # (command and flag, what the line must name)
     (["demo", "-n", "0"], ["--n-experts", "positive integer"]),
     (["demo", "--eval", "-5"], ["--eval", "positive integer"]),
     (["merge", "--rank", "100000000"], ["--rank", "at most 65,536"]),
-    (["compress", "--codec", "ere", "--budget-bits", "100"], ["--budget-bits", "(0, 64)"]),
-    (["compress", "--density", "nan"], ["--density", "(0, 1]"]),
 ]
 REQUIRED = {  # the rest of each command line: inputs that do not exist, so nothing could run
     "compose": ["--experts", "no-such-dir/x", "--examples", "no-such.jsonl", "--out", "{out}"],
     "bbh": ["--model", "./no-such-model", "--out", "{out}"],
     "demo": ["--zoo", "./no-such-zoo"],
     "merge": ["./no-such-a", "./no-such-b", "-o", "{out}"],
-    "compress": ["./no-such-adapter", "-o", "{out}"],
 }
 
 

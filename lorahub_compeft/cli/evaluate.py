@@ -104,6 +104,9 @@ def _add_bbh_parsers(sub) -> None:
 
 def cmd_bbh(args) -> int:
     apply_threads(args)
+    if args.density is not None and not 0 < args.density <= 1:  # else in every compeft cell
+        raise ValueError(f"--density must be in (0, 1], got {args.density}; e.g. 0.1 keeps the "
+                         "10% largest entries")
     from lorahub_compeft.eval.bbh import BBH_TASKS
     from lorahub_compeft.eval.methods import METHODS, make_method, method_options
     from lorahub_compeft.eval.pool import ExpertPool

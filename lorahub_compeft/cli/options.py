@@ -33,10 +33,6 @@ MAX_RANK = 65_536  # of an adapter written (merge, compose --rank); no model's l
 MAX_NEW_TOKENS = 4096  # of an answer generated
 
 
-def positive_int(text: str) -> int:
-    return bounded_int(1, None)(text)
-
-
 def bounded_int(least: int, most: int | None, what: str = ""):
     """An argparse type: an integer in [least, most] (no cap when most is None)."""
     def parse(text: str) -> int:
@@ -52,6 +48,9 @@ def bounded_int(least: int, most: int | None, what: str = ""):
         return value
     parse.__name__ = "integer"  # what argparse calls the type in its own messages
     return parse
+
+
+positive_int = bounded_int(1, None)
 
 
 def count_option(name: str):
