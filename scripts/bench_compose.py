@@ -264,7 +264,8 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
            "steps_s": t["mix"] + t["forward"] + t["optimizer"], "wall_s": wall,
            "peak_rss_mb": peak_rss_mb(), "best_loss": result.best_loss,
            "expert_bytes": held_bytes([result.stack, experts]),
-           "stack_bytes": held_bytes(result.stack), "setup_s": t["setup"], "decode_s": t["decode"]}
+           "stack_bytes": held_bytes(result.stack), "setup_s": t["setup"], "decode_s": t["decode"],
+           "probe_s": t.get("probe", 0.0), "precision_measured": result.precision_measured}
     if libraries:  # after the peak RSS is read: this part loads more
         del result  # its model: a 3 GB copy at flan-t5-large shape
         row["library"] = {}
