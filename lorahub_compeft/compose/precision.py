@@ -83,6 +83,14 @@ class Precision:
     convert: bool = False
     measured: dict | None = field(default=None, compare=False)
 
+    @property
+    def zero_loss(self) -> float | None:
+        """The task loss at w = 0 in this precision, where the probe just measured it (LoRA at
+        zero: the same for any experts and mix), so that the search need not score it again."""
+        if not self.measured or self.measured["cached"]:
+            return None
+        return self.measured["candidates"].get(self.measured["chosen"], {}).get("loss")
+
     def name_for(self, model) -> str:
         """What ran: the copies' precision, else the model's own dtype."""
         if self.low is not None:

@@ -13,10 +13,10 @@ them, on the inputs they really get, at the search's start (LoRA at zero, w = 0)
    checked: its loss at w = 0, one forward through its copies, must be within PROBE_RTOL of
    the reference's (else the next is checked; the model's own always qualifies).
 The choice is cached per (device, CPU flags, torch and its threads, model shape, batch shape),
-in the process and in the user's cache dir (cache_file(): PROBE_FILE under $XDG_CACHE_HOME or
-~/.cache, or precision.json in $LORAHUB_COMPEFT_CACHE), so a
-second composition of that shape measures nothing. A cache entry that does not validate is
-ignored with a warning and measured again.
+in the process and in the user's cache dir (cache_file()), so a second composition of that
+shape measures nothing. A cache entry that does not validate is ignored with a warning and
+measured again. The loss at w = 0 measured in the chosen precision is the search's zero loss
+(one forward the probe saves the search).
 """
 from __future__ import annotations
 
@@ -108,12 +108,13 @@ def choose(precision: Precision, model, loss_at: Callable[[LinearCopies | None],
             "chosen": own, "cached": False, "seconds": 0.0, "candidates": {}}), None
     key = probe_key(model, batches, per_forward, device)
     record = cached(key, [own, *lows])
-    from_cache, copies = record is not None, None
+    from_cache, copies, making = record is not None, None, 0.0
     if record is None:
-        record, copies = measure(model, loss_at, lows, own, per_forward,
-                                 device.type == "cuda")
+        record, copies, making = measure(model, loss_at, lows, own, per_forward,
+                                         device.type == "cuda")
         remember(key, record)
-    measured = dict(record, cached=from_cache, seconds=time.perf_counter() - start)
+    # Making the kept copies is setup, as for a forced precision: not the probe's cost.
+    measured = dict(record, cached=from_cache, seconds=time.perf_counter() - start - making)
     low = None if record["chosen"] == own else record["chosen"]
     if low is not None and copies is None:
         copies = LinearCopies(model, low)  # from the cache: copies made, nothing measured
@@ -121,8 +122,9 @@ def choose(precision: Precision, model, loss_at: Callable[[LinearCopies | None],
 
 
 def measure(model, loss_at, lows: list[str], own: str, k: int, cuda: bool
-            ) -> tuple[dict, LinearCopies | None]:
-    """The probe's steps 1-3 (module docstring): the record to cache and the chosen copies."""
+            ) -> tuple[dict, LinearCopies | None, float]:
+    """The probe's steps 1-3 (module docstring): the record to cache, the chosen copies and
+    the seconds making them took."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     kinds: dict[tuple, list] = {}  # (out, in, rows) -> [calls per forward, [(layer, input)]]
 
@@ -145,20 +147,21 @@ def measure(model, loss_at, lows: list[str], own: str, k: int, cuda: bool
                          "forward_ms": 1e3 * (reference_seconds - linear[own] + seconds)}
                   for name, seconds in linear.items()}
     candidates[own].update(loss=reference, checked_forward_ms=1e3 * reference_seconds)
-    chosen, copies = own, None
+    chosen, copies, making = own, None, 0.0
     for low in sorted(lows, key=linear.get):
         if candidates[low]["forward_ms"] > (1 - PROBE_MARGIN) * 1e3 * reference_seconds:
             break
-        trial = LinearCopies(model, low)
+        making, trial = _timed(lambda: LinearCopies(model, low), lambda: None)
         seconds, loss = _timed(lambda: loss_at(trial), sync)
         candidates[low].update(loss=loss, checked_forward_ms=1e3 * seconds)
         if agrees(loss, reference):
             chosen, copies = low, trial
             break
+        making = 0.0  # dropped: making them was the probe's cost
     log.info("dtype auto: %s (predicted ms per forward: %s)", chosen,
              ", ".join(f"{n} {c['forward_ms']:.1f}" for n, c in candidates.items()))
     return {"chosen": chosen, "candidates": candidates, "tolerance": PROBE_RTOL,
-            "margin": PROBE_MARGIN}, copies
+            "margin": PROBE_MARGIN}, copies, making
 
 
 def agrees(loss: float, reference: float) -> bool:

@@ -163,7 +163,7 @@ class ScoringSession:
                       self.copies)
 
     def search_loss(self, stack: Stack) -> "SearchLoss":
-        return SearchLoss(self.scorer(stack), self.regularize)
+        return SearchLoss(self.scorer(stack), self.regularize, self.precision.zero_loss)
 
     def loss_alone(self, handle: ExpertHandle) -> float:
         """The task loss of one expert alone, written into the model's own LoRA buffer (left
@@ -186,13 +186,17 @@ class SearchLoss:
     regularizer of its w."""
     scorer: Scorer
     regularize: Callable[[np.ndarray], float]
+    zero_task_loss: float | None = None  # measured already (Precision.zero_loss)
 
     def __call__(self, ws: np.ndarray) -> list[float]:
         return [loss + self.regularize(w) for loss, w in zip(self.scorer.score_candidates(ws), ws)]
 
     def at_zero(self, n: int) -> float:
-        """The loss of no composition (w = 0); the scorer's timings then restart, so that they
-        count the search's steps only."""
+        """The loss of no composition (w = 0), from the probe's forward where it ran one in
+        this precision; the scorer's timings then restart, so that they count the search's
+        steps only."""
+        if self.zero_task_loss is not None:
+            return self.zero_task_loss + self.regularize(np.zeros(n))
         loss = self(np.zeros((1, n)))[0]
         self.scorer.reset_timings()
         return loss
