@@ -9,8 +9,7 @@ from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.compose.precision import (CastLinear, Int8Linear, LinearCopies, Precision,
-                                               native_bf16, resolve_precision)
-from lorahub_compeft.compose.probe import lower_precisions
+                                               lower_precisions, native_bf16, resolve_precision)
 from lorahub_compeft.compose.scoring import Scorer
 from lorahub_compeft.compose.objective import (encoder_batches, few_shot_loss,
                                                pack_encoder_inputs, packing_pays, packs_encoder,

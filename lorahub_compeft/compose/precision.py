@@ -70,6 +70,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def lower_precisions(device: torch.device, model) -> list[str]:
+    """The precisions "auto" measures besides the model's own (probe.py)."""
+    own = next(model.parameters()).dtype
+    lows = []
+    if native_bf16(device) and own != torch.bfloat16:
+        lows.append(dtype_name(torch.bfloat16))
+    if device.type == "cpu" and int8_engine() is not None:
+        lows.append(INT8)
+    return lows
+
+
 @dataclass
 class Precision:
     """How the search scores candidates. dtype: what a model loaded by name is loaded in

@@ -34,9 +34,8 @@ from typing import Callable
 import torch
 
 from lorahub_compeft.io.files import atomic_write_text, read_json
-from lorahub_compeft.compose.precision import (INT8, LinearCopies, Precision, cpu_flags,
-                                               dtype_name, int8_engine, low_copy, native_bf16,
-                                               swappable)
+from lorahub_compeft.compose.precision import (LinearCopies, Precision, cpu_flags, dtype_name,
+                                               low_copy, lower_precisions, swappable)
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +58,6 @@ def cache_file() -> Path:
         return Path(os.environ["LORAHUB_COMPEFT_CACHE"]) / PROBE_FILE.name
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / PROBE_FILE
-
-
-def lower_precisions(device: torch.device, model) -> list[str]:
-    """The precisions "auto" measures besides the model's own."""
-    own = next(model.parameters()).dtype
-    lows = []
-    if native_bf16(device) and own != torch.bfloat16:
-        lows.append(dtype_name(torch.bfloat16))
-    if device.type == "cpu" and int8_engine() is not None:
-        lows.append(INT8)
-    return lows
 
 
 def probe_key(model, batches: list[dict], per_forward: int, device: torch.device) -> dict:
