@@ -40,13 +40,12 @@ from lorahub_compeft.compose.precision import (LinearCopies, Precision, cpu_flag
 log = logging.getLogger(__name__)
 
 # The loss at w = 0 through a precision's copies may differ from the model's own by at most
-# this fraction of it: the search compares candidates whose losses differ by more, and int8
-# (7-bit inputs, 8-bit weights) or bf16 (an 8-bit mantissa, rounding 2^-9 a value) leave a few
-# tenths of a percent on a deep model's mean cross-entropy.
+# this fraction of it: several times the rounding of one value (2^-8 apart at 1 in bf16, 2^-7
+# for int8's 7-bit inputs), so rounding passes and a precision that breaks the model does not.
 PROBE_RTOL = 0.02
 PROBE_MARGIN = 0.10   # a lower precision must be predicted this much faster to be worth its error
 PROBE_REPEATS = 3     # timed rounds per kind of layer, after one warm-up call
-PROBE_LAYERS = 3      # layers of each kind timed (different weights: not one layer kept in cache)
+PROBE_LAYERS = 2      # layers of each kind timed (different weights: not one layer kept in cache)
 PROBE_FILE = Path("lorahub-compeft") / "precision.json"
 CACHE_VERSION = 1
 _memory: dict[str, dict] = {}  # this process's choices, by key
