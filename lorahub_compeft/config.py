@@ -108,12 +108,12 @@ class ComposeConfig:
     bounds: float = option(1.5, "every weight is searched in [-bounds, bounds]")
     batch_size: int | None = option(None, "examples per forward (default: all of them)")
     max_length: int | None = option(None, "tokens kept per example (default: the model's limit)")
-    dtype: str | None = option("auto", "how the search runs the base model; auto: bf16 where the "
-                                       "device computes it natively, else on a CPU int8 copies "
-                                       "of the linear layers of models of t5-small's size or "
-                                       "more, else fp32. int8 forces int8 scoring (CPU). The "
-                                       "composed adapter is fp32 and answers come from the "
-                                       "unquantized model whatever is chosen")
+    dtype: str | None = option("auto", "how the search scores candidates; auto: measured at the "
+                                       "start (cached per machine and shape), the fastest of "
+                                       "fp32, bf16 where native and int8 on a CPU whose loss "
+                                       "agrees with fp32's. bf16 and int8 are copies of the "
+                                       "linear layers: the composed model, its answers and the "
+                                       "adapter are fp32 whatever is chosen")
     candidates_per_step: int = option(1, "candidates scored per forward (more helps on GPUs)")
     mix: str = option("factors", "how w combines the experts: factors mixes each module's "
                                  "factors, A = sum w_i A_i and B = sum w_i B_i (LoraHub's); "

@@ -2,8 +2,8 @@
 
 Every method composes the same N experts (PEFT LoRA dirs with random LoRA-like tensors) on the
 same base model, the same 5 examples, seed and budget, with LoraHub's objective (NGOpt, the sum of
-batch mean losses / #examples + 0.05 mean|w|). Ours runs with its default settings (dtype "auto": on a CPU
-without native bf16 and at the flan-t5-large shape, int8 scoring), then with dtype fp32 and bf16,
+batch mean losses / #examples + 0.05 mean|w|). Ours runs with its default settings (dtype "auto": the fastest
+precision measured at the start, compose/probe.py; its seconds in probe_s), then with dtype fp32 and bf16,
 and with K = 4 and 8 candidates per forward. Per method: mixing and
 forward time per forward, the steps' and the whole call's wall time, peak RSS, and the memory the experts occupy -- measured on
 the real objects (the reference's cache of state dicts; our [N, P] ExpertStack plus whatever
@@ -264,7 +264,8 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
            "steps_s": t["mix"] + t["forward"] + t["optimizer"], "wall_s": wall,
            "peak_rss_mb": peak_rss_mb(), "best_loss": result.best_loss,
            "expert_bytes": held_bytes([result.stack, experts]),
-           "stack_bytes": held_bytes(result.stack), "setup_s": t["setup"], "decode_s": t["decode"]}
+           "stack_bytes": held_bytes(result.stack), "setup_s": t["setup"], "decode_s": t["decode"],
+           "probe_s": t.get("probe", 0.0), "precision_measured": result.precision_measured}
     if libraries:  # after the peak RSS is read: this part loads more
         del result  # its model: a 3 GB copy at flan-t5-large shape
         row["library"] = {}

@@ -12,6 +12,15 @@ import support  # noqa: E402
 # Tiny models run faster on one thread than on two fighting over a shared machine.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory):
+    """dtype "auto"'s measurements are cached in the test session's folder, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("precision-cache")
+        patch.setenv("LORAHUB_COMPEFT_CACHE", str(path))
+        yield path
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

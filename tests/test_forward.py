@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import support
-from lorahub_compeft.compose import scoring as forward
+from lorahub_compeft.compose import precision as precisions
 from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.store.expert import compress
-from lorahub_compeft.compose.scoring import (Int8Linear, Int8Linears, Precision, Scorer,
-                                             native_bf16, resolve_precision)
+from lorahub_compeft.compose.precision import (CastLinear, Int8Linear, LinearCopies, Precision,
+                                               lower_precisions, native_bf16, resolve_precision)
+from lorahub_compeft.compose.scoring import Scorer
 from lorahub_compeft.compose.objective import (encoder_batches, few_shot_loss,
                                                pack_encoder_inputs, packing_pays, packs_encoder,
                                                tokenize_examples)
@@ -114,19 +115,31 @@ def test_bad_candidates_per_step(experts):
                 loss_fn=lambda model, batch: 0.0, progress=False)
 
 
-def test_auto_precision_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(forward, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+def test_auto_measures_what_the_hardware_runs(tiny_t5, monkeypatch):
+    """auto measures bf16 only where the CPU lists native bf16 and int8 where torch has int8
+    kernels; the forced precisions resolve whatever the CPU, and their errors name the fix."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5ForConditionalGeneration
+    model = get_peft_model(T5ForConditionalGeneration.from_pretrained(tiny_t5),
+                           LoraConfig(r=2, target_modules=["q", "v"]))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert not native_bf16("cpu")
-    assert resolve_precision("auto", "cpu") == Precision(torch.float32, int8=True, only_if_pays=True)
-    monkeypatch.setattr(forward, "int8_engine", lambda: None)  # a torch without int8 kernels
-    assert resolve_precision("auto", "cpu") == Precision(torch.float32)
+    assert lower_precisions(cpu, model) == ["int8"]
+    for flags in ({"avx2", "avx512_bf16"}, {"amx_bf16"}):
+        monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset(flags))
+        assert native_bf16("cpu") and lower_precisions(cpu, model) == ["bfloat16", "int8"]
+        # a model given in bf16 has nothing to gain from bf16 copies
+        assert lower_precisions(cpu, model.to(torch.bfloat16)) == ["int8"]
+        model.float()
+    monkeypatch.setattr(precisions, "int8_engine", lambda: None)  # a torch without int8 kernels
+    assert lower_precisions(cpu, model) == ["bfloat16"]
     with pytest.raises(ValueError, match="int8 CPU kernels, which this torch build lacks"):
         resolve_precision("int8", "cpu")
-    monkeypatch.setattr(forward, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    assert resolve_precision("auto", "cpu") == Precision(torch.bfloat16)
-    monkeypatch.setattr(forward, "_cpu_flags", lambda: frozenset({"amx_bf16"}))
-    assert resolve_precision("auto", "cpu") == Precision(torch.bfloat16)
-    assert resolve_precision("fp32", "cpu") == Precision(torch.float32)
+    assert resolve_precision("auto", "cpu") == Precision(torch.float32, auto=True)
+    assert resolve_precision("bf16", "cpu") == Precision(torch.float32, low="bfloat16")
+    assert resolve_precision(torch.bfloat16, "cpu") == resolve_precision("bf16", "cpu")
+    assert resolve_precision("fp32", "cpu") == Precision(torch.float32, convert=True)
     assert resolve_precision(None, "cpu") == Precision(None)
     with pytest.raises(ValueError, match="a cuda device cannot run"):
         resolve_precision("int8", "cuda")
@@ -137,7 +150,11 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 def test_bf16_mixes_in_fp32_and_saves_fp32(experts, tmp_path):
     result = compose(experts, support.constant_task("blue"), budget=6, dtype="bf16",
                      candidates_per_step=3, progress=False)
-    assert result.flat.dtype == torch.bfloat16  # the LoRA in the base's dtype
+    assert result.precision == "bfloat16"
+    assert result.flat.dtype == torch.float32  # the model stays fp32: bf16 is copies of its layers
+    copies = LinearCopies(result.model, "bfloat16")
+    assert copies.swaps and all(isinstance(c, CastLinear) and c.weight.dtype == torch.bfloat16
+                                for *_, c in copies.swaps)
     assert np.isfinite(result.losses).all()
     tensors = result.lora_tensors()
     assert all(t.dtype == torch.float32 for t in tensors.values())
@@ -204,7 +221,7 @@ def test_int8_scores_through_int8_copies_and_returns_the_fp32_model(experts):
     assert int8.zero_loss != fp32.zero_loss
     assert max(int8.weights, key=lambda n: abs(int8.weights[n])) == "green"
     assert not any(isinstance(m, Int8Linear) for m in int8.model.modules())
-    quantized = Int8Linears(int8.model)
+    quantized = LinearCopies(int8.model, "int8")
     with quantized.active():
         assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == len(quantized.swaps)
     names = {f"{id(parent)}.{attr}" for parent, attr, _, _ in quantized.swaps}
@@ -218,7 +235,7 @@ def test_int8_scores_through_int8_copies_and_returns_the_fp32_model(experts):
     w = np.array([int8.weights[n] for n in int8.experts])
     one, _ = scorers(int8, examples, "paper", per_forward=1)
     one_int8 = Scorer(one.model, one.stack, one.flat, one.batches, one.n_examples, "paper",
-                      int8=quantized)
+                      copies=quantized)
     assert one_int8.loss(w) + 0.05 * np.mean(np.abs(w)) == pytest.approx(int8.best_loss, rel=1e-6)
     assert one.loss(w) != pytest.approx(one_int8.loss(w), rel=1e-7)  # fp32 again outside
 
@@ -228,31 +245,15 @@ def test_int8_k_candidates_match_k_forwards(experts):
     candidates in one forward share it."""
     result = compose(experts, EXAMPLES, budget=1, dtype="int8", progress=False)
     one, many = scorers(result, EXAMPLES, "paper", per_forward=3)
-    quantized = Int8Linears(result.model)
-    one = Scorer(one.model, one.stack, one.flat, one.batches, one.n_examples, "paper", int8=quantized)
+    quantized = LinearCopies(result.model, "int8")
+    one = Scorer(one.model, one.stack, one.flat, one.batches, one.n_examples, "paper",
+                 copies=quantized)
     many = Scorer(many.model, many.stack, many.flat, many.batches, many.n_examples, "paper",
-                  per_forward=3, int8=quantized)
+                  per_forward=3, copies=quantized)
     weights = np.random.default_rng(1).uniform(-1.5, 1.5, size=(4, len(experts)))
     batched = many.score_candidates(weights)
     np.testing.assert_allclose(batched, one.score_candidates(weights), rtol=0.05)
     assert len(set(np.round(batched, 4))) == 4  # each candidate's LoRA term was added
-
-
-def test_auto_uses_int8_only_where_it_pays(tiny_t5):
-    """auto on a CPU: int8 for models with linear layers of t5-small's size, not for tiny ones."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import T5Config, T5ForConditionalGeneration
-    auto = Precision(torch.float32, int8=True, only_if_pays=True)
-    small = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=512, d_kv=64, d_ff=2048,
-                                                num_layers=1, num_decoder_layers=1, num_heads=8))
-    lora = LoraConfig(r=2, target_modules=["q", "v"])
-    assert auto.for_model(get_peft_model(small, lora)).int8
-    tiny = get_peft_model(T5ForConditionalGeneration.from_pretrained(tiny_t5), lora)
-    assert auto.for_model(tiny) == Precision(torch.float32)
-    forced = Precision(torch.float32, int8=True)  # dtype="int8": whatever the size
-    assert forced.for_model(get_peft_model(
-        T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32,
-                                            num_layers=1, num_heads=2)), lora)) == forced
 
 
 @pytest.mark.parametrize("objective,batch_size", [("paper", None), ("lorahub", 2)])

@@ -55,6 +55,35 @@ def test_task_arithmetic_is_the_weighted_sum_of_products(lora_dir, second_lora):
         assert torch.allclose(delta, 0.7 * one[a_name] - 0.4 * two[a_name])
 
 
+def fp32_ambiguous(adapters, key: str, density: float) -> torch.Tensor:
+    """The entries of module `key` whose TIES outcome PEFT's float32 arithmetic may decide
+    otherwise than our float64. PEFT computes each ΔW = s·B·A in float32, within
+    e = γ_r·s·(|B|·|A|) + u·|ΔW| of it (Higham's bound for a dot product of length r, u = 2^-24,
+    γ_r = r·u / (1 - r·u)). So a kept entry within e_j + max e of the largest dropped magnitude,
+    or a dropped one that close to the smallest kept, may land on the other side of the trim
+    (magnitudes tied within e fall either way, by the order of torch.topk's kernel on that
+    CPU), and an entry whose trimmed sum is within Σe of 0 may elect the other sign."""
+    u = 2.0 ** -24
+    errors, trimmed = [], []
+    ambiguous = None
+    for adapter in adapters:
+        s = adapter.config["lora_alpha"] / adapter.config["r"]
+        a = adapter.tensors[key].double()
+        b = adapter.tensors[key.replace("lora_A", "lora_B")].double()
+        delta, r = s * b @ a, a.shape[0]
+        error = r * u / (1 - r * u) * s * (b.abs() @ a.abs()) + u * delta.abs()
+        magnitudes = delta.abs().reshape(-1).sort(descending=True).values
+        k = int(density * delta.numel())
+        keep = delta.abs() >= magnitudes[k - 1]
+        near = torch.where(keep, delta.abs() - magnitudes[k], magnitudes[k - 1] - delta.abs())
+        flips = near <= error + error.max()
+        ambiguous = flips if ambiguous is None else ambiguous | flips
+        errors.append(error)
+        trimmed.append(delta * keep)
+    kept = sum(t != 0 for t in trimmed) > 0  # an entry every expert trims is 0 either way
+    return ambiguous | (kept & (sum(trimmed).abs() <= sum(errors)))
+
+
 @pytest.mark.parametrize("method,peft_type", [("task_arithmetic", "svd"), ("ties", "ties_svd")])
 def test_matches_peft_add_weighted_adapter(tiny_t5, lora_dir, second_lora, method, peft_type):
     weights, density = [0.6, 0.9], 0.3
@@ -64,16 +93,25 @@ def test_matches_peft_add_weighted_adapter(tiny_t5, lora_dir, second_lora, metho
     model.add_weighted_adapter(["one", "two"], weights, "merged", combination_type=peft_type,
                                svd_rank=32, density=density)  # full rank: no truncation
     ours = _deltas(merge([lora_dir, second_lora], method, weights, density, rank=32).adapter)
+    adapters = [load_adapter(lora_dir), load_adapter(second_lora)]
+    counts = []  # ambiguous entries, entries: per module
     assert ours
     for key, delta in ours.items():
         module = model.base_model.model.get_submodule(key.removeprefix("base_model.model.")
                                                       .removesuffix(".lora_A.weight"))
         theirs = module.get_delta_weight("merged").double()
-        # PEFT trims in float32, we in float64: entries tied at the trim threshold up to
-        # rounding may fall either way (2 of 1024 entries in one module here); all else agrees.
+        # PEFT trims in float32, we in float64: only the entries float32's rounding can move
+        # across the trim or the sign election may differ (fp32_ambiguous); all else agrees.
         differ = (delta - theirs).abs() > 1e-5
-        assert int(differ.sum()) <= (2 if method == "ties" else 0), key
+        if method == "ties":
+            ambiguous = fp32_ambiguous(adapters, key, density)
+            assert not (differ & ~ambiguous).any(), key
+            counts.append((int(ambiguous.sum()), ambiguous.numel()))
+        else:
+            assert not differ.any(), key
         assert torch.allclose(delta[~differ], theirs[~differ], atol=1e-5)
+    if method == "ties":  # rare, or the comparison would test nothing
+        assert sum(a for a, _ in counts) < 0.01 * sum(n for _, n in counts)
 
 
 def test_compressed_experts_merge_like_their_decoded_adapters(lora_dir, second_lora):

@@ -16,7 +16,8 @@ from conftest import BBH
 from lorahub_compeft.cli import main
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.compose.export import COMPOSITION_NAME
-from lorahub_compeft.compose.scoring import Int8Linears, Scorer
+from lorahub_compeft.compose.precision import LinearCopies
+from lorahub_compeft.compose.scoring import Scorer
 from lorahub_compeft.compose.stacks import ProductStack
 from lorahub_compeft.config import ComposeConfig
 from lorahub_compeft.eval.methods import make_method
@@ -125,11 +126,11 @@ def test_k_per_forward_gives_the_losses_of_one_per_forward(product, experts, dty
         [str(experts[w]) for w in WORDS[:3]], TASK, budget=4, mix="product", dtype=dtype,
         progress=False)
     assert result.precision == ("float32" if dtype == "fp32" else "int8")
-    int8 = Int8Linears(result.model) if dtype == "int8" else None
+    int8 = LinearCopies(result.model, "int8") if dtype == "int8" else None
     batches = support_batches(result)
-    one = Scorer(result.model, result.stack, result.flat, batches, len(TASK), "paper", int8=int8)
+    one = Scorer(result.model, result.stack, result.flat, batches, len(TASK), "paper", copies=int8)
     many = Scorer(result.model, result.stack, result.flat, batches, len(TASK), "paper",
-                  per_forward=3, int8=int8)
+                  per_forward=3, copies=int8)
     weights = np.random.default_rng(0).uniform(-1.5, 1.5, size=(5, 3))
     separate = one.score_candidates(weights)
     np.testing.assert_allclose(many.score_candidates(weights), separate,
@@ -258,19 +259,22 @@ def test_per_module_ranks_are_refused_in_product_mode_before_any_model_work(expe
         compose([str(odd)], TASK, mix="product", progress=False)
 
 
-def test_bf16_product_mix_scores_in_the_bases_dtype_and_saves_fp32(experts, product):
+def test_bf16_product_mix_scores_through_bf16_copies_and_saves_fp32(experts, product):
+    """bf16 scores through bf16 copies of the base's linear layers; the model, its LoRA and
+    the saved adapter stay fp32 (issue 20: the user gets fp32 whatever the search ran)."""
     paths = [str(experts[w]) for w in WORDS[:3]]
     for k in (1, 3):
         result = compose(paths, TASK, budget=4, dtype="bf16", restarts=k, candidates_per_step=k,
                          mix="product", progress=False)
-        assert result.flat.dtype == torch.bfloat16 and np.isfinite(result.losses).all()
+        assert result.precision == "bfloat16" and np.isfinite(result.losses).all()
+        assert result.flat.dtype == torch.float32
         assert result.zero_loss == pytest.approx(product.zero_loss, rel=0.02)
         tensors = result.lora_tensors()
         assert all(t.dtype == torch.float32 for t in tensors.values())
-        # the model's bf16 LoRA is the fp32 mix, rounded once
+        # the model's LoRA is the fp32 mix itself
         flat = result.stack.layout.unflatten(result.flat)
         for key, value in tensors.items():
-            torch.testing.assert_close(flat[key].float(), value, rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(flat[key], value, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not BBH.is_dir(), reason="../shared/data/bbh not present")
@@ -295,18 +299,18 @@ def test_bbh_mix_keys_its_results_and_factors_keeps_the_old_keys(tiny_t5, expert
 def test_the_product_session_reuses_the_base_and_its_int8_copies(tiny_t5, experts):
     """Re-injecting LoRA at rank N·r keeps the base's own weights (no second copy) and the int8
     copies made for them."""
-    from lorahub_compeft.compose.scoring import Precision
+    from lorahub_compeft.compose.precision import Precision, resolve_precision
     from lorahub_compeft.compose.session import ScoringSession, load_base, product_config
     from lorahub_compeft.compose.experts import expert_handles
     handles = expert_handles([str(experts[w]) for w in WORDS[:2]])
-    base, tok = load_base(None, None, handles[0], None)
+    base, tok = load_base(None, None, handles[0], Precision(None))
     config = ComposeConfig(dtype="int8").resolved()
     session = ScoringSession.open(base, tok, handles[0].config, TASK, config,
-                                  Precision(torch.float32, int8=True), torch.device("cpu"))
+                                  resolve_precision("int8", "cpu"), torch.device("cpu"))
     weights = {n: p.data_ptr() for n, p in session.model.get_base_model().named_parameters()
                if "lora_" not in n}
     product = session.for_product(product_config(handles[0].config, 2))
     assert {n: p.data_ptr() for n, p in product.model.get_base_model().named_parameters()
             if "lora_" not in n} == weights
-    assert [s[3] for s in product.int8.swaps] == [s[3] for s in session.int8.swaps]
+    assert [s[3] for s in product.copies.swaps] == [s[3] for s in session.copies.swaps]
     assert product.layout.shapes[0] == (8, 32) and product.flat.numel() == 2 * session.flat.numel()

@@ -21,7 +21,8 @@ from lorahub_compeft.config import ComposeConfig, replace
 from lorahub_compeft.compose.experts import composition_candidates
 from lorahub_compeft.compose.objective import validate_examples
 from lorahub_compeft.compose.result import CompositionResult
-from lorahub_compeft.compose.scoring import check_loss_fn, pick_device, resolve_precision
+from lorahub_compeft.compose.precision import pick_device, resolve_precision
+from lorahub_compeft.compose.scoring import check_loss_fn
 from lorahub_compeft.compose.search import optimizer_class, search_restarts
 from lorahub_compeft.compose.selection import choose_experts
 from lorahub_compeft.compose.session import ScoringSession, load_base, product_config
@@ -58,12 +59,12 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         + l1 * mean|w|, optimized by NGOpt unless `optimizer` is given. With one batch the two
         differ only by the 1/len(examples) factor, which weakens the loss against the L1 term.
       bounds: w ∈ [-bounds, bounds], every search's budget steps start at 0 (restart 0).
-      dtype: "auto" (bf16 where the device computes it natively; else, on a CPU and for a
-        model of t5-small's size or more, fp32 with the candidates scored through int8 copies
-        of the base's linear layers; else fp32: scoring.py), "bf16", "fp32", "int8", a
-        torch.dtype, or None for the model's own; the experts are always mixed in fp32, the
-        loss computed in fp32, and the returned model is never int8 (result.precision says
-        what the search ran).
+      dtype: "auto" (measured: the fastest of fp32, bf16 where the device has it natively
+        and int8 on a CPU whose loss at w = 0 agrees with fp32's; probe.py), "bf16", "fp32",
+        "int8", a torch.dtype, or None for the model's own. A lower precision scores through
+        copies of the base's linear layers (precision.py); the experts are always mixed in
+        fp32, the loss computed in fp32, and the returned model is fp32 (a model object: its
+        own dtype) whatever the search ran (result.precision says what it ran).
       mix: "factors" (LoraHub's) mixes each module's factors, A = Σ wᵢAᵢ and B = Σ wᵢBᵢ, so
         the update is (Σ wᵢBᵢ)(Σ wⱼAⱼ), cross terms BᵢAⱼ included; "product" adds the experts'
         updates exactly, ΔW = Σ wᵢ·sᵢ·BᵢAᵢ: a LoRA of rank N·r (A = [A₁; …; A_N] fixed, B =
@@ -95,7 +96,7 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         product_config(candidates[0].config, 1)  # refuses per-module ranks before any model work
 
     clock = Stopwatch()
-    base, tokenizer = load_base(model, tokenizer, candidates[0], precision.dtype)
+    base, tokenizer = load_base(model, tokenizer, candidates[0], precision)
     session = ScoringSession.open(base, tokenizer, candidates[0].config, examples, config,
                                   precision, device, loss_fn, regularizer)
     selection = choose_experts(session, candidates)  # the same in both mixes: w = 1 alone

@@ -28,10 +28,15 @@ class CompositionResult:
     losses: the objective at each step (non-finite ones as measured). timings, in seconds:
     decode (reading/decoding the chosen experts), setup (model load and LoRA injection), and
     over all steps: mix (w @ E into the LoRA buffer), forward (the loss), optimizer (nevergrad's
-    ask/tell and the rest of the loop); select (choosing the experts); steps = budget x restarts.
+    ask/tell and the rest of the loop); select (choosing the experts); probe (dtype "auto"'s
+    measurement); steps = budget x restarts.
     selection: how the experts were chosen and their scores; restart_losses: each restart's best.
-    precision: how the search ran the base ("float32", "bfloat16", "int8": losses from int8
-    copies of its linear layers; the composed model itself is never int8).
+    precision: how the search scored candidates ("float32", "bfloat16", "int8": through
+    copies of the base's linear layers in that precision; the composed model itself is fp32,
+    or the dtype of the model object passed). precision_measured (dtype "auto"): what the probe
+    measured, per precision (predicted linear_ms and forward_ms, the loss at w = 0 and the
+    checked forward's ms where run), the one chosen, whether from the cache, its seconds (in
+    timings["probe"], not in "setup").
     mix: how w combined the experts ("factors", or "product": then `config` is the rank-N·r
     LoRA's and the model carries it).
     """
@@ -52,6 +57,7 @@ class CompositionResult:
     selection: Selection | None = None
     restart_losses: list[float] = field(default_factory=list)
     precision: str = ""
+    precision_measured: dict | None = None
     mix: str = "factors"
 
     @classmethod
@@ -64,6 +70,9 @@ class CompositionResult:
         describes."""
         best_w, best_loss = best_point(outcomes, zero_loss)
         names = [h.name for h in chosen]
+        measured = session.precision.measured
+        probe = measured["seconds"] if measured else 0.0
+        timings = dict(timings, setup=timings["setup"] - probe, probe=probe)  # ran in setup
         result = cls(
             weights={name: float(x) for name, x in zip(names, best_w)},
             losses=[x for o in outcomes for x in o.losses], best_loss=best_loss,
@@ -71,7 +80,8 @@ class CompositionResult:
             timings=timings, experts=names, optimizer=session.config.optimizer,
             objective=session.config.objective, model=session.model, tokenizer=session.tokenizer,
             stack=stack, flat=session.flat, config=lora_config, selection=selection,
-            restart_losses=[o.best_loss for o in outcomes], precision=session.precision.name,
+            restart_losses=[o.best_loss for o in outcomes],
+            precision=session.precision.name_for(session.model), precision_measured=measured,
             mix=session.config.mix)
         result.apply_best()
         log.info("composed %d experts: best loss %.4f (no composition %.4f)", len(names),
@@ -125,7 +135,8 @@ class CompositionResult:
         return {"experts": self.experts, "weights": self.weights, "best_loss": self.best_loss,
                 "zero_loss": self.zero_loss, "restart_losses": self.restart_losses,
                 "objective": self.objective, "optimizer": self.optimizer,
-                "precision": self.precision, "mix": self.mix,
+                "precision": self.precision, "precision_measured": self.precision_measured,
+                "mix": self.mix,
                 "selection": self.selection.to_json() if self.selection else None}
 
     def merged_model(self):

@@ -1,6 +1,7 @@
 """What composition scores mixes of experts with: the base model (loaded or copied), LoRA
 injected into it with its parameters as views of one flat buffer, the examples tokenized once,
-and the precision the search runs in; and the search's loss, task loss plus regularizer."""
+and the precision the search runs in (chosen or measured here, probe.py); and the search's
+loss, task loss plus regularizer."""
 from __future__ import annotations
 
 import copy
@@ -19,16 +20,19 @@ from lorahub_compeft.io.base_models import looks_like_path
 from lorahub_compeft.compose.experts import ExpertHandle, base_model_of
 from lorahub_compeft.compose.objective import (default_max_length, encoder_batches,
                                                few_shot_loss, task_loss, tokenize_examples)
-from lorahub_compeft.compose.scoring import Int8Linears, Precision, Scorer, scoring
+from lorahub_compeft.compose.precision import LinearCopies, Precision, scoring
+from lorahub_compeft.compose.probe import choose
+from lorahub_compeft.compose.scoring import Scorer
 from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, Stack, bind_flat,
                                             build_product_stack, build_stack, layout_of,
                                             lora_params, product_order, write_expert)
 
 
-def load_base(model, tokenizer, expert: ExpertHandle, dtype):
+def load_base(model, tokenizer, expert: ExpertHandle, precision: Precision):
     """The base model and its tokenizer: `model` loaded by name or path (None: the base the
-    expert records), or a copy of a model object (LoRA is injected into it: the caller's model
-    is left alone); in `dtype` unless None."""
+    expert records) in precision.dtype (None: the checkpoint's), or a copy of a model object
+    (LoRA is injected into it: the caller's model is left alone), in its own dtype unless
+    precision.convert. A lower precision is never the model's: it is copies (precision.py)."""
     from lorahub_compeft.io.models import load_model, load_tokenizer
     if model is None:
         model = base_model_of(expert)
@@ -36,7 +40,7 @@ def load_base(model, tokenizer, expert: ExpertHandle, dtype):
             raise ValueError(f"the experts' base model {model} (their base_model_name_or_path) "
                              "is not here; pass the base with --model (model=)")
     if isinstance(model, (str, os.PathLike)):
-        base, loaded_tokenizer = load_model(str(model), dtype)
+        base, loaded_tokenizer = load_model(str(model), precision.dtype)
         tokenizer = tokenizer or loaded_tokenizer
     else:
         base = copy.deepcopy(model)
@@ -46,8 +50,8 @@ def load_base(model, tokenizer, expert: ExpertHandle, dtype):
             if not name:
                 raise ValueError("pass tokenizer= with a model object")
             tokenizer = load_tokenizer(name)
-    if dtype is not None:
-        base = base.to(dtype)
+        if precision.convert:
+            base = base.to(precision.dtype)
     return base, tokenizer
 
 
@@ -79,8 +83,8 @@ def product_config(config: dict, n: int) -> dict:
 @dataclass
 class ScoringSession:
     """The PEFT model (its LoRA parameters views of `flat`, laid out by `layout`), the tokenized
-    examples, the precision the search runs in (int8: copies of the base's linear layers) and
-    the objective of a composition (config resolved)."""
+    examples, the precision the search runs in (`copies`: the base's linear layers in it, None:
+    the model itself) and the objective of a composition (config resolved)."""
     model: Any
     tokenizer: Any
     layout: Layout
@@ -88,7 +92,7 @@ class ScoringSession:
     batches: list[dict]
     n_examples: int
     precision: Precision
-    int8: Int8Linears | None
+    copies: LinearCopies | None
     config: ComposeConfig
     device: torch.device
     loss_fn: Callable | None = None
@@ -99,29 +103,35 @@ class ScoringSession:
              config: ComposeConfig, precision: Precision, device: torch.device,
              loss_fn: Callable | None = None, regularizer: Callable | None = None
              ) -> "ScoringSession":
-        """LoRA of `lora_config` injected into `base` (on `device`), the examples tokenized."""
+        """LoRA of `lora_config` injected into `base` (on `device`), the examples tokenized,
+        the precision chosen (dtype "auto": measured at w = 0, probe.py)."""
         model = _peft_model(base, lora_config, device)
-        precision = precision.for_model(model)
-        int8 = Int8Linears(model) if precision.int8 else None
         params = lora_params(model)
         layout = layout_of(params)
-        flat = bind_flat(params, layout, device)
+        flat = bind_flat(params, layout, device)  # zero: w = 0
         batches = encoder_batches(model, tokenize_examples(
             examples, tokenizer, bool(model.config.is_encoder_decoder),
             config.max_length or default_max_length(tokenizer, model),
             config.batch_size or len(examples), device))
-        return cls(model, tokenizer, layout, flat, batches, len(examples), precision, int8,
+
+        def loss_at(copies):
+            with scoring(copies):
+                return few_shot_loss(model, batches, len(examples), config.objective, loss_fn)
+        precision, copies = choose(precision, model, loss_at, batches,
+                                   config.candidates_per_step, device)
+        return cls(model, tokenizer, layout, flat, batches, len(examples), precision, copies,
                    config, device, loss_fn, regularizer)
 
     def for_product(self, lora_config: dict) -> "ScoringSession":
         """The session with LoRA re-injected as `lora_config` (product_config's rank N*r) into
-        the same base (no second copy of its weights; the int8 copies kept), its parameters
+        the same base (no second copy of its weights; the low-precision copies kept), its parameters
         views of a new flat buffer with every A first (product_order)."""
         model = _peft_model(self.model.unload(), lora_config, self.device)
-        int8 = Int8Linears(model, reuse=self.int8) if self.int8 is not None else None
+        copies = (LinearCopies(model, self.copies.low, reuse=self.copies)
+                  if self.copies is not None else None)
         params = product_order(lora_params(model))
         layout = layout_of(params)
-        return dataclasses.replace(self, model=model, layout=layout, int8=int8,
+        return dataclasses.replace(self, model=model, layout=layout, copies=copies,
                                    flat=bind_flat(params, layout, self.device))
 
     def mixing(self, chosen: list[ExpertHandle]) -> tuple["ScoringSession", Stack, dict, float]:
@@ -150,16 +160,16 @@ class ScoringSession:
         """The task loss of mixes of `stack`'s experts, candidates_per_step per forward."""
         return Scorer(self.model, stack, self.flat, self.batches, self.n_examples,
                       self.config.objective, self.loss_fn, self.config.candidates_per_step,
-                      self.int8)
+                      self.copies)
 
     def search_loss(self, stack: Stack) -> "SearchLoss":
-        return SearchLoss(self.scorer(stack), self.regularize)
+        return SearchLoss(self.scorer(stack), self.regularize, self.precision.zero_loss)
 
     def loss_alone(self, handle: ExpertHandle) -> float:
         """The task loss of one expert alone, written into the model's own LoRA buffer (left
         at zero after)."""
         write_expert(self.flat, handle, handle.load(), self.layout)
-        with scoring(self.int8):
+        with scoring(self.copies):
             loss = few_shot_loss(self.model, self.batches, self.n_examples,
                                  self.config.objective, self.loss_fn)
         self.flat.zero_()
@@ -176,13 +186,17 @@ class SearchLoss:
     regularizer of its w."""
     scorer: Scorer
     regularize: Callable[[np.ndarray], float]
+    zero_task_loss: float | None = None  # measured already (Precision.zero_loss)
 
     def __call__(self, ws: np.ndarray) -> list[float]:
         return [loss + self.regularize(w) for loss, w in zip(self.scorer.score_candidates(ws), ws)]
 
     def at_zero(self, n: int) -> float:
-        """The loss of no composition (w = 0); the scorer's timings then restart, so that they
-        count the search's steps only."""
+        """The loss of no composition (w = 0), from the probe's forward where it ran one in
+        this precision; the scorer's timings then restart, so that they count the search's
+        steps only."""
+        if self.zero_task_loss is not None:
+            return self.zero_task_loss + self.regularize(np.zeros(n))
         loss = self(np.zeros((1, n)))[0]
         self.scorer.reset_timings()
         return loss
