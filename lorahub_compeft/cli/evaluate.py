@@ -187,8 +187,7 @@ def cmd_demo(args) -> int:
     apply_threads(args)
     from lorahub_compeft.io.files import atomic_write_text, check_file_target
     from lorahub_compeft.zoo.artifacts import ARTIFACTS, Zoo
-    from lorahub_compeft.zoo.demo import format_table, run_demo
-    from lorahub_compeft.zoo.demo import check_methods, format_methods_table
+    from lorahub_compeft.zoo.demo import check_methods, format_methods_table, format_table, run_demo
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if methods is not None:  # before loading anything
         check_methods(methods)
