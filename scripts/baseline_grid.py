@@ -105,12 +105,21 @@ def label(row: dict) -> str:
     return row["method"] + (f" ({mix})" if "mix" in fields else "")
 
 
+def common_cells(rows: list[dict]) -> list[dict]:
+    """The rows of the (task, seed) pairs that every method setting has (a table run in part)."""
+    pairs: dict[str, set] = {}
+    for r in rows:
+        pairs.setdefault(label(r), set()).add((r["task"], r["seed"]))
+    common = set.intersection(*pairs.values()) if pairs else set()
+    return [r for r in rows if (r["task"], r["seed"]) in common]
+
+
 def methods_table(rows: list[dict]) -> str:
     """Per method setting: mean over tasks of the seed average, the per-task seed std, the seed
     with the lowest few-shot loss ('–' for methods without one) and the best seed on the
-    evaluation rows; mean seconds per cell."""
+    evaluation rows; mean seconds per cell; the tasks and seeds it holds."""
     lines = ["| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
-             "s per cell |", "|---|---|---|---|---|---|"]
+             "s per cell | tasks × seeds |", "|---|---|---|---|---|---|---|"]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(label(r), []).append(r)
@@ -124,7 +133,8 @@ def methods_table(rows: list[dict]) -> str:
         lines.append(f"| {name} | {statistics.fmean(map(statistics.fmean, ems)):.1f} | "
                      f"{statistics.fmean(statistics.stdev(e) if len(e) > 1 else 0.0 for e in ems):.1f} | "
                      f"{picked} | {statistics.fmean(map(max, ems)):.1f} | "
-                     f"{statistics.fmean(r['seconds'] for r in rs):.1f} |")
+                     f"{statistics.fmean(r['seconds'] for r in rs):.1f} | "
+                     f"{len(tasks)} × {len({r['seed'] for r in rs})} ({len(rs)} cells) |")
     return "\n".join(lines)
 
 
@@ -157,6 +167,8 @@ def main(argv=None):
     parser.add_argument("--report", nargs="*", metavar="DIR",
                         help="compute nothing: the table of the cells asked for that --out and "
                              "these other run folders hold (a long table run in parts)")
+    parser.add_argument("--common", action="store_true",
+                        help="with --report: only the (task, seed) pairs every method holds")
     args = parser.parse_args(argv)
     demo = args.split == "demo"
     if not demo and set(args.seeds) & set(range(1, 6)):
@@ -199,6 +211,7 @@ def main(argv=None):
         held = {r["key"]: r for folder in [args.out, *args.report]
                 for r in read_results(Path(folder) / "results.jsonl")}
         rows = [held[k] for k in map(setting_key, (c.setting() for c in cells)) if k in held]
+        rows = common_cells(rows) if args.common else rows
     for kind in ("zoo", "bbh"):
         mine = [r for r in rows if r["setting"]["data"]["source"] == kind]
         if not mine:
