@@ -14,6 +14,8 @@ inputs once and prints one side-by-side table.
 
     python scripts/bench_compose.py --quick                        # tiny T5, budget 5, < 2 min
     python scripts/bench_compose.py --model flan-t5-large-shape --reference-path /work/bench_env
+    python scripts/bench_compose.py --n-experts 3 --library-sizes 3 --methods ours-dense,ours-compeft \
+        --mix product          # a step's cost in each mix (the reference always mixes factors)
 
 The reference is not a dependency of this project: install it beside it with
 `pip install --no-deps --target DIR lorahub pandas pytz tzdata` and pass --reference-path DIR (or
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from lorahub_compeft.config import MIXES
 
 # Ours: which experts (dense PEFT dirs or ComPEFT files) and compose()'s forward options;
 # "ours-compeft" is the default settings (dtype="auto", one candidate per forward).
@@ -251,7 +255,8 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
     # Expert files open lazily (header only); compose decodes each once into its stack and
     # releases the decoded copy. Whatever the expert objects still hold counts with the stack.
     experts = [load_expert(p) for p in spec["compeft"]] if compressed else spec["experts"]
-    options = dict(n_experts=spec["n"], seed=spec["seed"], objective="lorahub", progress=False)
+    options = dict(n_experts=spec["n"], seed=spec["seed"], objective="lorahub", mix=spec["mix"],
+                   progress=False)
     start = time.perf_counter()
     result = compose(experts, spec["examples"], model=spec["base"], budget=spec["budget"],
                      **options, **forward_options)
@@ -259,7 +264,7 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
     t = result.timings
     row = {"steps": t["steps"], "forwards": t["forwards"], "mix_s": t["mix"] / t["forwards"],
            "forward_s": t["forward"] / t["forwards"],
-           "dtype": result.precision,
+           "dtype": result.precision, "mix": result.mix,
            "k": forward_options.get("candidates_per_step", 1),
            "steps_s": t["mix"] + t["forward"] + t["optimizer"], "wall_s": wall,
            "peak_rss_mb": peak_rss_mb(), "best_loss": result.best_loss,
@@ -294,7 +299,7 @@ def run_select(spec: dict) -> dict:
     start = time.perf_counter()
     result = compose(library, spec["examples"], model=spec["base"], names=names,
                      n_experts=spec["select_n"], select="loss", seed=spec["seed"],
-                     budget=spec["budget"], objective="lorahub", progress=False)
+                     budget=spec["budget"], objective="lorahub", mix=spec["mix"], progress=False)
     wall = time.perf_counter() - start
     t = result.timings
     search = t["mix"] + t["forward"] + t["optimizer"]
@@ -371,7 +376,7 @@ def ratios(rows: dict) -> dict:
 def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
     print(f"\n### LoraHub composition: {config['model']}, N={config['n']}, "
           f"{len(EXAMPLES)} examples, budget {config['budget']}, seed {config['seed']}, "
-          f"{config['threads']} thread(s)\n")
+          f"{config['threads']} thread(s), ours mixing {config['mix']}\n")
     head = ["method", "dtype", "K", "forwards", "mix ms/forward", "forward ms/forward",
             "steps s", "wall s", "peak RSS MB", f"experts MB (N={config['n']})", "best loss"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -436,6 +441,10 @@ def main(argv=None) -> None:
                         help="a directory holding the lorahub package (default: $LORAHUB_REF_PATH, "
                              "else a plain import)")
     parser.add_argument("--methods", default=",".join(METHODS + (SELECT,)))
+    parser.add_argument("--mix", choices=MIXES, default="factors",
+                        help="how our methods combine the experts: factors (LoraHub's, default) or "
+                             "product (sum w_i s B_i A_i, a rank-N*r LoRA); the reference mixes "
+                             "factors")
     parser.add_argument("--select-from", type=int, default=196,
                         help=f"{SELECT}: candidates L, the first L of the largest library")
     parser.add_argument("--select-n", type=int, default=3,
@@ -462,7 +471,8 @@ def main(argv=None) -> None:
             Path.home() / ".cache" / "lorahub-compeft" / "bench-compose" / args.model)
         paths = build_inputs(work, args.model, args.n_experts, sizes, args.density, args.seed)
         config = {"model": args.model, "n": args.n_experts, "budget": args.budget,
-                  "seed": args.seed, "density": args.density, "threads": args.threads}
+                  "seed": args.seed, "density": args.density, "threads": args.threads,
+                  "mix": args.mix}
         spec = dict(config, examples=EXAMPLES, reference_path=args.reference_path,
                     base=str(paths["base"]), experts=[str(p) for p in paths["experts"]],
                     compeft=[str(p) for p in paths["compeft"]],

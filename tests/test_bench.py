@@ -72,3 +72,19 @@ def test_bench_compose_quick(tmp_path):
     # A header and one row per method; the library table has the reference and the two
     # methods measured on libraries; the selection table a header and one row.
     assert len(table) == (1 + 7) + (1 + 3) + (1 + 1)
+
+
+def test_bench_compose_mixes_products_when_asked(tmp_path):
+    """--mix product: our methods compose in product space (the reference has no such mode and
+    is not asked for), and the report says which mix ran."""
+    out = tmp_path / "compose.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_compose.py"), "--quick",
+                           "--mix", "product", "--n-experts", "3", "--library-sizes", "3",
+                           "--methods", "ours-dense,ours-compeft", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["mix"] == "product" and set(report["rows"]) == {"ours-dense", "ours-compeft"}
+    for row in report["rows"].values():
+        assert row["mix"] == "product" and row["steps"] == 5 and row["mix_s"] > 0
+    assert "ours mixing product" in proc.stdout

@@ -164,14 +164,21 @@ def _add_demo_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="all", help="comma-separated held-out zoo tasks (default all)")
     p.add_argument("--seeds", type=parse_seeds, default=[1], help="e.g. 1-5 (default 1)")
-    p.add_argument("--select", choices=("random", "loss"), default="random",
+    p.add_argument("--select", choices=("random", "loss"),
                    help="random: LoraHub's protocol, N experts drawn with the seed (default, the "
                         "table in README); loss: the package's, every expert scored alone and "
                         "the N with the lowest few-shot loss composed (ComPEFT at the default "
                         f"compression: k={CompeftOptions().density}, alpha auto, per "
                         "tensor)")
+    from lorahub_compeft.eval.methods import METHODS
+    p.add_argument("--methods",
+                   help="instead of --select's three, these of the runner's methods side by "
+                        f"side (comma-separated, of {', '.join(METHODS)}); -n, --budget and "
+                        "--mix go to those that take them, compeft compresses at the zoo's "
+                        "shipped setting, every other parameter is the method's default")
     p.add_argument("-n", "--n-experts", type=count_option("n_experts"),
-                   help="experts to compose (default 20 with --select random, 3 with loss)")
+                   help="experts to compose (default 20 with --select random, 3 with loss; "
+                        "with --methods each method's own)")
     p.add_argument("--budget", type=count_option("budget"), default=40,
                    help="optimizer evaluations (default 40)")
     add_mix_option(p)
@@ -191,23 +198,35 @@ def cmd_demo(args) -> int:
     apply_threads(args)
     from lorahub_compeft.io.files import atomic_write_text, check_file_target
     from lorahub_compeft.zoo.artifacts import ARTIFACTS, Zoo
-    from lorahub_compeft.zoo.demo import format_table, run_demo
+    from lorahub_compeft.zoo.demo import check_methods, format_methods_table, format_table, run_demo
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    if methods is not None:  # before loading anything
+        check_methods(methods)
+        if args.select:
+            raise ValueError("--select picks the demo's three methods and --methods names its "
+                             "own; give one of them (select or lorahub in --methods)")
     if args.json:  # before minutes of work, not after
         check_file_target(args.json, args.force)
     start = time.perf_counter()
     tasks = None if args.tasks == "all" else args.tasks.split(",")
     zoo = Zoo.load(args.zoo or ARTIFACTS)  # checks every file against the manifest
     from lorahub_compeft.config import DEFAULT_N
-    n_experts = args.n_experts or DEFAULT_N[args.select]
+    select = args.select or "random"
+    n_experts = args.n_experts if methods else args.n_experts or DEFAULT_N[select]
     rows = run_demo(zoo, tasks, args.seeds, n_experts, args.budget, n_eval=args.n_eval,
-                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=args.select,
-                    mix=args.mix)
-    c = zoo.compression if args.select == "random" else dataclasses.asdict(CompeftOptions())
-    setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
-    setting += "; N chosen by few-shot loss" if args.select == "loss" else "; N drawn at random"
-    setting += f"; mix {args.mix}" if args.mix else ""
-    print(format_table(rows, setting))
-    print(f"\n{len(rows)} cells, N={n_experts} experts, budget {args.budget}, seeds "
+                    bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=select,
+                    mix=args.mix, methods=methods)
+    if methods:
+        print(format_methods_table(rows, methods))
+    else:
+        c = zoo.compression if select == "random" else dataclasses.asdict(CompeftOptions())
+        setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
+        setting += "; N chosen by few-shot loss" if select == "loss" else "; N drawn at random"
+        setting += f"; mix {args.mix}" if args.mix else ""
+        print(format_table(rows, setting))
+    experts = f"N={n_experts} experts" if n_experts else "N each method's default"
+    print(f"\n{len(rows)} cells, {experts}, budget {args.budget}, "
+          f"{f'mix {args.mix}, ' if args.mix else ''}seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=1) + "\n")

@@ -2,13 +2,15 @@
 
 The experiment runner over the zoo's generated held-out tasks (and, with a BBH directory, the
 real BBH tasks they mirror): per task and seed, zero-shot, the composition of N dense experts
-and the composition of the same N ComPEFT experts, with the one model the zoo loads.
+and the composition of the same N ComPEFT experts, with the one model the zoo loads; or, with
+`methods`, any of the runner's registered methods side by side.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
-from lorahub_compeft.eval.methods import make_method
+from lorahub_compeft.eval.methods import METHODS, make_method, method_options
 from lorahub_compeft.eval.worker import Worker
 from lorahub_compeft.eval.cells import plan
 from lorahub_compeft.eval.runner import run
@@ -24,24 +26,33 @@ DEMO_METHODS = (("zeroshot", "zeroshot"), ("lorahub", "dense"), ("compeft", "com
 def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
              n_experts: int = 20, budget: int = 40, shots: int = 5, n_eval: int = 100,
              bbh_dir: str | None = None, max_bbh_eval: int | None = None,
-             progress: bool = True, select: str = "random", mix: str | None = None
-             ) -> list[dict]:
+             progress: bool = True, select: str = "random", mix: str | None = None,
+             methods: list[str] | None = None) -> list[dict]:
     """One row per (task, seed) with the three methods' EM, their weights and bytes.
     select="random": LoraHub's protocol (the zoo's shipped ComPEFT setting); "loss": the
     package's (experts chosen by few-shot loss, ComPEFT at the default compression).
-    mix: how w combines the experts (None: each method's default)."""
+    mix: how w combines the experts (None: each method's default).
+    methods: these registered methods instead (a column each, named by the method), each with
+    n_experts (None: its own default), budget and mix where it takes them; `compeft` at the
+    zoo's shipped compression, as in the default table."""
     tasks = list(tasks or task_names("heldout"))
     pool = zoo.pool()
-    if not 1 <= n_experts <= len(pool):
+    if n_experts is not None and not 1 <= n_experts <= len(pool):
         raise ValueError(f"--n-experts must be between 1 and {len(pool)} (the zoo's "
                          f"experts), got {n_experts}")
-    compose = {"n_experts": n_experts, "budget": budget, **({"mix": mix} if mix else {})}
-    if select == "loss":
-        methods = [make_method("zeroshot"), make_method("select", **compose),
-                   make_method("select-compeft", **compose)]
+    compose = {"n_experts": n_experts, "budget": budget, "mix": mix}
+    compose = {k: v for k, v in compose.items() if v is not None}
+    if methods is not None:
+        check_methods(methods)
+        columns = {m: m for m in methods}
+        methods = [make_method(m, **method_options(m, compose),
+                               **(zoo.compression if m == "compeft" else {})) for m in methods]
     else:
-        methods = [make_method("zeroshot"), make_method("lorahub", **compose),
-                   make_method("compeft", **compose, **zoo.compression)]
+        columns = dict(DEMO_METHODS)
+        protocol = ("select", "select-compeft") if select == "loss" else ("lorahub", "compeft")
+        methods = [make_method("zeroshot"), make_method(protocol[0], **compose),
+                   make_method(protocol[1], **compose,
+                               **(zoo.compression if select != "loss" else {}))]
     model = str(zoo.root / "base")
     cells = plan(ZooBenchmark(shots, n_eval), tasks, list(seeds), methods, model, pool)
     mirrored = [get_task(t).bbh_task for t in tasks if get_task(t).bbh_task]
@@ -49,13 +60,24 @@ def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
         cells += plan(BBHBenchmark(bbh_dir, shots, max_bbh_eval), mirrored, list(seeds), methods,
                       model, pool)
     rows = run(cells, worker=Worker(preloaded=zoo.base), progress=progress)
-    return _demo_rows(rows, n_experts)
+    return _demo_rows(rows, columns)
 
 
-def _demo_rows(rows: list[dict], n_experts: int) -> list[dict]:
-    """The runner's rows (one per method) as the demo's (one per task and seed)."""
+def check_methods(names: list[str]) -> None:
+    """A one-line error that lists the registered methods, unless `names` are some of them,
+    each once."""
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names or len(set(names)) < len(names):
+        problem = (f"no method {', '.join(map(repr, unknown))}" if unknown else
+                   "no method given" if not names else "a method named twice")
+        raise ValueError(f"--methods: {problem}; give a comma-separated list of "
+                         f"{', '.join(METHODS)}")
+
+
+def _demo_rows(rows: list[dict], columns: dict[str, str]) -> list[dict]:
+    """The runner's rows (one per method) as the demo's (one per task and seed); a method's
+    weights, bytes per expert read and mix under its column's name."""
     out: dict[tuple, dict] = {}
-    columns = dict(DEMO_METHODS)
     for r in rows:
         label = (f"BBH {r['task']} (real)" if r["setting"]["data"]["source"] == "bbh"
                  else r["task"])
@@ -66,8 +88,32 @@ def _demo_rows(rows: list[dict], n_experts: int) -> list[dict]:
         row["seconds"] += r["seconds"]
         if "weights" in r:
             row[f"{column}_weights"] = dict(zip((e["name"] for e in r["experts"]), r["weights"]))
-            row[f"{column}_bytes"] = r["bytes_read"] / r.get("files_read", n_experts)
+        if "mix" in {f.name for f in dataclasses.fields(METHODS[r["method"]].Params)}:
+            row[f"{column}_mix"] = r["setting"]["params"].get("mix", "factors")  # keyed unless factors
+        if "bytes_read" in r:
+            row[f"{column}_bytes"] = r["bytes_read"] / r["files_read"]
     return list(out.values())
+
+
+def format_methods_table(rows: list[dict], methods: list[str]) -> str:
+    """Per task: each method's EM, mean ± std over seeds; then the mean over the zoo's
+    held-out tasks."""
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    lines = [f"| task | {' | '.join(methods)} | s/seed |", "|---" * (len(methods) + 2) + "|"]
+    for task, rs in by_task.items():
+        cells = [_mean_std([r[m] for r in rs]) for m in methods]
+        lines.append(f"| {task} | {' | '.join(cells)} | "
+                     f"{statistics.fmean(r['seconds'] for r in rs):.1f} |")
+    zoo_rows = [r for r in rows if not r["task"].startswith("BBH ")]
+    if zoo_rows:
+        tasks = sorted({r["task"] for r in zoo_rows})
+        means = [statistics.fmean(statistics.fmean(r[m] for r in zoo_rows if r["task"] == t)
+                                  for t in tasks) for m in methods]
+        lines.append(f"| **mean of {len(tasks)} zoo held-out tasks** | "
+                     f"{' | '.join(f'**{x:.1f}**' for x in means)} | |")
+    return "\n".join(lines)
 
 
 def _mean_std(values: list[float]) -> str:
