@@ -24,6 +24,9 @@ The ComPEFT experts are compressed here, in memory, from the zoo's shipped dense
     python scripts/protocols.py --split demo --seeds 1-5
     python scripts/protocols.py --split validation --seeds 101-105 --mix factors,product \
         --methods select-dense,select-compeft   (each mix a row; rows without one are factors)
+    python scripts/protocols.py --split validation --seeds 101-105 --budgets 40,auto,20,40:5 \
+        --methods select-dense,select-compeft   (the search's budget, and B:P budget B with
+        patience P; rows without one ran budget 40 to the end)
 """
 from __future__ import annotations
 
@@ -77,8 +80,14 @@ def compressed_library(zoo: Zoo, density: float, alpha, per_tensor: bool) -> dic
                         name=n) for n in zoo.library.names()}
 
 
+def parse_budget(text: str) -> tuple[int | str, int | None]:
+    """'40', 'auto' or 'B:P' (budget B, patience P) -> (budget, patience)."""
+    budget, _, patience = text.partition(":")
+    return (budget if budget == "auto" else int(budget)), (int(patience) if patience else None)
+
+
 def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None,
-               mix: str) -> dict:
+               mix: str, budget=(40, None)) -> dict:
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     if method == "zeroshot":
@@ -90,9 +99,12 @@ def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | N
         [zoo.dense_dir(x) for x in names]
     select = "random" if method.startswith("lorahub") else "loss"
     result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer, n_experts=n,
-                     select=select, seed=seed, budget=40, mix=mix, progress=False)
+                     select=select, seed=seed, budget=budget[0], patience=budget[1], mix=mix,
+                     progress=False)
     em = exact_match(result.generate(inputs, 8, batch_size=64), targets)
     return {"em": em, "loss": result.best_loss, "experts": result.experts,
+            "steps": result.timings["steps"], "forwards": result.timings["forwards"],
+            "select_forwards": len(result.selection.scores),
             "seconds": time.perf_counter() - start}
 
 
@@ -141,15 +153,28 @@ def mix_of(row: dict) -> str:
     return row.get("mix", "factors")  # rows written before the mix was recorded mixed factors
 
 
+def budget_of(row: dict) -> str:
+    return row.get("budget", "40")  # rows written before the budget was recorded ran 40
+
+
 def print_table(rows: list[dict], title: str) -> None:
     label = lambda r: (f"{r['method']} N={r['n']}" + (f" k={r['density']}" if r["density"] else "")
-                       + ("" if r["method"] == "zeroshot" else f" mix={mix_of(r)}"))
+                       + ("" if r["method"] == "zeroshot" else f" mix={mix_of(r)}")
+                       + ("" if r["method"] == "zeroshot" or budget_of(r) == "40"
+                          else f" budget={budget_of(r)}"))
     print(f"\n### {title} (mean EM over the held-out zoo tasks)\n")
     print("| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
           "s per cell |\n|---|---|---|---|---|---|")
     for name, s in summarize(rows, label).items():
         print(f"| {name} | {s['mean']:.1f} | {s['std']:.1f} | {s['loss_picked']:.1f} | "
               f"{s['oracle']:.1f} | {s['seconds']:.1f} |")
+    counted = [r for r in rows if "forwards" in r]
+    if counted:
+        print("\n| method | search forwards | selection forwards |\n|---|---|---|")
+        for name in sorted({label(r) for r in counted}):
+            mine = [r for r in counted if label(r) == name]
+            print(f"| {name} | {statistics.fmean(r['forwards'] for r in mine):.1f} | "
+                  f"{statistics.fmean(r['select_forwards'] for r in mine):.1f} |")
 
 
 def main(argv=None):
@@ -164,6 +189,9 @@ def main(argv=None):
     parser.add_argument("--alpha", type=number_or_auto, default=CompeftOptions().alpha,
                         help="the ComPEFT experts' alpha (a number or 'auto'; default: the "
                              "package default)")
+    parser.add_argument("--budgets", default="40",
+                        help="comma-separated search budgets to run each setting with: a "
+                             "number, auto (the package default), or B:P (budget B, patience P)")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--methods", help="only these methods (comma-separated)")
@@ -181,7 +209,7 @@ def main(argv=None):
     # rows written before alpha was recorded match no setting and are computed again).
     # The mix: each setting once per mix asked for (zero-shot mixes nothing: "factors").
     setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"),
-                         mix_of(r))
+                         mix_of(r), budget_of(r))
     seen = {(r["task"], r["seed"], *setting(r)) for r in done}
     alpha_of = lambda k: None if k is None else args.alpha
     densities = [float(k) for k in args.densities.split(",")]
@@ -189,30 +217,38 @@ def main(argv=None):
     mixes = args.mix.split(",")
     if not set(mixes) <= set(MIXES):
         parser.error(f"--mix: use factors, product or both, got {args.mix!r}")
-    configs = [(m, n, k, mix) for m, n, k in configs_for(args.sweep, densities, ns)
+    budgets = args.budgets.split(",")
+    for b in budgets:
+        try:
+            parse_budget(b)
+        except ValueError:
+            parser.error(f"--budgets: {b!r} is not a number, auto or B:P")
+    configs = [(m, n, k, mix, b) for m, n, k in configs_for(args.sweep, densities, ns)
                if not args.methods or m in args.methods.split(",")
-               for mix in (["factors"] if m == "zeroshot" else mixes)]
+               for mix in (["factors"] if m == "zeroshot" else mixes)
+               for b in (["40"] if m == "zeroshot" else budgets)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     libraries: dict = {}
     for seed in args.seeds:  # seed-major: a cut-short run still covers every task
         for task in tasks:
             few, rest = task_data(task, seed, args.split)
-            for method, n, k, mix in configs:
-                if (task, seed, method, n, k, alpha_of(k), mix) in seen:
+            for method, n, k, mix, b in configs:
+                if (task, seed, method, n, k, alpha_of(k), mix, b) in seen:
                     continue
                 if k is not None and k not in libraries:
                     libraries[k] = compressed_library(zoo, k, args.alpha,
                                                       CompeftOptions().per_tensor)
-                row = run_method(zoo, method, few, rest, seed, n, libraries.get(k), mix)
+                row = run_method(zoo, method, few, rest, seed, n, libraries.get(k), mix,
+                                 parse_budget(b))
                 row = dict(row, task=task, seed=seed, method=method, n=n, density=k,
-                           alpha=alpha_of(k), mix=mix)
+                           alpha=alpha_of(k), mix=mix, budget=b)
                 with path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 done.append(row)
-                print(f"{task} s{seed} {method} N={n} k={k} {mix}: {row['em']:.1f} "
+                print(f"{task} s{seed} {method} N={n} k={k} {mix} budget {b}: {row['em']:.1f} "
                       f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    wanted = {(m, n, k, alpha_of(k), mix) for m, n, k, mix in configs}
+    wanted = {(m, n, k, alpha_of(k), mix, b) for m, n, k, mix, b in configs}
     rows = [r for r in done if setting(r) in wanted
             and r["task"] in tasks and r["seed"] in args.seeds]
     print_table(rows, f"{args.split} split, seeds {','.join(map(str, args.seeds))}")

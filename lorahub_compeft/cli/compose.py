@@ -1,18 +1,29 @@
 """`compose`: learn a mix of experts for a new task from a few examples."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_select_options, add_threads_option, apply_threads,
                                          positive_int, read_experts_file)
-from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig
+from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig, budget_or_auto
+
+
+def budget_flag(text: str) -> int | str:
+    """--budget: a positive integer or auto (argparse's error names the fix)."""
+    try:
+        return budget_or_auto(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
 
 # compose()'s settings besides --select and -n (add_select_options), as flags: the flag and how
 # argparse reads it. Default and help come from config.ComposeConfig, so that `compose` with no
 # flags is compose() with no options.
 CONFIG_FLAGS = {
-    "budget": ("--budget", {"type": positive_int}),
+    "budget": ("--budget", {"type": budget_flag}),
+    "patience": ("--patience", {"type": positive_int}),
     "seed": ("--seed", {"type": int}),
     "restarts": ("--restarts", {"type": positive_int}),
     "optimizer": ("--optimizer", {}),

@@ -10,6 +10,7 @@ from pathlib import Path
 from lorahub_compeft.cli.options import (add_codec_flags, add_dtype_option, add_threads_option,
                                          apply_threads, parse_seeds, read_experts_file, shown,
                                          WholeWordsHelp)
+from lorahub_compeft.cli.compose import budget_flag
 from lorahub_compeft.codecs.base import choose
 from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions
 
@@ -62,7 +63,9 @@ def _add_bbh_parsers(sub) -> None:
         title="ComPEFT compression of the compeft methods")
     p.add_argument("--restarts", type=int,
                    help="select*: searches from different starts, kept by few-shot loss (default 1)")
-    p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
+    p.add_argument("--budget", type=budget_flag,
+                   help="optimizer evaluations per search, or auto (default: 40 for "
+                        "lorahub/compeft, auto for select*)")
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="composition objective (default paper)")
     p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
@@ -162,7 +165,9 @@ def _add_demo_parser(sub) -> None:
                         "tensor)")
     p.add_argument("-n", "--n-experts", type=int,
                    help="experts to compose (default 20 with --select random, 3 with loss)")
-    p.add_argument("--budget", type=int, default=40, help="optimizer evaluations (default 40)")
+    p.add_argument("--budget", type=budget_flag,
+                   help="optimizer evaluations per search, or auto (default: 40 with --select "
+                        "random, auto with loss)")
     add_mix_option(p)
     p.add_argument("--eval", type=int, default=100, dest="n_eval",
                    help="evaluation examples per task (default 100)")
@@ -196,7 +201,7 @@ def cmd_demo(args) -> int:
     setting += "; N chosen by few-shot loss" if args.select == "loss" else "; N drawn at random"
     setting += f"; mix {args.mix}" if args.mix else ""
     print(format_table(rows, setting))
-    print(f"\n{len(rows)} cells, N={n_experts} experts, budget {args.budget}, seeds "
+    print(f"\n{len(rows)} cells, N={n_experts} experts, budget {args.budget or 'default'}, seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=1) + "\n")

@@ -33,7 +33,9 @@ class CompositionResult:
     losses: the objective at each step (non-finite ones as measured). timings, in seconds:
     decode (reading/decoding the chosen experts), setup (model load and LoRA injection), and
     over all steps: mix (w @ E into the LoRA buffer), forward (the loss), optimizer (nevergrad's
-    ask/tell and the rest of the loop); select (choosing the experts); steps = budget x restarts.
+    ask/tell and the rest of the loop); select (choosing the experts); steps: the evaluations
+    of all restarts (budget x restarts, fewer when the patience stop ends a search); forwards
+    and select_forwards: the model forwards of the search and of selection's exact scores.
     selection: how the experts were chosen and their scores; restart_losses: each restart's best.
     precision: how the search ran the base ("float32", "bfloat16", "int8": losses from int8
     copies of its linear layers; the composed model itself is never int8).
@@ -134,6 +136,8 @@ class CompositionResult:
                 "zero_loss": self.zero_loss, "restart_losses": self.restart_losses,
                 "objective": self.objective, "optimizer": self.optimizer,
                 "precision": self.precision, "mix": self.mix,
+                "forwards": {k: self.timings.get(k) for k in ("steps", "forwards",
+                                                              "select_forwards")},
                 "selection": self.selection.to_json() if self.selection else None}
 
     def merged_model(self):
