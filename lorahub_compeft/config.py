@@ -91,7 +91,7 @@ WEIGHTINGS = ("search", "uniform")  # how w is set: learnt by the search, or 1/N
 # its initial simplex, so the rest of the budget scales with N + 1.
 AUTO_BUDGET_PER_WEIGHT = 5   # budget auto = min(40, AUTO_BUDGET_PER_WEIGHT * (N + 1))
 AUTO_BUDGET_CAP = 40
-AUTO_PATIENCE = 5            # with budget auto: stop after this many steps without improvement
+AUTO_PATIENCE = 6            # with budget auto: stop after this many steps without improvement
 
 
 def auto_budget(n_experts: int) -> int:
