@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import support
-from lorahub_compeft.cli import options as cli
+from lorahub_compeft.io.threads import idle_cores
 from lorahub_compeft.compose.composer import compose
 
 
@@ -35,7 +35,7 @@ def test_without_threads_a_busy_machine_gets_only_its_idle_cores(lora_dir, busy_
     compose([str(lora_dir)], support.constant_task("red"), budget=2, loss_fn=threads_seen(seen),
             progress=False)
     assert seen and set(seen) == {1}  # as the command line would choose:
-    assert cli.idle_cores() == 1
+    assert idle_cores() == 1
     assert torch.get_num_threads() == 4  # the caller's setting, back
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import human_bytes
-from lorahub_compeft.io.threads import choose_threads, idle_cores  # noqa: F401
+from lorahub_compeft.io.threads import choose_threads
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
