@@ -99,19 +99,6 @@ def auto_budget(n_experts: int) -> int:
     return min(AUTO_BUDGET_CAP, AUTO_BUDGET_PER_WEIGHT * (n_experts + 1))
 
 
-def budget_or_auto(text: str) -> int | str:
-    """'auto' or a positive integer (how --budget is read)."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"budget must be a positive integer or 'auto', got {text!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class ComposeConfig:
     """compose()'s settings: which experts, how their weights are searched, how the search runs
@@ -180,6 +167,32 @@ class ComposeConfig:
         return cls.__dataclass_fields__[name].metadata["help"]
 
 
+# The range of each count ComposeConfig holds: below 1 nothing runs, and the cap refuses a
+# mistyped value (restarts 1e12 searched for ever, candidates_per_step 1e9 asks for terabytes)
+# before any model is loaded. Each cap is far above what a run on the zoo or BBH uses.
+COUNT_LIMITS = {  # field: (the most, what it counts)
+    "n_experts": (1000, "experts to compose"),
+    "restarts": (100, "searches"),
+    "budget": (10_000, "optimizer evaluations per search, or 'auto'"),
+    "patience": (10_000, "steps without improvement before a search stops"),
+    "candidates_per_step": (256, "candidates per forward"),
+    "batch_size": (65_536, "examples per forward"),
+    "max_length": (1_000_000, "tokens per example"),
+    "threads": (4096, "torch threads"),
+}
+OPTIONAL_COUNTS = ("n_experts", "patience", "batch_size", "max_length", "threads")  # None: default
+
+
+def count_problem(name: str, value, optional: bool = False) -> str | None:
+    """What is wrong with `value` for the count `name` of COUNT_LIMITS, as one line; None if
+    nothing (`optional`: None means the default)."""
+    most, what = COUNT_LIMITS[name]
+    if value is None and optional or _integer(value) and 1 <= value <= most:
+        return None
+    return (f"{name} must be a positive integer of at most {most:,} ({what}), got {value!r}"
+            + ("; or None for the default" if optional else ""))
+
+
 def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -206,20 +219,13 @@ def _compose_problem(c: ComposeConfig) -> str | None:
         return f"unknown mix {c.mix!r}; use one of {', '.join(MIXES)}"
     if c.weights not in WEIGHTINGS:
         return f"unknown weights {c.weights!r}; use one of {', '.join(WEIGHTINGS)}"
-    counts = {"n_experts": "experts to compose", "restarts": "searches",
-              "budget": "optimizer evaluations per search, or 'auto'",
-              "patience": "steps without improvement before a search stops",
-              "candidates_per_step": "candidates per forward",
-              "batch_size": "examples per forward", "max_length": "tokens per example",
-              "threads": "torch threads"}
-    optional = ("n_experts", "patience", "batch_size", "max_length", "threads")  # None: default
-    for name, what in counts.items():
+    for name in COUNT_LIMITS:
         value = getattr(c, name)
         if name == "budget" and value == "auto":
             continue
-        if (value is not None or name not in optional) and (not _integer(value) or value < 1):
-            return (f"{name} must be a positive integer ({what}), got {value!r}"
-                    + ("; or None for the default" if name in optional else ""))
+        problem = count_problem(name, value, optional=name in OPTIONAL_COUNTS)
+        if problem:
+            return problem
     if not _integer(c.seed) or not 0 <= c.seed < 2 ** 32:
         return f"seed must be an integer in [0, 2**32), got {c.seed!r}"
     if not _number(c.l1) or c.l1 < 0:

@@ -17,6 +17,7 @@ per module, majority sign "total"); a test checks both against it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from lorahub_compeft.io.adapters import Adapter
 from lorahub_compeft.codecs.ere import lora_modules, lora_scaling
 from lorahub_compeft.compose.experts import expert_handles, validate_experts
+from lorahub_compeft.compose.export import check_rank
 
 log = logging.getLogger(__name__)
 MERGE_METHODS = ("task_arithmetic", "ties")
@@ -48,11 +50,19 @@ def mergeable_adapters(experts) -> list[Adapter]:
     return adapters
 
 
-def _weights(weights, n: int) -> list[float] | None:
+def _weights(weights, n: int | None = None) -> list[float] | None:
+    """The weights as floats, each finite (an infinite or NaN one makes every module's
+    update non-finite, and its SVD fail), one per expert when `n` is known."""
     if weights is None:
         return None
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be numbers, one per expert; got {weights!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {', '.join(map(str, weights))}; "
+                         "give one finite weight per expert, e.g. 0.5,0.5")
+    if n is not None and len(weights) != n:
         raise ValueError(f"{len(weights)} weights for {n} experts; give one weight per expert")
     return weights
 
@@ -86,6 +96,7 @@ def merge_deltas(experts, method: str = "task_arithmetic", weights=None, density
         raise ValueError(f"unknown merge method {method!r}; use one of {', '.join(MERGE_METHODS)}")
     if method == "ties" and not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1] for TIES, got {density!r}")
+    _weights(weights)  # before any expert is read
     adapters = mergeable_adapters(experts)
     weights = _weights(weights, len(adapters))
     if weights is None:
@@ -114,10 +125,13 @@ def merge(experts, method: str = "task_arithmetic", weights=None, density: float
           rank: int | None = None) -> MergeResult:
     """Merge LoRA experts (expert files, PEFT dirs, Hub ids, CompressedExperts or Adapters) into
     one LoRA adapter of rank `rank` (default Σ r_i); see the module docstring."""
-    merged, adapters, weights = merge_deltas(experts, method, weights, density)
-    rank = rank or sum(a.config["r"] for a in adapters)
-    if not isinstance(rank, int) or rank < 1:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    merged, adapters, weights = merge_deltas(experts, method, weights, density)
+    if rank is not None:
+        tensors = adapters[0].tensors
+        check_rank(rank, [tensors[a] for a, _ in merged], [tensors[b] for _, b in merged])
+    rank = rank or sum(a.config["r"] for a in adapters)
     dtype = next(iter(adapters[0].tensors.values())).dtype
     tensors, total, kept = {}, 0.0, 0.0
     for (a_name, b_name), delta in merged.items():

@@ -99,4 +99,5 @@ def test_the_command_line_reads_budget_auto_and_refuses_a_bad_one(experts, tmp_p
         with pytest.raises(SystemExit) as exit_:
             main(argv + ["--out", str(tmp_path / "b"), "--budget", bad])
         assert exit_.value.code == 2
-        assert "budget must be a positive integer or 'auto'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--budget: expected a positive integer" in err and "or 'auto'" in err

@@ -15,7 +15,7 @@ import support
 from conftest import BBH
 from lorahub_compeft.cli import main
 from lorahub_compeft.compose.composer import compose
-from lorahub_compeft.compose.result import COMPOSITION_NAME
+from lorahub_compeft.compose.export import COMPOSITION_NAME
 from lorahub_compeft.compose.scoring import Int8Linears, Scorer
 from lorahub_compeft.compose.stacks import ProductStack
 from lorahub_compeft.config import ComposeConfig

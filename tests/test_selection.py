@@ -10,7 +10,7 @@ from lorahub_compeft import ExpertLibrary
 from lorahub_compeft.config import PAPER_COMPEFT
 from lorahub_compeft.io.adapters import Adapter, load_adapter
 from lorahub_compeft.compose.composer import compose
-from lorahub_compeft.compose.result import COMPOSITION_NAME
+from lorahub_compeft.compose.export import COMPOSITION_NAME
 
 WORDS = ("red", "green", "blue", "pink", "gray")
 

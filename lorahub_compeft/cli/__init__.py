@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from lorahub_compeft.cli import compose, evaluate, experts, library
 from lorahub_compeft.cli.errors import error_message, stdout_closed
@@ -20,9 +21,22 @@ EPILOG = """examples:
 """
 
 
+# Commands that load a base model (and so transformers): their library chatter is quieted.
+MODEL_COMMANDS = ("compose", "demo", "bbh")
+# Warnings of the libraries underneath (deprecations inside transformers, peft's note that it
+# renamed base_model_name_or_path to the --model given) name nothing a user of the command can
+# act on; --verbose shows them. The package's own warnings (logging) always show.
+LIBRARY_MODULES = r"(transformers|peft|torch|huggingface_hub|accelerate|nevergrad|safetensors)\b"
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error (the usage itself is in --help)."""
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorahub-compeft", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -47,7 +61,11 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _main(argv)
-    except SystemExit:  # --help, --version, a usage error: their output too
+    except SystemExit as stop:  # --help, --version, a usage error: their output too
+        if isinstance(stop.code, str):  # a command's own usage error: its line, argparse's rc
+            print(stop.code if stop.code.startswith("error:") else f"error: {stop.code}",
+                  file=sys.stderr)
+            stop.code = 2
         _flush_or_quiet(0)
         raise
     return _flush_or_quiet(code)  # a closed pipe shows here, not in the interpreter's exit
@@ -59,6 +77,8 @@ def _main(argv: list[str] | None) -> int:
     args.argv = sys.argv if argv is None else ["lorahub-compeft", *argv]  # for OUT/config.json
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries(args.command in MODEL_COMMANDS)
     debug = args.debug or os.environ.get("LORAHUB_COMPEFT_DEBUG") == "1"
     try:
         return args.func(args)
@@ -78,6 +98,21 @@ def _main(argv: list[str] | None) -> int:
             return 1
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries(loads_model: bool) -> None:
+    """Keep the libraries' warnings, and transformers' "Loading weights" bars, off the
+    terminal (downloads keep their progress bars)."""
+    warnings.filterwarnings("ignore", module=LIBRARY_MODULES)
+    if not loads_model:
+        return
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as transformers_logging
+    downloads_shown = not hub.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # turns the Hub's off too
+    if downloads_shown:
+        hub.enable_progress_bars()
+    transformers_logging.set_verbosity_error()
 
 
 QUIET_EXIT = 141  # what a shell reports for a command ended by SIGPIPE

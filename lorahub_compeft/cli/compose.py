@@ -1,21 +1,17 @@
 """`compose`: learn a mix of experts for a new task from a few examples."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_select_options, add_threads_option, apply_threads,
-                                         positive_int, read_experts_file)
-from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig, budget_or_auto
+                                         MAX_NEW_TOKENS, MAX_RANK, bounded_int, count_option,
+                                         read_experts_file)
+from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig
 
 
 def budget_flag(text: str) -> int | str:
-    """--budget: a positive integer or auto (argparse's error names the fix)."""
-    try:
-        return budget_or_auto(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    """--budget: auto, or a count in ComposeConfig's range (config.COUNT_LIMITS)."""
+    return text if text == "auto" else count_option("budget")(text)
 
 
 # compose()'s settings besides --select and -n (add_select_options), as flags: the flag and how
@@ -23,17 +19,18 @@ def budget_flag(text: str) -> int | str:
 # flags is compose() with no options.
 CONFIG_FLAGS = {
     "budget": ("--budget", {"type": budget_flag}),
-    "patience": ("--patience", {"type": positive_int}),
+    "patience": ("--patience", {"type": count_option("patience")}),
     "seed": ("--seed", {"type": int}),
-    "restarts": ("--restarts", {"type": positive_int}),
+    "restarts": ("--restarts", {"type": count_option("restarts")}),
     "optimizer": ("--optimizer", {}),
     "objective": ("--objective", {"choices": OBJECTIVES}),
     "l1": ("--l1", {"type": float}),
     "bounds": ("--bounds", {"type": float}),
-    "batch_size": ("--batch-size", {"type": positive_int}),
-    "max_length": ("--max-length", {"type": positive_int}),
+    "batch_size": ("--batch-size", {"type": count_option("batch_size")}),
+    "max_length": ("--max-length", {"type": count_option("max_length")}),
     "dtype": ("--dtype", {"choices": ("auto", "bf16", "fp32", "int8")}),
-    "candidates_per_step": ("--candidates-per-step", {"type": positive_int, "metavar": "K"}),
+    "candidates_per_step": ("--candidates-per-step", {"type": count_option("candidates_per_step"),
+                                                      "metavar": "K"}),
     "mix": ("--mix", {"choices": MIXES}),
     "weights": ("--weights", {"choices": WEIGHTINGS}),
 }
@@ -54,7 +51,7 @@ def add_parsers(sub) -> None:
                    help='JSON lines file, one {"input": ..., "target": ...} per line')
     p.add_argument("--eval", dest="eval_file",
                    help="held-out examples (same format): print the composed model's exact match")
-    p.add_argument("--max-new-tokens", type=int, default=16,
+    p.add_argument("--max-new-tokens", type=bounded_int(1, MAX_NEW_TOKENS, "tokens"), default=16,
                    help="answer length for --eval (default 16)")
     p.add_argument("--model", help="base model name or path (default: the experts' base model)")
     add_select_options(p)
@@ -65,13 +62,14 @@ def add_parsers(sub) -> None:
         p.add_argument(flag, dest=name, default=default, help=ComposeConfig.help(name) + shown,
                        **how)
     p.add_argument("--out", required=True, help="directory for the composed PEFT adapter")
-    p.add_argument("--rank", type=positive_int,
+    p.add_argument("--rank", type=bounded_int(1, MAX_RANK, "the adapter's rank"),
                    help="write a compact adapter of this rank: each module's update truncated "
                         "by SVD, its relative Frobenius error printed (default: the composed "
                         "adapter exactly, of rank N*r with --mix product)")
     p.add_argument("--force", action="store_true",
-                   help="replace an adapter folder holding only adapter_config.json and "
-                        "adapter_model.safetensors (never other files)")
+                   help="replace an adapter folder holding only adapter_config.json, "
+                        "adapter_model.safetensors and the composition.json compose wrote "
+                        "(never other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads_option(p)
     p.set_defaults(func=cmd_compose)
@@ -89,21 +87,21 @@ def cmd_compose(args) -> int:
     from lorahub_compeft.compose.composer import compose
     from lorahub_compeft.eval.bbh import accuracy
     from lorahub_compeft.store.library import ExpertLibrary
-    from lorahub_compeft.io.adapters import CONFIG_NAME, WEIGHTS_NAME
-    from lorahub_compeft.compose.result import COMPOSITION_NAME
-    from lorahub_compeft.io.files import check_dir_target, read_json, read_jsonl
+    from lorahub_compeft.compose.export import COMPOSITION_NAME, check_composed_target
+    from lorahub_compeft.compose.objective import validate_examples
+    from lorahub_compeft.io.files import read_json, read_jsonl
     from lorahub_compeft.io.base_models import check_model_reference
-    out = Path(args.out)
-    check_dir_target(out, args.force, (CONFIG_NAME, WEIGHTS_NAME))  # before the search, not after
+    out = check_composed_target(args.out, args.force)  # before the search, not after
     if args.model:
         check_model_reference(args.model)
     listed = args.experts + (read_experts_file(args.experts_file) if args.experts_file else [])
     if bool(args.library) == bool(listed):
         raise SystemExit("error: give experts with one of --library or --experts/--experts-file")
     config = compose_config(args)
-    examples = read_jsonl(args.examples, strict=True)
-    # both files are read (and checked) before composing
-    held_out = read_jsonl(args.eval_file, strict=True) if args.eval_file else None
+    # both files are read and checked before composing
+    examples = validate_examples(read_jsonl(args.examples, strict=True), args.examples)
+    held_out = validate_examples(read_jsonl(args.eval_file, strict=True), args.eval_file) \
+        if args.eval_file else None
     experts = ExpertLibrary(args.library, read_only=True) if args.library else listed
     result = compose(experts, examples, model=args.model, config=config, progress=not args.quiet)
     result.save_adapter(out, force=args.force, rank=args.rank)

@@ -2,7 +2,9 @@
 the fix, printed whole (a message that lists its problems keeps its list)."""
 from __future__ import annotations
 
+import errno
 import pickle
+import re
 import select
 import sys
 
@@ -18,6 +20,17 @@ def _is_connection_error(err: BaseException) -> bool:
     return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
                          "HFValidationError"}) or "huggingface.co" in text \
         or "couldn't connect" in text.lower() or "offline" in text.lower()
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """When `err` says the disk is full: the file being written, as " (writing FILE)", or ""
+    if unknown; else None. safetensors says it in its message only ("... (os error 28)")."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f" (writing {err.filename})" if err.filename else ""
+    if type(err).__name__ == "SafetensorError" and \
+            re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b", str(err)):
+        return ""
+    return None
 
 
 def stdout_closed() -> bool:
@@ -51,6 +64,12 @@ def error_message(err: BaseException, args) -> str | None:
         what = f"model {model!r}" if model else "a model or adapter"
         return (f"cannot load {what} from the Hugging Face Hub or its cache ({first}); pass a "
                 "local folder (e.g. --model path/to/model), or connect and retry")
+    full = _disk_full(err)
+    if full is not None:
+        return (f"no space left on the device{full}; free some space or write elsewhere "
+                "(nothing half-written was kept)")
+    if type(err).__name__ == "SafetensorError":  # safetensors' one type for every I/O failure
+        return f"a safetensors file could not be read or written ({first})"
     if isinstance(err, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({first})"
     if isinstance(err, (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError,

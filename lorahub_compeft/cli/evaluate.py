@@ -8,14 +8,16 @@ import time
 from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_codec_flags, add_dtype_option, add_threads_option,
-                                         apply_threads, parse_seeds, read_experts_file, shown,
-                                         WholeWordsHelp)
+                                         apply_threads, bounded_int, count_option, finite_float,
+                                         parse_seeds, read_experts_file, shown, WholeWordsHelp)
 from lorahub_compeft.cli.compose import budget_flag
 from lorahub_compeft.codecs.base import choose
 from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions
 
 # The ComPEFT options the compeft methods take; each defaults to the method's own setting.
 BBH_COMPRESSION = ("density", "alpha", "per_tensor")
+# Caps of bbh's own counts (ComposeConfig's are config.COUNT_LIMITS): far above any real run.
+MAX_STEPS, MAX_SHOTS, MAX_BATCH, MAX_WORKERS = 100_000, 1000, 4096, 1024
 
 
 def add_parsers(sub) -> None:
@@ -54,14 +56,14 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--seeds", type=parse_seeds, default=[1, 2, 3, 4, 5], help="e.g. 1-5 (default)")
     # Each method's own defaults unless given: lorahub/compeft are the paper's protocol (random
     # 20; PAPER_COMPEFT), select/select-compeft the package's (3 chosen by loss; CompeftOptions()).
-    p.add_argument("-n", "--n-experts", type=int,
+    p.add_argument("-n", "--n-experts", type=count_option("n_experts"),
                    help="experts per composition (default: 20 for lorahub/compeft, 3 for select*)")
     package = CompeftOptions()
     add_codec_flags(p, choose(None, package), BBH_COMPRESSION, note=lambda f: (
         f"default: {shown(getattr(PAPER_COMPEFT, f.name))} for compeft, "
         f"{shown(getattr(package, f.name))} for select-compeft"),
         title="ComPEFT compression of the compeft methods")
-    p.add_argument("--restarts", type=int,
+    p.add_argument("--restarts", type=count_option("restarts"),
                    help="select*: searches from different starts, kept by few-shot loss (default 1)")
     p.add_argument("--budget", type=budget_flag,
                    help="optimizer evaluations per search, or auto (default: 40 for "
@@ -71,22 +73,23 @@ def _add_bbh_parsers(sub) -> None:
     p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
     add_mix_option(p)
     add_dtype_option(p)
-    p.add_argument("--steps", type=int,
+    p.add_argument("--steps", type=bounded_int(1, MAX_STEPS, "Adam steps"),
                    help="lora-tune/fft: Adam steps on the few shots (default: each method's, "
                         "chosen on the zoo's validation seeds)")
-    p.add_argument("--lr", type=float, help="lora-tune/fft: Adam's learning rate (default: each "
+    p.add_argument("--lr", type=finite_float(0, "a learning rate", above=True), help="lora-tune/fft: Adam's learning rate (default: each "
                                             "method's)")
-    p.add_argument("--shots", type=int, default=5, help="few-shot examples per cell (default 5)")
+    p.add_argument("--shots", type=bounded_int(1, MAX_SHOTS, "examples"), default=5, help="few-shot examples per cell (default 5)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files (else $LORAHUB_COMPEFT_BBH_DIR, "
                                      "else the Hub's lukaemon/bbh)")
-    p.add_argument("--max-eval", type=int, help="evaluate at most this many examples per cell")
-    p.add_argument("--batch-size", type=int, default=16, help="generation batch (default 16)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--max-eval", type=bounded_int(1, None, "examples"), help="evaluate at most this many examples per cell")
+    p.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH, "answers at once"), default=16,
+                   help="generation batch (default 16)")
+    p.add_argument("--workers", type=bounded_int(1, MAX_WORKERS, "processes"), default=1,
                    help="cells at once: processes (local) or actors (ray), one model each")
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--address", help="Ray cluster address with --backend ray (default: start "
                                      "Ray on this machine)")
-    p.add_argument("--gpus-per-cell", type=float,
+    p.add_argument("--gpus-per-cell", type=finite_float(0, "GPUs"),
                    help="GPUs each Ray actor asks for (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--out", required=True, help="results folder")
     add_threads_option(p)
@@ -103,6 +106,9 @@ def _add_bbh_parsers(sub) -> None:
 
 def cmd_bbh(args) -> int:
     apply_threads(args)
+    if args.density is not None and not 0 < args.density <= 1:  # else in every compeft cell
+        raise ValueError(f"--density must be in (0, 1], got {args.density}; e.g. 0.1 keeps the "
+                         "10% largest entries")
     from lorahub_compeft.eval.bbh import BBH_TASKS
     from lorahub_compeft.eval.methods import METHODS, make_method, method_options
     from lorahub_compeft.eval.pool import ExpertPool
@@ -125,6 +131,9 @@ def cmd_bbh(args) -> int:
                **{k: getattr(args, k) for k in BBH_COMPRESSION}}
     options = {k: v for k, v in options.items() if v is not None}  # else each method's default
     methods = [make_method(m, **method_options(m, options)) for m in names]
+    for method in methods:  # a composing method's settings, checked now and not in its cells
+        if hasattr(method.params, "compose_config"):
+            method.params.compose_config()
     out = Path(args.out)
     pool = ExpertPool.from_sources(experts, out / "compressed") if experts else None
     cells = plan(BBHBenchmark(args.bbh_dir, args.shots, args.max_eval),
@@ -163,17 +172,17 @@ def _add_demo_parser(sub) -> None:
                         "the N with the lowest few-shot loss composed (ComPEFT at the default "
                         f"compression: k={CompeftOptions().density}, alpha auto, per "
                         "tensor)")
-    p.add_argument("-n", "--n-experts", type=int,
+    p.add_argument("-n", "--n-experts", type=count_option("n_experts"),
                    help="experts to compose (default 20 with --select random, 3 with loss)")
     p.add_argument("--budget", type=budget_flag,
                    help="optimizer evaluations per search, or auto (default: 40 with --select "
                         "random, auto with loss)")
     add_mix_option(p)
-    p.add_argument("--eval", type=int, default=100, dest="n_eval",
+    p.add_argument("--eval", type=bounded_int(1, None, "examples"), default=100, dest="n_eval",
                    help="evaluation examples per task (default 100)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files: also run the tasks that "
                                      "mirror BBH on its real examples")
-    p.add_argument("--max-bbh-eval", type=int, help="evaluate at most this many real BBH examples")
+    p.add_argument("--max-bbh-eval", type=bounded_int(1, None, "examples"), help="evaluate at most this many real BBH examples")
     p.add_argument("--zoo", help="zoo artifacts folder (default: the one shipped in the package)")
     p.add_argument("--json", help="also write the per-seed rows as JSON here (a new file)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")

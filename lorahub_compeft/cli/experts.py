@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorahub_compeft.cli.options import (add_compression_options, compression_options, human_bytes,
+from lorahub_compeft.cli.options import (MAX_RANK, add_compression_options, bounded_int,
+                                         compression_options, finite_float, human_bytes,
                                          setting_text, size_line)
 
 
@@ -54,6 +55,9 @@ def cmd_compress(args) -> int:
         from lorahub_compeft.io.residuals import residual_adapter
         source = residual_adapter(args.source, args.base)
     expert = compress(source, options, codec=codec, name=args.name, revision=args.revision)
+    if not expert.sizes["payload_bytes"]:
+        raise ValueError(f"{args.source}: these options keep nothing of it (the expert would "
+                         f"be empty); raise {'--budget-bits' if codec == 'ere' else '--density'}")
     expert.save(out, force=args.force)
     print(f"{out}: {expert.codec} ({setting_text(expert.summary())}), "
           f"{size_line(out.stat().st_size, expert.sizes)}")
@@ -109,10 +113,10 @@ def _add_merge_parser(sub) -> None:
     p.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
     p.add_argument("--weights", help="comma-separated, one per expert (default: 1/N for "
                                      "task_arithmetic, 1 for ties)")
-    p.add_argument("--density", type=float, default=0.2,
+    p.add_argument("--density", type=finite_float(0, "a fraction", above=True), default=0.2,
                    help="ties: fraction of each expert's ΔW entries kept per module (default 0.2)")
-    p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the sum of "
-                                            "the experts' ranks)")
+    p.add_argument("--rank", type=bounded_int(1, MAX_RANK, "the merged adapter's rank"),
+                   help="rank of the merged adapter (default: the sum of the experts' ranks)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_merge)
 

@@ -23,19 +23,72 @@ def add_dtype_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=positive_int, metavar="N",
+    p.add_argument("--threads", type=thread_count, metavar="N",
                    help="torch's intra-op threads (default: one per core, but only the idle "
                         "cores when other processes keep the machine busy)")
 
 
-def positive_int(text: str) -> int:
+# --- numbers: every numeric flag is read by one of these, so that a value out of range is
+# refused, naming the range, before anything runs or is stored ------------------------------
+MAX_RANK = 65_536  # of an adapter written (merge, compose --rank); no model's layer is wider
+MAX_NEW_TOKENS = 4096  # of an answer generated
+
+
+def bounded_int(least: int, most: int | None, what: str = ""):
+    """An argparse type: an integer in [least, most] (no cap when most is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least or most is not None and value > most:
+            kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
+            cap = "" if most is None else f" of at most {most:,}"
+            raise argparse.ArgumentTypeError(f"expected {kind}{cap}"
+                                             + (f" ({what})" if what else "") + f", got {text!r}")
+        return value
+    parse.__name__ = "integer"  # what argparse calls the type in its own messages
+    return parse
+
+
+positive_int = bounded_int(1, None)
+
+
+def count_option(name: str):
+    """The argparse type of ComposeConfig's count `name`: its range from config.COUNT_LIMITS,
+    the one the Python API checks."""
+    from lorahub_compeft.config import COUNT_LIMITS
+    most, what = COUNT_LIMITS[name]
+    return bounded_int(1, most, what)
+
+
+def finite_float(least: float, what: str, above: bool = False):
+    """An argparse type: a finite number >= least (> least with `above`)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > least if above else value >= least) or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number {'>' if above else '>='} {least:g} ({what}), "
+                f"got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def machine_cores() -> int:
+    import os
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_count(text: str) -> int:
+    """--threads: at most the cores this process may run on (more only wait for each other)."""
+    return bounded_int(1, machine_cores(), "this machine's cores")(text)
 
 
 def apply_threads(args) -> None:
@@ -163,13 +216,18 @@ def add_select_options(p: argparse.ArgumentParser) -> None:
     from lorahub_compeft.config import SELECT_MODES, ComposeConfig
     p.add_argument("--select", choices=SELECT_MODES, default=ComposeConfig().select,
                    help=f"{ComposeConfig.help('select')} (default {ComposeConfig().select})")
-    p.add_argument("-n", "--n-experts", type=positive_int, default=ComposeConfig().n_experts,
+    p.add_argument("-n", "--n-experts", type=count_option("n_experts"),
+                   default=ComposeConfig().n_experts,
                    help=ComposeConfig.help("n_experts"))
 
 
+MAX_SEEDS = 10_000  # seeds of one run; a run of a few hundred cells per seed is days already
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'1-5' or '1,3,7' -> a list of seeds."""
-    seeds = []
+    """'1-5' or '1,3,7' -> a list of seeds, each in [0, 2**32), at most MAX_SEEDS of them
+    (counted before the list is built)."""
+    ranges = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
         try:
@@ -179,8 +237,15 @@ def parse_seeds(text: str) -> list[int]:
         if hi < lo:
             raise argparse.ArgumentTypeError(f"bad seed range {part!r}: it holds no seed; write "
                                              f"it low-high, e.g. {hi}-{lo}")
-        seeds += range(lo, hi + 1)
-    return seeds
+        if hi >= 2 ** 32:
+            raise argparse.ArgumentTypeError(f"bad seed {hi} in {text!r}: seeds lie in "
+                                             "[0, 2**32)")
+        ranges.append(range(lo, hi + 1))
+    count = sum(map(len, ranges))
+    if count > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{text!r} holds {count:,} seeds; give at most "
+                                         f"{MAX_SEEDS:,}")
+    return [seed for seeds in ranges for seed in seeds]
 
 
 def read_experts_file(path: str) -> list[str]:
@@ -192,10 +257,11 @@ def read_experts_file(path: str) -> list[str]:
 def size_line(file_bytes: int, sizes: dict) -> str:
     """The whole file's size and ratio (what a user stores and downloads); the coded payload
     as a detail."""
+    payload = sizes["payload_bytes"]
     return (f"{human_bytes(file_bytes)}, {sizes['fp16_bytes'] / file_bytes:.1f}x smaller than fp16 "
             f"({human_bytes(sizes['fp16_bytes'])}), {sizes['fp32_bytes'] / file_bytes:.1f}x than fp32 "
-            f"(coded payload {human_bytes(sizes['payload_bytes'])}, "
-            f"{sizes['fp16_bytes'] / sizes['payload_bytes']:.1f}x)")
+            f"(coded payload {human_bytes(payload)}"
+            + (f", {sizes['fp16_bytes'] / payload:.1f}x)" if payload else ")"))
 
 
 def setting_text(summary: dict) -> str:

@@ -1,4 +1,6 @@
-"""A composed LoRA at a lower rank: each module's update ΔW = s·B·A truncated by its SVD.
+"""What compose writes: the composed adapter folder (its PEFT files and composition.json,
+replaced with force only when it is compose's own), and the composed LoRA at a lower rank,
+each module's update ΔW = s·B·A truncated by its SVD.
 
 A product-space composition of N experts is exact at rank N·r; `compact_adapter` writes it
 (or any LoRA) at rank k, module by module ΔW_k = U_k·diag(σ_k)·V_kᵀ, the best rank-k
@@ -7,12 +9,50 @@ approximation in Frobenius norm, and reports the relative error over all modules
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lorahub_compeft.codecs.ere import lora_modules, lora_scaling, spectrum_of_product
+from lorahub_compeft.io.adapters import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from lorahub_compeft.io.files import OutputExistsError, atomic_dir, check_dir_target, read_json
+
+COMPOSITION_NAME = "composition.json"  # beside the adapter: which experts, their scores, w
+COMPOSED_FILES = (CONFIG_NAME, WEIGHTS_NAME, COMPOSITION_NAME)
+OWN_COMPOSITION_KEYS = {"experts", "weights", "best_loss"}  # what every composition.json holds
+
+
+def check_composed_target(directory: str | os.PathLike, force: bool) -> Path:
+    """The force rule for compose's folder: an existing one is replaced only with `force`,
+    only if it holds nothing but COMPOSED_FILES, and only if its composition.json (if any) is
+    recognisably one compose wrote."""
+    target = Path(directory)
+    check_dir_target(target, force, COMPOSED_FILES)
+    composition = target / COMPOSITION_NAME
+    if composition.exists() or composition.is_symlink():
+        try:
+            data = None if composition.is_symlink() else read_json(composition)
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or not OWN_COMPOSITION_KEYS <= set(data):
+            raise OutputExistsError(f"{composition}: is not a composition.json compose wrote; "
+                                    "--force replaces only compose's own output: move it away "
+                                    "or choose another folder")
+    return target
+
+
+def write_composed(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
+                   composition: dict, force: bool = False) -> Path:
+    """The adapter and its composition.json, written atomically as one folder."""
+    target = check_composed_target(directory, force)
+    with atomic_dir(target, force=force, owned=COMPOSED_FILES) as staging:
+        save_adapter(staging, tensors, config, force=True)  # into the empty staging folder
+        (staging / COMPOSITION_NAME).write_text(json.dumps(composition, indent=1) + "\n")
+    return target
 
 
 @dataclass
@@ -32,6 +72,8 @@ def compact_adapter(tensors: dict[str, torch.Tensor], config: dict, rank: int) -
     rank at or above the composed one is exact)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    check_rank(rank, [tensors[a] for a, _ in lora_modules(list(tensors))],
+               [tensors[b] for _, b in lora_modules(list(tensors))])
     scaling = lora_scaling(config)
     out: dict[str, torch.Tensor] = {}
     dropped = total = 0.0
@@ -55,3 +97,13 @@ def compact_adapter(tensors: dict[str, torch.Tensor], config: dict, rank: int) -
                    use_rslora=False)
     error = math.sqrt(dropped / total) if total > 0 else 0.0
     return CompactAdapter(out, compact, rank, error)
+
+
+def check_rank(rank: int, a_factors: list[torch.Tensor], b_factors: list[torch.Tensor]) -> None:
+    """Refuse a rank above what any module's update can have, min(out, in) of the widest
+    module: the factors past it would be zeros (and a typo such as 1e8 asks for terabytes)."""
+    most = max((min(b.shape[0], math.prod(a.shape[1:])) for a, b in zip(a_factors, b_factors)),
+               default=0)
+    if rank > most:
+        raise ValueError(f"rank {rank:,} is more than any module's update can have (at most "
+                         f"{most}, min(out, in) of the widest module); give a rank up to {most}")

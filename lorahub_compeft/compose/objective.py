@@ -15,18 +15,27 @@ import torch
 OBJECTIVES = ("paper", "lorahub")
 
 
-def validate_examples(examples) -> list[dict]:
+def validate_examples(examples, source=None) -> list[dict]:
+    """The examples as a list, each a dict whose 'input' and 'target' are text; else a
+    ValueError naming the example (and `source`, the file they came from)."""
+    where = f"{source}: " if source else ""
     examples = list(examples) if examples is not None else []
     if not examples:
-        raise ValueError("no examples: composition needs a few {'input': ..., 'target': ...}")
+        raise ValueError(f"{where}no examples: composition needs a few "
+                         "{'input': ..., 'target': ...}")
     for i, e in enumerate(examples):
         if not isinstance(e, dict):
-            raise ValueError(f"example {i} is a {type(e).__name__}, not a dict with 'input' and "
-                             "'target'")
+            raise ValueError(f"{where}example {i} is a {type(e).__name__}, not a dict with "
+                             "'input' and 'target'")
         for key in ("input", "target"):
             if not isinstance(e.get(key), str):
-                raise ValueError(f"example {i}: {key!r} must be a string, got "
+                raise ValueError(f"{where}example {i}: {key!r} must be a string, got "
                                  f"{type(e.get(key)).__name__}" + (" (missing)" if key not in e else ""))
+            try:
+                e[key].encode("utf-8")  # what the tokenizer needs (JSON allows "\ud800")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where}example {i}: {key!r} is not text a tokenizer takes "
+                                 "(it holds an unpaired surrogate such as \\ud800)") from None
     return examples
 
 

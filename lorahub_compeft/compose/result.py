@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,18 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorahub_compeft.io.adapters import save_adapter as _save_adapter_dir
-from lorahub_compeft.io.files import atomic_write_text
 from lorahub_compeft.compose.experts import ExpertHandle
-from lorahub_compeft.compose.export import CompactAdapter, compact_adapter
+from lorahub_compeft.compose.export import CompactAdapter, compact_adapter, write_composed
 from lorahub_compeft.compose.search import SearchOutcome, best_point
 from lorahub_compeft.compose.selection import Selection
 from lorahub_compeft.compose.session import ScoringSession
 from lorahub_compeft.compose.stacks import Stack
 
 log = logging.getLogger(__name__)
-
-COMPOSITION_NAME = "composition.json"  # beside the adapter: which experts, their scores, w
 
 
 @dataclass
@@ -125,10 +120,7 @@ class CompositionResult:
                      compact.relative_error)
         config = {k: v for k, v in config.items() if k != "modules_to_save"}
         config["inference_mode"] = True
-        target = _save_adapter_dir(directory, tensors, config, force=force)
-        atomic_write_text(target / COMPOSITION_NAME,
-                          json.dumps(self.summary() | export, indent=1) + "\n")
-        return target
+        return write_composed(directory, tensors, config, self.summary() | export, force=force)
 
     def summary(self) -> dict:
         """What composition chose and learnt, as JSON: experts, weights, losses, selection."""

@@ -71,28 +71,43 @@ def same_base(a: dict, b: dict) -> bool | None:
     return None
 
 
-def base_problems(bases: dict[str, str | None], reference: str | None) -> list[str]:
-    """One line per expert (name -> recorded base) whose base is not `reference`. Unknown
-    identities (a Hub id not in the cache) are compared by their strings."""
-    if reference is None:
-        return []
+def other_bases(bases: dict[str, str | None], reference: str) -> dict[str, str | None]:
+    """The experts (name -> recorded base) whose base is not `reference`. Unknown identities
+    (a Hub id not in the cache) are compared by their strings."""
     want = base_identity(reference)
-    problems = []
+    other = {}
     for name, base in bases.items():
         same = same_base(want, base_identity(base))
-        if same is None:
-            same = base == reference
-        if not same:
-            problems.append(f"{name}: base_model_name_or_path is {base!r}, another base than "
-                            f"{reference!r}")
-    return problems
+        if not (base == reference if same is None else same):
+            other[name] = base
+    return other
+
+
+def base_problems(bases: dict[str, str | None], reference: str | None) -> list[str]:
+    """One line per expert (name -> recorded base) whose base is not `reference`."""
+    if reference is None:
+        return []
+    return [f"{name}: base_model_name_or_path is {base!r}, another base than {reference!r}"
+            for name, base in other_bases(bases, reference).items()]
+
+
+_WARNED: set[tuple[str | None, str]] = set()  # (recorded base, model) said once a process
 
 
 def check_bases(bases: dict[str, str | None], model: str | None) -> list[str]:
     """The base mismatches among experts as error lines; with `model` given (the user said
-    which base to use) they are only warnings and nothing is returned."""
+    which base to use) they are only a warning, one per recorded base and process (a command
+    composing many times says it once), and nothing is returned."""
     if model is None:
         return base_problems(bases, next(iter(bases.values()), None))
-    for problem in base_problems(bases, model):
-        log.warning("%s; using it as --model (model=) says", problem)
+    by_base: dict[str | None, list[str]] = {}
+    for name, base in other_bases(bases, model).items():
+        by_base.setdefault(base, []).append(name)
+    for base, names in by_base.items():
+        if (base, model) in _WARNED:
+            continue
+        _WARNED.add((base, model))
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        log.warning("%s: base_model_name_or_path is %r, another base than %r; using %r as "
+                    "--model (model=) says", shown, base, model, model)
     return []
