@@ -7,7 +7,7 @@ import pytest
 
 import support
 from lorahub_compeft.compose.composer import compose
-from lorahub_compeft.compose.result import COMPOSITION_NAME
+from lorahub_compeft.compose.export import COMPOSITION_NAME
 from lorahub_compeft.compose.search import search
 from lorahub_compeft.config import (AUTO_PATIENCE, DEFAULT_N, PAPER_COMPOSE, ComposeConfig,
                                     auto_budget)
