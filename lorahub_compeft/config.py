@@ -85,6 +85,19 @@ MIXES = ("factors", "product")      # how w combines the experts (compose/stacks
 OBJECTIVE_OPTIMIZER = {"paper": "Shiwa", "lorahub": "NGOpt"}  # searched with, unless one is named
 WEIGHTINGS = ("search", "uniform")  # how w is set: learnt by the search, or 1/N (a baseline)
 
+# budget "auto": the search's evaluations as a function of N, and the stop that ends it sooner
+# (chosen on the zoo's validation seeds: docs/defaults.md). 40, LoraHub's budget, was chosen
+# for N = 20; COBYLA (what Shiwa runs at these sizes) spends its first N + 1 evaluations on
+# its initial simplex, so the rest of the budget scales with N + 1.
+AUTO_BUDGET_PER_WEIGHT = 5   # budget auto = min(40, AUTO_BUDGET_PER_WEIGHT * (N + 1))
+AUTO_BUDGET_CAP = 40
+AUTO_PATIENCE = 6            # with budget auto: stop after this many steps without improvement
+
+
+def auto_budget(n_experts: int) -> int:
+    """The evaluations per search that budget "auto" gives N experts."""
+    return min(AUTO_BUDGET_CAP, AUTO_BUDGET_PER_WEIGHT * (n_experts + 1))
+
 
 @dataclass(frozen=True)
 class ComposeConfig:
@@ -99,7 +112,13 @@ class ComposeConfig:
     restarts: int = option(1, "searches from different starts (the first from w = 0); the "
                               "lowest few-shot loss is kept")
     seed: int = option(1, "seed of the expert draw and the optimizer")
-    budget: int = option(40, "optimizer evaluations per search")
+    budget: int | str = option("auto", "optimizer evaluations per search; auto: "
+                                       f"min({AUTO_BUDGET_CAP}, {AUTO_BUDGET_PER_WEIGHT}*(N+1)) "
+                                       "for N experts, with the patience stop (LoraHub's: 40)")
+    patience: int | None = option(None, "stop a search once its best loss has gone this many "
+                                        "steps without improving by 0.1% (default: "
+                                        f"{AUTO_PATIENCE} with budget auto; with a number "
+                                        "given, the whole budget)")
     optimizer: str | None = option(None, "any nevergrad optimizer (default: Shiwa for the paper "
                                          "objective, NGOpt for lorahub)")
     objective: str = option("paper", "paper: mean cross-entropy over all target tokens; "
@@ -115,6 +134,10 @@ class ComposeConfig:
                                        "linear layers: the composed model, its answers and the "
                                        "adapter are fp32 whatever is chosen")
     candidates_per_step: int = option(1, "candidates scored per forward (more helps on GPUs)")
+    threads: int | None = option(None, "torch's intra-op threads while composing (default: one "
+                                       "per core, but only the idle cores when other processes "
+                                       "keep the machine busy); the caller's setting is "
+                                       "restored after")
     mix: str = option("factors", "how w combines the experts: factors mixes each module's "
                                  "factors, A = sum w_i A_i and B = sum w_i B_i (LoraHub's); "
                                  "product adds their updates, sum w_i s B_i A_i, exactly: a "
@@ -129,10 +152,14 @@ class ComposeConfig:
             raise ValueError(problem)
 
     def resolved(self) -> "ComposeConfig":
-        """The defaults that depend on other fields filled in: n_experts (DEFAULT_N[select])
-        and optimizer (the objective's)."""
+        """The defaults that depend on other fields filled in: n_experts (DEFAULT_N[select]),
+        budget and patience (budget auto: auto_budget(N) and AUTO_PATIENCE) and optimizer
+        (the objective's)."""
+        n = DEFAULT_N[self.select] if self.n_experts is None else self.n_experts
+        auto = self.budget == "auto"
         return dataclasses.replace(
-            self, n_experts=DEFAULT_N[self.select] if self.n_experts is None else self.n_experts,
+            self, n_experts=n, budget=auto_budget(n) if auto else self.budget,
+            patience=AUTO_PATIENCE if auto and self.patience is None else self.patience,
             optimizer=self.optimizer or OBJECTIVE_OPTIMIZER[self.objective])
 
     @classmethod
@@ -146,12 +173,14 @@ class ComposeConfig:
 COUNT_LIMITS = {  # field: (the most, what it counts)
     "n_experts": (1000, "experts to compose"),
     "restarts": (100, "searches"),
-    "budget": (10_000, "optimizer evaluations per search"),
+    "budget": (10_000, "optimizer evaluations per search, or 'auto'"),
+    "patience": (10_000, "steps without improvement before a search stops"),
     "candidates_per_step": (256, "candidates per forward"),
     "batch_size": (65_536, "examples per forward"),
     "max_length": (1_000_000, "tokens per example"),
+    "threads": (4096, "torch threads"),
 }
-OPTIONAL_COUNTS = ("n_experts", "batch_size", "max_length")  # None: the default
+OPTIONAL_COUNTS = ("n_experts", "patience", "batch_size", "max_length", "threads")  # None: default
 
 
 def count_problem(name: str, value, optional: bool = False) -> str | None:
@@ -191,7 +220,10 @@ def _compose_problem(c: ComposeConfig) -> str | None:
     if c.weights not in WEIGHTINGS:
         return f"unknown weights {c.weights!r}; use one of {', '.join(WEIGHTINGS)}"
     for name in COUNT_LIMITS:
-        problem = count_problem(name, getattr(c, name), optional=name in OPTIONAL_COUNTS)
+        value = getattr(c, name)
+        if name == "budget" and value == "auto":
+            continue
+        problem = count_problem(name, value, optional=name in OPTIONAL_COUNTS)
         if problem:
             return problem
     if not _integer(c.seed) or not 0 <= c.seed < 2 ** 32:

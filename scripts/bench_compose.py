@@ -299,14 +299,16 @@ def run_select(spec: dict) -> dict:
     start = time.perf_counter()
     result = compose(library, spec["examples"], model=spec["base"], names=names,
                      n_experts=spec["select_n"], select="loss", seed=spec["seed"],
-                     budget=spec["budget"], objective="lorahub", mix=spec["mix"], progress=False)
+                     budget=spec["select_budget"], objective="lorahub", mix=spec["mix"],
+                     progress=False)
     wall = time.perf_counter() - start
     t = result.timings
     search = t["mix"] + t["forward"] + t["optimizer"]
     return {"candidates": len(names), "n": len(result.experts), "select_s": t["select"],
             "search_s": search, "ratio": (t["select"] + search) / search, "wall_s": wall,
             "exact": len(result.selection.scores), "forward_s": t["forward"] / t["steps"],
-            "estimate_s": result.selection.estimate_seconds}
+            "estimate_s": result.selection.estimate_seconds, "steps": t["steps"],
+            "budget": spec["select_budget"]}
 
 
 def child(method: str, spec_path: str, out_path: str) -> None:
@@ -408,11 +410,13 @@ def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
     if sel:
         print(f"\n### Choosing {sel['n']} of L={sel['candidates']} experts by few-shot loss "
               f"({sel['exact']} scored exactly after the first-order estimate), then "
-              f"{config['budget']} steps; one call, so both parts ran under the same load\n")
+              f"{sel['steps']} steps (budget {sel['budget']}); one call, so both parts ran "
+              "under the same load\n")
         print("| selection s (first-order estimate s) | search s | (selection + search) / search "
               "(target <= 2) | forward ms/step |\n|---|---|---|---|")
         print(f"| {sel['select_s']:.2f} ({sel['estimate_s']:.2f}) | {sel['search_s']:.2f} | "
               f"{sel['ratio']:.2f} | {1e3 * sel['forward_s']:.1f} |")
+        print_pipeline_ratio(sel, rows.get("reference", {}))
     found = ratios(rows)
     if not found:
         print("\nNo ratios: the reference was skipped.")
@@ -424,6 +428,18 @@ def print_report(rows: dict, config: dict, sizes: list[int]) -> None:
         target = " (target <= 0.5: ours, default settings)" if method == DEFAULT else ""
         print(f"- {method}: whole learning {r['wall']:.3f}{target}, steps only {r['steps']:.3f}, "
               f"mix per forward {r['mix']:.3f}, expert memory {r['expert_memory']:.3f}")
+
+
+def print_pipeline_ratio(sel: dict, ref: dict) -> None:
+    """The whole default pipeline (choosing N of L, then the search: the compose call's wall
+    time, setup included) against the package's composition of its random 20."""
+    if "wall_s" in ref:
+        print(f"\nThe default pipeline against the package: {sel['wall_s']:.2f} s / "
+              f"{ref['wall_s']:.2f} s = {sel['wall_s'] / ref['wall_s']:.3f} (target <= 0.5)")
+
+
+def select_budget(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def main(argv=None) -> None:
@@ -449,6 +465,8 @@ def main(argv=None) -> None:
                         help=f"{SELECT}: candidates L, the first L of the largest library")
     parser.add_argument("--select-n", type=int, default=3,
                         help=f"{SELECT}: experts chosen (default 3, compose.DEFAULT_N[\"loss\"])")
+    parser.add_argument("--select-budget", type=select_budget, default="auto",
+                        help=f"{SELECT}: the search's budget (default auto, the package's)")
     parser.add_argument("--work-dir", help="where the base and experts are built and kept "
                         "(default: ~/.cache/lorahub-compeft/bench-compose/MODEL; for tiny, a "
                         "temporary dir)")
@@ -477,7 +495,8 @@ def main(argv=None) -> None:
                     base=str(paths["base"]), experts=[str(p) for p in paths["experts"]],
                     compeft=[str(p) for p in paths["compeft"]],
                     libraries={s: str(p) for s, p in paths["libraries"].items()})
-        spec.update(select_from=min(args.select_from, sizes[-1]), select_n=args.select_n)
+        spec.update(select_from=min(args.select_from, sizes[-1]), select_n=args.select_n,
+                    select_budget=args.select_budget)
         rows = {m: run_method(m, spec, Path(tmp)) for m in METHODS + (SELECT,) if m in methods}
         add_library_rows(rows, paths, sizes)  # reads the files: before a temporary work dir goes
     if "skipped" in rows.get("reference", {}):

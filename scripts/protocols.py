@@ -24,18 +24,26 @@ The ComPEFT experts are compressed here, in memory, from the zoo's shipped dense
     python scripts/protocols.py --split demo --seeds 1-5
     python scripts/protocols.py --split validation --seeds 101-105 --mix factors,product \
         --methods select-dense,select-compeft   (each mix a row; rows without one are factors)
+    python scripts/protocols.py --split validation --seeds 101-105 --budgets 40,auto,20,40:5 \
+        --methods select-dense,select-compeft   (the search's budget, and B:P budget B with
+        patience P; rows without one ran budget 40 to the end)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lorahub_compeft.compose.composer import compose
-from lorahub_compeft.config import DEFAULT_N, MIXES, CompeftOptions, number_or_auto
+from lorahub_compeft.compose.search import SearchOutcome, best_point
+from lorahub_compeft.compose.selection import exact_count
+from lorahub_compeft.config import DEFAULT_N, MIXES, CompeftOptions, ComposeConfig, number_or_auto
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.store.library import ExpertLibrary
 from lorahub_compeft.zoo.benchmark import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
@@ -77,8 +85,79 @@ def compressed_library(zoo: Zoo, density: float, alpha, per_tensor: bool) -> dic
                         name=n) for n in zoo.library.names()}
 
 
+def parse_budget(text: str) -> tuple[int | str, int | None]:
+    """'40', 'auto' or 'B:P' (budget B, patience P) -> (budget, patience)."""
+    budget, _, patience = text.partition(":")
+    return (budget if budget == "auto" else int(budget)), (int(patience) if patience else None)
+
+
+class Recorder:
+    """The default regularizer (l1 * mean|w|, the same value) that also keeps every w it is
+    asked about: the search's points, from which shorter searches are replayed (derived)."""
+    def __init__(self):
+        self.points, self.l1 = [], ComposeConfig().l1
+
+    def __call__(self, w):
+        self.points.append(np.array(w, dtype=np.float64))
+        return self.l1 * float(np.mean(np.abs(w)))
+
+
+def derived(result, points: list, variants: list[tuple[int, int | None]],
+            answer) -> dict:
+    """EM and steps of shorter searches replayed from this one's trajectory: (T, P) stops at
+    budget T <= budget or, with patience P, sooner (search.SearchOutcome's rule). A search cut
+    short is the same search up to its stop (nevergrad's COBYLA does not depend on the budget:
+    tests/test_budget.py), and selection depends on the budget only through exact_count, so a
+    variant is derived only where that is the same (the caller checks)."""
+    n, losses = len(result.experts), result.losses
+    ws = [w for w in points if len(w) == n][-len(losses):]
+    out, answered = {}, {tuple(result.weights[x] for x in result.experts): None}
+    for cap, patience in variants:
+        outcome = SearchOutcome(np.zeros(n), math.inf, [], 0)
+        for value, w in zip(losses, ws):
+            if outcome.done(cap, patience, n):
+                break
+            outcome.record(value, w)
+        best_w, best_loss = best_point([outcome], result.zero_loss)
+        key = tuple(float(x) for x in best_w)
+        if key not in answered:  # the same point answers the same: generate once
+            result.weights = dict(zip(result.experts, key))
+            answered[key] = answer(result)
+        out[f"{cap}" + (f":{patience}" if patience else "")] = {
+            "em": answered[key], "loss": best_loss, "steps": len(outcome.losses)}
+    return out
+
+
+def replays(budget, n: int, candidates: int, stops: list[int], truncations: list[int],
+            method: str) -> list[tuple[int, int | None]]:
+    """The (T, P) variants derived(...) replays from a run at `budget` (a number, no patience;
+    select methods only): its own budget with each patience, and each shorter T (with and
+    without each patience) whose selection is the run's (exact_count the same)."""
+    cap, patience = budget
+    if not method.startswith("select") or cap == "auto" or patience is not None:
+        return []
+    same = lambda t: exact_count(candidates, n, t) == exact_count(candidates, n, cap)
+    return [(cap, p) for p in stops] + [(t, p) for t in truncations if t < cap and same(t)
+                                        for p in [None, *stops]]
+
+
+def replayed_rows(done: list[dict]) -> list[dict]:
+    """Rows for the derived variants of each run (forwards: their steps), unless a cell ran
+    that variant itself."""
+    ran = {(r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), budget_of(r))
+           for r in done}
+    out = []
+    for r in done:
+        for label, d in r.get("derived", {}).items():
+            if (r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), label) in ran:
+                continue
+            out.append({**{k: v for k, v in r.items() if k != "derived"}, **d, "budget": label,
+                        "forwards": d["steps"], "replayed_from": budget_of(r)})
+    return out
+
+
 def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None,
-               mix: str) -> dict:
+               mix: str, budget=(40, None), variants=()) -> dict:
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     if method == "zeroshot":
@@ -89,11 +168,20 @@ def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | N
     experts = [compeft[x] for x in names] if method.endswith("compeft") else \
         [zoo.dense_dir(x) for x in names]
     select = "random" if method.startswith("lorahub") else "loss"
+    recorder = Recorder()
     result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer, n_experts=n,
-                     select=select, seed=seed, budget=40, mix=mix, progress=False)
-    em = exact_match(result.generate(inputs, 8, batch_size=64), targets)
-    return {"em": em, "loss": result.best_loss, "experts": result.experts,
-            "seconds": time.perf_counter() - start}
+                     select=select, seed=seed, budget=budget[0], patience=budget[1], mix=mix,
+                     regularizer=recorder, progress=False)
+    answer = lambda r: exact_match(r.generate(inputs, 8, batch_size=64), targets)
+    row = {"em": answer(result), "loss": result.best_loss, "experts": result.experts,
+           "steps": result.timings["steps"], "forwards": result.timings["forwards"],
+           "select_forwards": len(result.selection.scores),
+           "seconds": time.perf_counter() - start}
+    if variants:
+        row["derived"] = derived(result, recorder.points, variants, answer)
+        for d in row["derived"].values():
+            d["em"] = row["em"] if d["em"] is None else d["em"]  # the run's own best point
+    return row
 
 
 def summarize(rows: list[dict], key) -> dict:
@@ -141,15 +229,28 @@ def mix_of(row: dict) -> str:
     return row.get("mix", "factors")  # rows written before the mix was recorded mixed factors
 
 
+def budget_of(row: dict) -> str:
+    return row.get("budget", "40")  # rows written before the budget was recorded ran 40
+
+
 def print_table(rows: list[dict], title: str) -> None:
     label = lambda r: (f"{r['method']} N={r['n']}" + (f" k={r['density']}" if r["density"] else "")
-                       + ("" if r["method"] == "zeroshot" else f" mix={mix_of(r)}"))
+                       + ("" if r["method"] == "zeroshot" else f" mix={mix_of(r)}")
+                       + ("" if r["method"] == "zeroshot" or budget_of(r) == "40"
+                          else f" budget={budget_of(r)}"))
     print(f"\n### {title} (mean EM over the held-out zoo tasks)\n")
     print("| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
           "s per cell |\n|---|---|---|---|---|---|")
     for name, s in summarize(rows, label).items():
         print(f"| {name} | {s['mean']:.1f} | {s['std']:.1f} | {s['loss_picked']:.1f} | "
               f"{s['oracle']:.1f} | {s['seconds']:.1f} |")
+    counted = [r for r in rows if "forwards" in r]
+    if counted:
+        print("\n| method | search forwards | selection forwards |\n|---|---|---|")
+        for name in sorted({label(r) for r in counted}):
+            mine = [r for r in counted if label(r) == name]
+            print(f"| {name} | {statistics.fmean(r['forwards'] for r in mine):.1f} | "
+                  f"{statistics.fmean(r['select_forwards'] for r in mine):.1f} |")
 
 
 def main(argv=None):
@@ -164,6 +265,15 @@ def main(argv=None):
     parser.add_argument("--alpha", type=number_or_auto, default=CompeftOptions().alpha,
                         help="the ComPEFT experts' alpha (a number or 'auto'; default: the "
                              "package default)")
+    parser.add_argument("--budgets", default="40",
+                        help="comma-separated search budgets to run each setting with: a "
+                             "number, auto (the package default), or B:P (budget B, patience P)")
+    parser.add_argument("--stops", default="",
+                        help="patience values replayed from each run's trajectory (no forwards "
+                             "spent): each budget B also gives rows B:P")
+    parser.add_argument("--truncations", default="",
+                        help="shorter budgets T replayed from each run (rows T and T:P) where "
+                             "selection scores as many candidates exactly as at the run's budget")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--methods", help="only these methods (comma-separated)")
@@ -181,7 +291,7 @@ def main(argv=None):
     # rows written before alpha was recorded match no setting and are computed again).
     # The mix: each setting once per mix asked for (zero-shot mixes nothing: "factors").
     setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"),
-                         mix_of(r))
+                         mix_of(r), budget_of(r))
     seen = {(r["task"], r["seed"], *setting(r)) for r in done}
     alpha_of = lambda k: None if k is None else args.alpha
     densities = [float(k) for k in args.densities.split(",")]
@@ -189,30 +299,44 @@ def main(argv=None):
     mixes = args.mix.split(",")
     if not set(mixes) <= set(MIXES):
         parser.error(f"--mix: use factors, product or both, got {args.mix!r}")
-    configs = [(m, n, k, mix) for m, n, k in configs_for(args.sweep, densities, ns)
+    stops = [int(p) for p in args.stops.split(",") if p]
+    truncations = [int(t) for t in args.truncations.split(",") if t]
+    budgets = args.budgets.split(",")
+    for b in budgets:
+        try:
+            parse_budget(b)
+        except ValueError:
+            parser.error(f"--budgets: {b!r} is not a number, auto or B:P")
+    configs = [(m, n, k, mix, b) for m, n, k in configs_for(args.sweep, densities, ns)
                if not args.methods or m in args.methods.split(",")
-               for mix in (["factors"] if m == "zeroshot" else mixes)]
+               for mix in (["factors"] if m == "zeroshot" else mixes)
+               for b in (["40"] if m == "zeroshot" else budgets)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     libraries: dict = {}
     for seed in args.seeds:  # seed-major: a cut-short run still covers every task
         for task in tasks:
             few, rest = task_data(task, seed, args.split)
-            for method, n, k, mix in configs:
-                if (task, seed, method, n, k, alpha_of(k), mix) in seen:
+            for method, n, k, mix, b in configs:
+                if (task, seed, method, n, k, alpha_of(k), mix, b) in seen:
                     continue
                 if k is not None and k not in libraries:
                     libraries[k] = compressed_library(zoo, k, args.alpha,
                                                       CompeftOptions().per_tensor)
-                row = run_method(zoo, method, few, rest, seed, n, libraries.get(k), mix)
+                row = run_method(zoo, method, few, rest, seed, n, libraries.get(k), mix,
+                                 parse_budget(b), replays(parse_budget(b), n, len(zoo.library.names()),
+                                                          stops, truncations, method))
                 row = dict(row, task=task, seed=seed, method=method, n=n, density=k,
-                           alpha=alpha_of(k), mix=mix)
+                           alpha=alpha_of(k), mix=mix, budget=b)
                 with path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 done.append(row)
-                print(f"{task} s{seed} {method} N={n} k={k} {mix}: {row['em']:.1f} "
+                print(f"{task} s{seed} {method} N={n} k={k} {mix} budget {b}: {row['em']:.1f} "
                       f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    wanted = {(m, n, k, alpha_of(k), mix) for m, n, k, mix in configs}
+    done = done + replayed_rows(done)
+    labels = set(budgets) | {label for r in done for label in r.get("derived", {})}
+    wanted = {(m, n, k, alpha_of(k), mix, b) for m, n, k, mix, _ in configs
+              for b in (labels if m != "zeroshot" else ["40"])}
     rows = [r for r in done if setting(r) in wanted
             and r["task"] in tasks and r["seed"] in args.seeds]
     print_table(rows, f"{args.split} split, seeds {','.join(map(str, args.seeds))}")

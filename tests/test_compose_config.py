@@ -17,7 +17,8 @@ from lorahub_compeft.io.files import read_jsonl
     ("restarts", 0), ("restarts", True), ("budget", -3), ("candidates_per_step", 0),
     ("batch_size", 0), ("max_length", "long"), ("seed", -1), ("seed", 2 ** 32), ("l1", -0.1),
     ("l1", float("nan")), ("bounds", 0), ("bounds", float("inf")), ("optimizer", ""),
-    ("optimizer", 3), ("dtype", 16), ("weights", "equal"),
+    ("optimizer", 3), ("dtype", 16), ("weights", "equal"), ("budget", "fast"),
+    ("budget", 2.5), ("patience", 0), ("threads", 0), ("threads", "2"),
 ])
 def test_a_bad_field_is_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field) as err:

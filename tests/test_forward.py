@@ -192,16 +192,17 @@ def test_threads_follow_the_idle_cores_without_threads(monkeypatch):
     import os
 
     from lorahub_compeft.cli import options as cli
+    from lorahub_compeft.io.threads import idle_cores  # the rule compose() applies too
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     try:
         torch.set_num_threads(4)
         monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-        assert cli.idle_cores() is None  # quiet: torch's choice stays
+        assert idle_cores() is None  # quiet: torch's choice stays
         monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
-        assert cli.idle_cores() == 1
+        assert idle_cores() == 1
         monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-        assert cli.idle_cores() == 1
+        assert idle_cores() == 1
         monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))
         cli.apply_threads(type("Args", (), {"threads": None})())
         assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"

@@ -8,11 +8,18 @@ from lorahub_compeft.cli.options import (add_select_options, add_threads_option,
                                          read_experts_file)
 from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig
 
+
+def budget_flag(text: str) -> int | str:
+    """--budget: auto, or a count in ComposeConfig's range (config.COUNT_LIMITS)."""
+    return text if text == "auto" else count_option("budget")(text)
+
+
 # compose()'s settings besides --select and -n (add_select_options), as flags: the flag and how
 # argparse reads it. Default and help come from config.ComposeConfig, so that `compose` with no
 # flags is compose() with no options.
 CONFIG_FLAGS = {
-    "budget": ("--budget", {"type": count_option("budget")}),
+    "budget": ("--budget", {"type": budget_flag}),
+    "patience": ("--patience", {"type": count_option("patience")}),
     "seed": ("--seed", {"type": int}),
     "restarts": ("--restarts", {"type": count_option("restarts")}),
     "optimizer": ("--optimizer", {}),

@@ -10,6 +10,7 @@ from pathlib import Path
 from lorahub_compeft.cli.options import (add_codec_flags, add_dtype_option, add_threads_option,
                                          apply_threads, bounded_int, count_option, finite_float,
                                          parse_seeds, read_experts_file, shown, WholeWordsHelp)
+from lorahub_compeft.cli.compose import budget_flag
 from lorahub_compeft.codecs.base import choose
 from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions
 
@@ -64,8 +65,9 @@ def _add_bbh_parsers(sub) -> None:
         title="ComPEFT compression of the compeft methods")
     p.add_argument("--restarts", type=count_option("restarts"),
                    help="select*: searches from different starts, kept by few-shot loss (default 1)")
-    p.add_argument("--budget", type=count_option("budget"), default=40,
-                   help="optimizer evaluations (default 40)")
+    p.add_argument("--budget", type=budget_flag,
+                   help="optimizer evaluations per search, or auto (default: 40 for "
+                        "lorahub/compeft, auto for select*)")
     p.add_argument("--objective", choices=("paper", "lorahub"), default="paper",
                    help="composition objective (default paper)")
     p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
@@ -179,8 +181,9 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("-n", "--n-experts", type=count_option("n_experts"),
                    help="experts to compose (default 20 with --select random, 3 with loss; "
                         "with --methods each method's own)")
-    p.add_argument("--budget", type=count_option("budget"), default=40,
-                   help="optimizer evaluations (default 40)")
+    p.add_argument("--budget", type=budget_flag,
+                   help="optimizer evaluations per search, or auto (default: 40 with --select "
+                        "random, auto with loss; with --methods each method's own)")
     add_mix_option(p)
     p.add_argument("--eval", type=bounded_int(1, None, "examples"), default=100, dest="n_eval",
                    help="evaluation examples per task (default 100)")
@@ -225,7 +228,7 @@ def cmd_demo(args) -> int:
         setting += f"; mix {args.mix}" if args.mix else ""
         print(format_table(rows, setting))
     experts = f"N={n_experts} experts" if n_experts else "N each method's default"
-    print(f"\n{len(rows)} cells, {experts}, budget {args.budget}, "
+    print(f"\n{len(rows)} cells, {experts}, budget {args.budget or 'default'}, "
           f"{f'mix {args.mix}, ' if args.mix else ''}seeds "
           f"{','.join(map(str, args.seeds))}; {time.perf_counter() - start:.0f} s in all")
     if args.json:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import human_bytes
+from lorahub_compeft.io.threads import choose_threads
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
@@ -90,30 +91,13 @@ def thread_count(text: str) -> int:
     return bounded_int(1, machine_cores(), "this machine's cores")(text)
 
 
-def idle_cores() -> int | None:
-    """The cores other processes leave idle (1-minute load average), when fewer than torch's
-    threads; None when the machine is quiet or its load is unknown. Threads that wait for busy
-    cores cost far more than they give: on a busy 2-core machine `demo` on one task took 346 s
-    with 2 threads and 43 s with 1."""
-    import os
-
-    import torch
-    try:
-        load = os.getloadavg()[0]
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
-    idle = max(1, round(cores - load))
-    return idle if idle < torch.get_num_threads() else None
-
-
 def apply_threads(args) -> None:
-    """Set torch's threads from --threads (else from idle_cores), here and, through
-    OMP_NUM_THREADS, in the worker processes a command starts."""
+    """Set torch's threads from --threads (else from the idle cores: io/threads.py), here and,
+    through OMP_NUM_THREADS, in the worker processes a command starts."""
     import os
 
     import torch
-    threads = getattr(args, "threads", None) or idle_cores()
+    threads = choose_threads(getattr(args, "threads", None))
     if threads is None:
         return
     logging.getLogger(__name__).info("using %d torch thread(s)", threads)

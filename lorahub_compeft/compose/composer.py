@@ -27,6 +27,7 @@ from lorahub_compeft.compose.search import optimizer_class, search_restarts
 from lorahub_compeft.compose.selection import choose_experts
 from lorahub_compeft.compose.session import ScoringSession, load_base, product_config
 from lorahub_compeft.compose.timing import Stopwatch
+from lorahub_compeft.io.threads import torch_threads
 
 
 def compose(experts, examples, model=None, *, config: ComposeConfig | None = None,
@@ -59,6 +60,14 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         + l1 * mean|w|, optimized by NGOpt unless `optimizer` is given. With one batch the two
         differ only by the 1/len(examples) factor, which weakens the loss against the L1 term.
       bounds: w ∈ [-bounds, bounds], every search's budget steps start at 0 (restart 0).
+      budget: evaluations per search; "auto" (the default) gives N experts
+        config.auto_budget(N) and a patience stop (a search ends once its best loss has gone
+        `patience` steps without improving by 0.1%); a number runs exactly that many steps
+        unless `patience` is given (PAPER_COMPOSE: 40). Selection's exact scores are 3/4 of the
+        resolved budget. result.timings counts the forwards: "forwards" (the search's) and
+        "select_forwards".
+      threads: torch's intra-op threads while composing (None: one per core, or only the idle
+        cores on a busy machine, as the command line does); the caller's setting is restored.
       dtype: "auto" (measured: the fastest of fp32, bf16 where the device has it natively
         and int8 on a CPU whose loss at w = 0 agrees with fp32's; probe.py), "bf16", "fp32",
         "int8", a torch.dtype, or None for the model's own. A lower precision scores through
@@ -95,19 +104,21 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
     if config.mix == "product":
         product_config(candidates[0].config, 1)  # refuses per-module ranks before any model work
 
-    clock = Stopwatch()
-    base, tokenizer = load_base(model, tokenizer, candidates[0], precision)
-    session = ScoringSession.open(base, tokenizer, candidates[0].config, examples, config,
-                                  precision, device, loss_fn, regularizer)
-    selection = choose_experts(session, candidates)  # the same in both mixes: w = 1 alone
-    chosen = selection.handles(candidates)
-    session, stack, lora_config, decode_seconds = session.mixing(chosen)
-    loss = session.search_loss(stack)
-    clock.split("setup", select=selection.seconds, decode=decode_seconds)
+    with torch_threads(config.threads):  # the caller's setting back after, also on error
+        clock = Stopwatch()
+        base, tokenizer = load_base(model, tokenizer, candidates[0], precision)
+        session = ScoringSession.open(base, tokenizer, candidates[0].config, examples, config,
+                                      precision, device, loss_fn, regularizer)
+        selection = choose_experts(session, candidates)  # the same in both mixes: w = 1 alone
+        chosen = selection.handles(candidates)
+        session, stack, lora_config, decode_seconds = session.mixing(chosen)
+        loss = session.search_loss(stack)
+        clock.split("setup", select=selection.seconds, decode=decode_seconds)
 
-    zero_loss = loss.at_zero(len(chosen))
-    with clock.lap("search"):
-        outcomes = search_restarts(loss, len(chosen), config, progress)
-    return CompositionResult.from_search(outcomes, zero_loss, chosen, selection, stack, session,
-                                         lora_config, clock.report(loss.scorer.timings,
-                                                                   sum(len(o.losses) for o in outcomes)))
+        zero_loss = loss.at_zero(len(chosen))
+        with clock.lap("search"):
+            outcomes = search_restarts(loss, len(chosen), config, progress)
+        timings = clock.report(loss.scorer.timings, sum(len(o.losses) for o in outcomes))
+        timings["select_forwards"] = len(selection.scores)  # each exactly scored candidate
+        return CompositionResult.from_search(outcomes, zero_loss, chosen, selection, stack,
+                                             session, lora_config, timings)

@@ -29,7 +29,9 @@ class CompositionResult:
     decode (reading/decoding the chosen experts), setup (model load and LoRA injection), and
     over all steps: mix (w @ E into the LoRA buffer), forward (the loss), optimizer (nevergrad's
     ask/tell and the rest of the loop); select (choosing the experts); probe (dtype "auto"'s
-    measurement); steps = budget x restarts.
+    measurement); steps: the evaluations of all restarts (budget x restarts, fewer when the
+    patience stop ends a search); forwards and select_forwards: the model forwards of the
+    search and of selection's exact scores.
     selection: how the experts were chosen and their scores; restart_losses: each restart's best.
     precision: how the search scored candidates ("float32", "bfloat16", "int8": through
     copies of the base's linear layers in that precision; the composed model itself is fp32,
@@ -137,6 +139,8 @@ class CompositionResult:
                 "objective": self.objective, "optimizer": self.optimizer,
                 "precision": self.precision, "precision_measured": self.precision_measured,
                 "mix": self.mix,
+                "forwards": {k: self.timings.get(k) for k in ("steps", "forwards",
+                                                              "select_forwards")},
                 "selection": self.selection.to_json() if self.selection else None}
 
     def merged_model(self):

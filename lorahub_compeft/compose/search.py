@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 NONFINITE_PENALTY = 1e6
+STOP_TOLERANCE = 1e-3  # an improvement of the best loss by less than this fraction is none
 
 
 @dataclass
@@ -23,6 +24,25 @@ class SearchOutcome:
     losses: list[float]
     nonfinite: int
     fixed: bool = False  # a given point, not searched: the result whatever its loss
+    stale: int = 0       # steps since the best loss last improved by STOP_TOLERANCE
+
+    def record(self, value: float, w: np.ndarray) -> None:
+        """One evaluated step (a non-finite value counted, never kept as the best)."""
+        self.losses.append(value)
+        if not math.isfinite(value):
+            self.nonfinite += 1
+            self.stale += 1
+            return
+        improved = value < self.best_loss - STOP_TOLERANCE * abs(self.best_loss)
+        self.stale = 0 if improved or not math.isfinite(self.best_loss) else self.stale + 1
+        if value < self.best_loss:
+            self.best_loss, self.best_w = value, w.copy()
+
+    def done(self, budget: int, patience: int | None, n: int) -> bool:
+        """Budget spent, or converged: `patience` steps without improvement once COBYLA's
+        initial simplex (n + 1 points around the start) has been evaluated."""
+        return len(self.losses) >= budget or (
+            patience is not None and len(self.losses) > n and self.stale >= patience)
 
 
 def optimizer_class(name: str):
@@ -65,7 +85,8 @@ def search_restarts(evaluate: Callable[[np.ndarray], list[float]], n: int, confi
     return search(evaluate, n, config.budget, config.optimizer, config.bounds,
                   [restart_seed(config.seed, r) for r in restarts], progress,
                   config.candidates_per_step,
-                  [restart_start(n, config.seed, r, config.bounds) for r in restarts])
+                  [restart_start(n, config.seed, r, config.bounds) for r in restarts],
+                  config.patience)
 
 
 def fixed_point(evaluate: Callable[[np.ndarray], list[float]], w: np.ndarray) -> SearchOutcome:
@@ -92,9 +113,12 @@ def best_point(outcomes: list[SearchOutcome], zero_loss: float) -> tuple[np.ndar
 
 def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, optimizer: str,
            bounds: float, seeds: list[int], progress: bool = True, candidates_per_step: int = 1,
-           starts: list[np.ndarray] | None = None) -> list[SearchOutcome]:
+           starts: list[np.ndarray] | None = None, patience: int | None = None
+           ) -> list[SearchOutcome]:
     """Minimise the loss over w in [-bounds, bounds]^n with R = len(seeds) independent
-    searches of `budget` evaluations each, search r from starts[r] (default w = 0).
+    searches of `budget` evaluations each, search r from starts[r] (default w = 0); with
+    `patience`, a search stops sooner once its best loss has gone that many steps without
+    improving by STOP_TOLERANCE (SearchOutcome.done).
 
     The searches run in lockstep so that their candidates share forwards: each round, every
     search is asked for max(1, K // R) candidates (nevergrad's num_workers; K =
@@ -121,19 +145,17 @@ def search(evaluate: Callable[[np.ndarray], list[float]], n: int, budget: int, o
                                 category=UserWarning)
         bar = tqdm(total=budget * len(seeds), desc="composing", unit="step",
                    disable=not progress)
-        while len(outcomes[0].losses) < budget:
-            asked = [(opt, out, opt.ask()) for opt, out in zip(optimizers, outcomes)
+        while True:
+            live = [(opt, out) for opt, out in zip(optimizers, outcomes)
+                    if not out.done(budget, patience, n)]
+            if not live:
+                break
+            asked = [(opt, out, opt.ask()) for opt, out in live
                      for _ in range(min(per_search, budget - len(out.losses)))]
             ws = np.stack([np.asarray(c.value, dtype=np.float64) for _, _, c in asked])
             for (opt, out, candidate), w, value in zip(asked, ws, evaluate(ws)):
-                out.losses.append(value)
-                if not math.isfinite(value):
-                    out.nonfinite += 1
-                    opt.tell(candidate, NONFINITE_PENALTY)
-                    continue
-                opt.tell(candidate, value)
-                if value < out.best_loss:
-                    out.best_loss, out.best_w = value, w.copy()
+                out.record(value, w)
+                opt.tell(candidate, value if math.isfinite(value) else NONFINITE_PENALTY)
             bar.update(len(asked))
             bar.set_postfix(best=f"{min(o.best_loss for o in outcomes):.4f}")
     bar.close()

@@ -242,6 +242,7 @@ class SelectParams(ComposeParams):
     few-shot loss."""
     preset: ClassVar[ComposeConfig] = ComposeConfig()
     n_experts: int = DEFAULT_N["loss"]
+    budget: int | str = ComposeConfig().budget  # "auto"; the paper's methods keep 40
     restarts: int = ComposeConfig().restarts
     mix: str = mix_param(ComposeConfig().mix)  # the package's default
 

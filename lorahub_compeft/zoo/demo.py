@@ -24,14 +24,15 @@ DEMO_METHODS = (("zeroshot", "zeroshot"), ("lorahub", "dense"), ("compeft", "com
 
 
 def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
-             n_experts: int = 20, budget: int = 40, shots: int = 5, n_eval: int = 100,
+             n_experts: int = 20, budget: int | str | None = None, shots: int = 5, n_eval: int = 100,
              bbh_dir: str | None = None, max_bbh_eval: int | None = None,
              progress: bool = True, select: str = "random", mix: str | None = None,
              methods: list[str] | None = None) -> list[dict]:
     """One row per (task, seed) with the three methods' EM, their weights and bytes.
     select="random": LoraHub's protocol (the zoo's shipped ComPEFT setting); "loss": the
     package's (experts chosen by few-shot loss, ComPEFT at the default compression).
-    mix: how w combines the experts (None: each method's default).
+    mix, budget: how w combines the experts, the search's budget (None: each method's
+    default: 40 for LoraHub's protocol, auto for the package's).
     methods: these registered methods instead (a column each, named by the method), each with
     n_experts (None: its own default), budget and mix where it takes them; `compeft` at the
     zoo's shipped compression, as in the default table."""
