@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_select_options, add_threads_option, apply_threads,
-                                         positive_int, read_experts_file)
+                                         positive_int)
 from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig
 
 # compose()'s settings besides --select and -n (add_select_options), as flags: the flag and how
@@ -86,7 +86,8 @@ def cmd_compose(args) -> int:
     check_dir_target(out, args.force, (CONFIG_NAME, WEIGHTS_NAME))  # before the search, not after
     if args.model:
         check_model_reference(args.model)
-    listed = args.experts + (read_experts_file(args.experts_file) if args.experts_file else [])
+    from lorahub_compeft.eval.expert_lists import experts_from_args
+    listed = experts_from_args(args.experts, args.experts_file)
     if bool(args.library) == bool(listed):
         raise SystemExit("error: give experts with one of --library or --experts/--experts-file")
     config = compose_config(args)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_codec_flags, add_dtype_option, add_threads_option,
-                                         apply_threads, parse_seeds, read_experts_file, shown,
+                                         apply_threads, parse_seeds, shown,
                                          WholeWordsHelp)
 from lorahub_compeft.codecs.base import choose
 from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions
@@ -45,8 +45,11 @@ def _add_bbh_parsers(sub) -> None:
                                    "the cells not there yet, so another --density or --alpha adds "
                                    "new cells beside the old ones.")
     p.add_argument("--model", required=True, help="base model, e.g. google/flan-t5-large")
-    p.add_argument("--experts-file", help="file with one expert (Hub id or PEFT dir) per line")
-    p.add_argument("--experts", nargs="*", default=[], help="experts (Hub ids or PEFT dirs)")
+    p.add_argument("--experts-file", help="file with one expert (Hub id or PEFT dir) per line, "
+                                          "or a shipped list's name")
+    p.add_argument("--experts", nargs="*", default=[],
+                   help="experts: Hub ids, PEFT dirs, files of one per line, or a shipped list's "
+                        "name (lorahub-flan-t5-large: LoraHub's 196 for google/flan-t5-large)")
     p.add_argument("--methods", default=",".join(names),
                    help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(names)})")
     p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
@@ -98,7 +101,8 @@ def _add_bbh_parsers(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def cmd_bbh(args) -> int:
+def cmd_bbh(args, on_cell=None) -> int:
+    """Run the cells (runner.run; on_cell reports each one) and print the report."""
     apply_threads(args)
     from lorahub_compeft.eval.bbh import BBH_TASKS
     from lorahub_compeft.eval.methods import METHODS, make_method, method_options
@@ -115,7 +119,8 @@ def cmd_bbh(args) -> int:
         raise ValueError(f"--methods {args.methods!r}: no method {', '.join(map(repr, unknown))}; "
                          f"give a comma-separated list of {', '.join(METHODS)}")
     check_run_folder(args.out)  # before anything is written into it (compressed experts first)
-    experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
+    from lorahub_compeft.eval.expert_lists import experts_from_args
+    experts = experts_from_args(list(args.experts), args.experts_file)
     options = {"n_experts": args.n_experts, "restarts": args.restarts, "budget": args.budget,
                "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype,
                "mix": args.mix, "steps": args.steps, "lr": args.lr,
@@ -128,7 +133,8 @@ def cmd_bbh(args) -> int:
                  list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
                  args.seeds, methods, args.model, pool)
     run(cells, out, workers=args.workers, backend=args.backend, address=args.address,
-        gpus_per_cell=args.gpus_per_cell, batch_size=args.batch_size, command=args.argv)
+        gpus_per_cell=args.gpus_per_cell, batch_size=args.batch_size, command=args.argv,
+        on_cell=on_cell)
     print(report(out))
     return 0
 

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import textwrap
-from pathlib import Path
 
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import human_bytes
@@ -197,12 +196,6 @@ def parse_seeds(text: str) -> list[int]:
                                              f"it low-high, e.g. {hi}-{lo}")
         seeds += range(lo, hi + 1)
     return seeds
-
-
-def read_experts_file(path: str) -> list[str]:
-    """One expert (Hub id or PEFT dir) per line; blank lines and # comments skipped."""
-    return [line.strip() for line in Path(path).read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def size_line(file_bytes: int, sizes: dict) -> str:

@@ -3,7 +3,6 @@ injected into it with its parameters as views of one flat buffer, the examples t
 and the precision the search runs in; and the search's loss, task loss plus regularizer."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ def load_base(model, tokenizer, expert: ExpertHandle, dtype):
     """The base model and its tokenizer: `model` loaded by name or path (None: the base the
     expert records), or a copy of a model object (LoRA is injected into it: the caller's model
     is left alone); in `dtype` unless None."""
-    from lorahub_compeft.io.models import load_model, load_tokenizer
+    from lorahub_compeft.io.models import load_model, load_tokenizer, shared_weights_copy
     if model is None:
         model = base_model_of(expert)
         if looks_like_path(model) and not Path(model).expanduser().exists():
@@ -39,7 +38,7 @@ def load_base(model, tokenizer, expert: ExpertHandle, dtype):
         base, loaded_tokenizer = load_model(str(model), dtype)
         tokenizer = tokenizer or loaded_tokenizer
     else:
-        base = copy.deepcopy(model)
+        base = shared_weights_copy(model)  # the weights are shared, not copied
         if tokenizer is None:
             name = (getattr(model, "name_or_path", None)
                     or getattr(model.config, "_name_or_path", None))
