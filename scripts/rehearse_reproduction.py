@@ -188,7 +188,7 @@ def all_methods() -> list[str]:
 
 
 def reproduce_argv(cache: Path, out: Path, task: str, methods: list[str], max_eval: int | None,
-                   threads: int, experts: list[str]) -> list[str]:
+                   threads: int, experts: list[str], extra: list[str] = ()) -> list[str]:
     """The user's command; the shipped list by name when all of it is there."""
     shipped = [e["id"] for e in expert_list("lorahub-flan-t5-large")]
     argv = [sys.executable, "-m", "lorahub_compeft.cli", "reproduce", "--cache", str(cache),
@@ -196,7 +196,7 @@ def reproduce_argv(cache: Path, out: Path, task: str, methods: list[str], max_ev
             "--threads", str(threads),
             "--experts", *(["lorahub-flan-t5-large"] if experts == shipped else experts)]
     argv += ["--max-eval", str(max_eval)] if max_eval else []
-    return argv
+    return argv + list(extra)
 
 
 def figures(rows: list[dict]) -> list[dict]:
@@ -241,6 +241,9 @@ def main(argv=None) -> int:
                    help="comma-separated (default all the package's methods)")
     p.add_argument("--max-eval", type=int, help="examples answered per cell (default all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("-n", "--n-experts", type=int, help="experts per composition (default: "
+                                                         "each method's, the paper's 20)")
+    p.add_argument("--budget", type=int, help="optimizer evaluations (default the paper's 40)")
     p.add_argument("--bbh-dir", default=os.environ.get("LORAHUB_COMPEFT_BBH_DIR") or SHARED_BBH,
                    help="where the task's examples are read from to build the cache")
     p.add_argument("--workdir", help="keep the cache and run here (default: a temporary folder)")
@@ -256,8 +259,10 @@ def main(argv=None) -> int:
     built = time.perf_counter() - start
     print(f"cache {cache} built in {built:.0f} s ({args.shape}, {args.experts} experts)",
           flush=True)
+    extra = (["-n", str(args.n_experts)] if args.n_experts else []) + \
+        (["--budget", str(args.budget)] if args.budget else [])
     command = reproduce_argv(cache, out, args.task, methods, args.max_eval, args.threads,
-                             experts)
+                             experts, extra)
     print("$ " + " ".join(["lorahub-compeft"] + command[3:]), flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     started = time.perf_counter()

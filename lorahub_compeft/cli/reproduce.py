@@ -55,6 +55,9 @@ def add_parsers(sub) -> None:
                    help="e.g. 1-5 (default)")
     p.add_argument("--max-eval", type=int, help="evaluate at most this many examples per cell "
                                                 "(a rehearsal; the paper evaluates all)")
+    p.add_argument("-n", "--n-experts", type=int,
+                   help="experts per composition (default: each method's; the paper's 20)")
+    p.add_argument("--budget", type=int, help="optimizer evaluations (default: the paper's 40)")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch (default 16)")
     p.add_argument("--online", action="store_true",
                    help="let the loaders reach the Hub (default: HF_HUB_OFFLINE=1, the cache only)")
@@ -139,6 +142,8 @@ def bbh_argv(args, experts: list[str]) -> list[str]:
             "--batch-size", str(args.batch_size), "--out", args.out]
     argv += ["--bbh-dir", args.bbh_dir] if args.bbh_dir else []
     argv += ["--max-eval", str(args.max_eval)] if args.max_eval else []
+    argv += ["--n-experts", str(args.n_experts)] if args.n_experts else []
+    argv += ["--budget", str(args.budget)] if args.budget else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     return argv
 

@@ -266,7 +266,8 @@ def run(cells: list[Cell], out: str | Path | None = None, *, workers: int = 1,
     todo = [c for c, k in zip(cells, keys) if k not in done]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell",
                disable=not progress or on_cell is not None)
-    for row, preds in _execute(todo, workers, backend, address, gpus_per_cell, batch_size, worker):
+    for count, (row, preds) in enumerate(_execute(todo, workers, backend, address, gpus_per_cell,
+                                                  batch_size, worker), 1):
         if out is not None:
             _append(out / PREDICTIONS, preds)
             _append(out / RESULTS, row)  # last: a cell counts as done once both lines are whole
@@ -274,7 +275,7 @@ def run(cells: list[Cell], out: str | Path | None = None, *, workers: int = 1,
         bar.set_postfix_str(f"{row['task']} s{row['seed']} {row['method']}: EM {row['em']:.1f}")
         bar.update()
         if on_cell is not None:
-            on_cell(row, bar.n, len(cells), len(todo))
+            on_cell(row, len(cells) - len(todo) + count, len(cells), len(todo))
     bar.close()
     return [done[k] for k in keys]
 
