@@ -126,10 +126,13 @@ def _load_from_hub(task: str) -> list[dict[str, str]]:
     import datasets  # deferred: heavy import, and only this path needs it
 
     from lorahub_compeft.io.adapters import hub_unreachable
+    offline = hub_unreachable()
+    verbosity = datasets.logging.get_verbosity()
+    if offline:  # "using the latest cached version", twice per load: expected, so not shown
+        datasets.logging.set_verbosity_error()
     try:
         rows = datasets.load_dataset(BBH_HUB_DATASET, task, split="test")
     except Exception as err:
-        offline = hub_unreachable()
         if offline is None:
             raise
         raise BBHDataError(
@@ -138,6 +141,8 @@ def _load_from_hub(task: str) -> list[dict[str, str]]:
             f"({offline}; {type(err).__name__}); fill the cache once where there is network "
             "(lorahub-compeft download), or pass --bbh-dir DIR, a folder of BBH <task>.json "
             "files") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return _validate_examples(task, f"{BBH_HUB_DATASET} (config {task!r}, split 'test')", list(rows))
 
 
