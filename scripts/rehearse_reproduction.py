@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorahub_compeft.cli.reproduce import PAPER_METHODS
 from lorahub_compeft.eval.expert_lists import expert_list
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ SHAPES = {
 BASE_ID = "google/flan-t5-large"
 RANK, ALPHA = 16, 32
 BBH_EVAL_ROWS = 6511 - 27 * 5  # every example of the 27 tasks but each cell's 5 shots
-TASKS, SEEDS = 27, 5
+TASKS, SEEDS, PAPER_BUDGET = 27, 5, 40
 
 
 # --- a Hugging Face cache, written by huggingface_hub's own helpers ---------------------------
@@ -211,6 +212,7 @@ def figures(rows: list[dict]) -> list[dict]:
     for row in rows:
         rate = rates.get(row["method"], rates.get("zeroshot", 0.0))
         fixed = max(0.0, row["seconds"] - row["n_eval"] * rate)
+        fixed += _missing_steps(row)
         whole = SEEDS * (TASKS * fixed + BBH_EVAL_ROWS * rate)
         out.append({"method": row["method"], "seconds": row["seconds"], "fixed": fixed,
                     "answer_per_example": rate,
@@ -220,6 +222,17 @@ def figures(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _missing_steps(row: dict) -> float:
+    """A search run at a smaller --budget than the paper's: the seconds of the steps it did not
+    take, at its measured seconds per step (mix, forward and the optimizer's share)."""
+    timings = row.get("compose_timings") or {}
+    budget = (row.get("setting") or {}).get("params", {}).get("budget")
+    if not timings.get("steps") or not budget or budget >= PAPER_BUDGET:
+        return 0.0
+    per_step = (timings["mix"] + timings["forward"] + timings["optimizer"]) / timings["steps"]
+    return per_step * timings["steps"] * (PAPER_BUDGET / budget - 1)
+
+
 def table(figs: list[dict]) -> str:
     lines = ["| method | cell (s) | composing / training (s) | answers (s/example) | search forwards | "
              "peak RSS (GB) | 27 tasks x 5 seeds (h) |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -227,9 +240,14 @@ def table(figs: list[dict]) -> str:
         lines.append(f"| {f['method']} | {f['seconds']:.1f} | {f['fixed']:.1f} | "
                      f"{f['answer_per_example']:.2f} | {f['forwards'] if f['forwards'] is not None else '-'} | "
                      f"{f['peak_rss_gb']:.2f} | {f['extrapolated_h']:.1f} |")
-    total = sum(f["extrapolated_h"] for f in figs)
-    lines.append(f"| all | | | | | | {total:.1f} |")
+    paper = sum(f["extrapolated_h"] for f in figs if f["method"] in PAPER_METHODS)
+    lines.append(f"| the paper's rows ({', '.join(PAPER_METHODS)}) | | | | | | {paper:.1f} |")
+    lines.append(f"| all of these | | | | | | {sum(f['extrapolated_h'] for f in figs):.1f} |")
     return "\n".join(lines)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 def main(argv=None) -> int:
@@ -248,7 +266,13 @@ def main(argv=None) -> int:
                    help="where the task's examples are read from to build the cache")
     p.add_argument("--workdir", help="keep the cache and run here (default: a temporary folder)")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--figures-only", metavar="RUN",
+                   help="print the figures of a run folder's results.jsonl (a rehearsal that was "
+                        "stopped) and run nothing")
     args = p.parse_args(argv)
+    if args.figures_only:
+        print(table(figures(_rows(Path(args.figures_only)))))
+        return 0
     methods = all_methods() if args.methods == "all" else args.methods.split(",")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="rehearsal-"))
     cache, out = root / "hf", root / "run"
@@ -269,7 +293,7 @@ def main(argv=None) -> int:
     subprocess.run(command, env=env, check=True)
     wall = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = _rows(out)
     figs = figures(rows)
     print(f"\nreproduce: {wall:.0f} s for {len(rows)} cells; peak RSS of the run {peak:.2f} GB")
     print(table(figs))
