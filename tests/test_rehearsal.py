@@ -20,7 +20,7 @@ def test_small_rehearsal_prints_figures_per_method(tmp_path, capfd):
     rows = {m.group(1): m.groups() for m in
             re.finditer(r"^\| (\S+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\S+) \| ([\d.]+) \| "
                         r"([\d.]+) \|$", out, re.M)}
-    assert list(rows)[:len(methods)] == methods
+    assert list(rows) == methods
     assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in rows.values())  # RSS, hours
     assert rows["lorahub"][4] == "2" and rows["zeroshot"][4] == "-"  # the search's forwards
     assert "Exact match" in out  # reproduce's report, printed at its end
