@@ -21,7 +21,13 @@ PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] navigate seed (\d) (\S+): EM [\d.]+ in 
 
 @pytest.fixture
 def offline(monkeypatch):
-    """reproduce sets HF_HUB_OFFLINE: restored, and the offline check forgotten, after."""
+    """reproduce sets HF_HUB_OFFLINE (and with --cache HF_HOME): restored, and the offline
+    check forgotten, after."""
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     hub_unreachable.cache_clear()
@@ -83,3 +89,10 @@ def test_reproduce_bbh_sh_calls_reproduce(tiny_t5, experts, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| navigate |" in done.stdout and len(progress(done.stderr)) == 4
+
+
+def test_download_without_the_hub_says_so_in_one_line(tmp_path, capsys, offline):
+    assert main(["download", "--cache", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "download needs the Hugging Face Hub" in err[0]
+    assert "HF_HUB_OFFLINE=1" in err[0] and not (tmp_path / "hf").exists()

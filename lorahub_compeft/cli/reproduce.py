@@ -87,6 +87,12 @@ def cmd_download(args) -> int:
     _use_cache(args, offline=False)
     from huggingface_hub import snapshot_download
 
+    from lorahub_compeft.io.adapters import HubOfflineError, hub_unreachable
+    if (why := hub_unreachable()) is not None:
+        raise HubOfflineError(f"download needs the Hugging Face Hub, which cannot be reached "
+                              f"({why}); run it where there is network and bring the cache "
+                              "folder (--cache) here")
+
     from lorahub_compeft.eval.bbh import BBH_HUB_DATASET, BBH_TASKS, load_examples
     from lorahub_compeft.eval.expert_lists import experts_from_args
     experts = _hub_ids(experts_from_args(args.experts))
