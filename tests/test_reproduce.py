@@ -26,8 +26,9 @@ def offline(monkeypatch):
     for name in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE"):
         if name in os.environ:
             monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+        else:  # recorded as unset (delenv alone records nothing), so unset again after
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     hub_unreachable.cache_clear()
@@ -92,7 +93,9 @@ def test_reproduce_bbh_sh_calls_reproduce(tiny_t5, experts, tmp_path):
 
 
 def test_download_without_the_hub_says_so_in_one_line(tmp_path, capsys, offline):
+    home = os.environ.get("HF_HOME")
     assert main(["download", "--cache", str(tmp_path / "hf")]) == 2
+    assert os.environ["HF_HOME"] == str(tmp_path / "hf") != home  # the fixture restores it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "download needs the Hugging Face Hub" in err[0]
     assert "HF_HUB_OFFLINE=1" in err[0] and not (tmp_path / "hf").exists()
