@@ -36,6 +36,10 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=3)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--deep-copy", action="store_true")
+    p.add_argument("--resident", action="store_true",
+                   help="copy the loaded weights into memory of the process's own (transformers "
+                        "maps the safetensors file, whose pages the kernel may drop under memory "
+                        "pressure, which makes RSS peaks lower bounds)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from lorahub_compeft.compose import session
@@ -46,6 +50,9 @@ def main(argv=None) -> int:
         session.shared_weights_copy = copy.deepcopy  # what load_base did before
     base, tokenizer = load_model(args.model)
     base.eval()
+    if args.resident:
+        for param in base.parameters():
+            param.data = param.data.clone()
     model_bytes = sum(t.numel() * 4 for t in base.parameters())
     task = BBHBenchmark(args.bbh_dir).load(args.task, 1)
     start = rss("VmRSS")
@@ -57,7 +64,8 @@ def main(argv=None) -> int:
     peak = rss("VmHWM")
     stack = sum(t.numel() * t.element_size() for t in vars(result.stack).values()
                 if isinstance(t, torch.Tensor))  # the stack's own tensors (dense: N x P fp32)
-    figures = {"deep_copy": args.deep_copy, "precision": result.precision,
+    figures = {"deep_copy": args.deep_copy, "resident": args.resident,
+               "precision": result.precision,
                "model_fp32_gb": model_bytes / 1e9, "rss_before_gb": start / 1e9,
                "peak_gb": peak / 1e9, "peak_above_start_gb": (peak - start) / 1e9,
                "stack_gb": stack / 1e9, "n_experts": len(args.experts)}
