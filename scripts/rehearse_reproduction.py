@@ -234,7 +234,7 @@ def _missing_steps(row: dict) -> float:
 
 
 def table(figs: list[dict]) -> str:
-    lines = ["| method | cell (s) | composing / training (s) | answers (s/example) | search forwards | "
+    lines = ["| method | cell (s) | fixed part at budget 40 (s) | answers (s/example) | search forwards | "
              "peak RSS (GB) | 27 tasks x 5 seeds (h) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for f in figs:
         lines.append(f"| {f['method']} | {f['seconds']:.1f} | {f['fixed']:.1f} | "
