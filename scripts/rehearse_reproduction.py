@@ -1,6 +1,6 @@
 """Rehearse the paper's reproduction at full scale without a download: into a temporary
 Hugging Face cache, a base with google/flan-t5-large's config and random weights (cached as
-google/flan-t5-large), the experts of the shipped list `lorahub-flan-t5-large` in LoraHub's
+google/flan-t5-large), experts under the ids of a list file (LoraHub's 196) in LoraHub's
 own format (a pickled state dict adapter_model.bin, a PEFT-0.3-era adapter_config.json with
 enable_lora and merge_weights, r=16 on q and v), and one BBH task in the datasets cache as
 lukaemon/bbh. Then the command a user types, offline (HF_HUB_OFFLINE=1):
@@ -33,11 +33,12 @@ import time
 from pathlib import Path
 
 from lorahub_compeft.cli.reproduce import PAPER_METHODS
-from lorahub_compeft.eval.expert_lists import expert_list
+from lorahub_compeft.eval.expert_lists import read_experts_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))  # zoo_build's word-level tokenizer
 SHARED_BBH = REPO.parent / "shared" / "data" / "bbh"
+SHARED_LIST = REPO.parent / "shared" / "data" / "lorahub_flan_t5_large_modules.txt"
 
 # google/flan-t5-large's config.json (docs: DESIGN facts); "small" keeps its structure.
 SHAPES = {
@@ -154,9 +155,15 @@ def build_expert(folder: Path, shape: str, seed: int) -> None:
     torch.save(lorahub_state_dict(shape, seed), folder / "adapter_model.bin")  # pickled
 
 
-def build_cache(root: Path, shape: str, n_experts: int, task: str, bbh_dir: Path) -> list[str]:
-    """HF_HOME at `root`: the base, the first n_experts of the shipped list, BBH `task`.
-    Returns the experts' ids."""
+def expert_ids(list_file: str | None, n_experts: int) -> list[str]:
+    """The first n_experts ids of the list file; without one, ids of the same form."""
+    if list_file:
+        return read_experts_file(list_file)[:n_experts]
+    return [f"lorahub/flan_t5_large-rehearsal_{i:03d}" for i in range(n_experts)]
+
+
+def build_cache(root: Path, shape: str, ids: list[str], task: str, bbh_dir: Path) -> None:
+    """HF_HOME at `root`: the base, the experts under `ids`, BBH `task`."""
     work, hub = root / "work", root / "hub"
     work.mkdir(parents=True)
     rows = json.loads((_task_file(bbh_dir, task)).read_text())["examples"]
@@ -164,14 +171,12 @@ def build_cache(root: Path, shape: str, n_experts: int, task: str, bbh_dir: Path
     build_base(work / "base", shape, [instruction] + [r["input"] + " " + r["target"]
                                                       for r in rows])
     cache_folder(BASE_ID, work / "base", hub, move=True)
-    ids = [e["id"] for e in expert_list("lorahub-flan-t5-large")][:n_experts]
     for i, repo_id in enumerate(ids):
         build_expert(work / "expert", shape, seed=i)
         cache_folder(repo_id, work / "expert", hub, move=True)
         shutil.rmtree(work / "expert")
     cache_bbh_task(task, rows, root / "datasets", work)
     shutil.rmtree(work)
-    return ids
 
 
 def _task_file(bbh_dir: Path, task: str) -> Path:
@@ -190,12 +195,11 @@ def all_methods() -> list[str]:
 
 def reproduce_argv(cache: Path, out: Path, task: str, methods: list[str], max_eval: int | None,
                    threads: int, experts: list[str], extra: list[str] = ()) -> list[str]:
-    """The user's command; the shipped list by name when all of it is there."""
-    shipped = [e["id"] for e in expert_list("lorahub-flan-t5-large")]
+    """The user's command."""
     argv = [sys.executable, "-m", "lorahub_compeft.cli", "reproduce", "--cache", str(cache),
             "--out", str(out), "--tasks", task, "--seeds", "1", "--methods", ",".join(methods),
             "--threads", str(threads),
-            "--experts", *(["lorahub-flan-t5-large"] if experts == shipped else experts)]
+            "--experts", *experts]
     argv += ["--max-eval", str(max_eval)] if max_eval else []
     return argv + list(extra)
 
@@ -253,7 +257,10 @@ def _rows(out: Path) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="flan-t5-large")
-    p.add_argument("--experts", type=int, default=196, help="the first N of the shipped list")
+    p.add_argument("--experts", type=int, default=196, help="how many experts (default 196)")
+    p.add_argument("--experts-file", default=SHARED_LIST if SHARED_LIST.is_file() else None,
+                   help="ids for the experts, one per line (default: LoraHub's list in "
+                        "../shared/data where present, else ids of the same form)")
     p.add_argument("--task", default="navigate")
     p.add_argument("--methods", default="all",
                    help="comma-separated (default all the package's methods)")
@@ -277,9 +284,9 @@ def main(argv=None) -> int:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="rehearsal-"))
     cache, out = root / "hf", root / "run"
     start = time.perf_counter()
+    experts = expert_ids(args.experts_file, args.experts)
     if not cache.exists():
-        build_cache(cache, args.shape, args.experts, args.task, Path(args.bbh_dir))
-    experts = [e["id"] for e in expert_list("lorahub-flan-t5-large")][:args.experts]
+        build_cache(cache, args.shape, experts, args.task, Path(args.bbh_dir))
     built = time.perf_counter() - start
     print(f"cache {cache} built in {built:.0f} s ({args.shape}, {args.experts} experts)",
           flush=True)

@@ -94,7 +94,7 @@ def test_reproduce_bbh_sh_calls_reproduce(tiny_t5, experts, tmp_path):
 
 def test_download_without_the_hub_says_so_in_one_line(tmp_path, capsys, offline):
     home = os.environ.get("HF_HOME")
-    assert main(["download", "--cache", str(tmp_path / "hf")]) == 2
+    assert main(["download", "--cache", str(tmp_path / "hf"), "--experts", "org/a"]) == 2
     assert os.environ["HF_HOME"] == str(tmp_path / "hf") != home  # the fixture restores it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "download needs the Hugging Face Hub" in err[0]

@@ -13,7 +13,6 @@ from lorahub_compeft.cli.options import WholeWordsHelp, add_threads_option, pars
 
 PAPER_METHODS = ("zeroshot", "icl", "lorahub", "compeft")  # the rows of ComPEFT's Table 7
 DEFAULT_MODEL = "google/flan-t5-large"
-DEFAULT_EXPERTS = "lorahub-flan-t5-large"  # eval/data/<name>.json
 # What `download` fetches of a model and of an expert (not a model's other frameworks' weights).
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 EXPERT_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
@@ -23,9 +22,9 @@ def add_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"base model: a Hub id or a folder (default {DEFAULT_MODEL})")
-    common.add_argument("--experts", nargs="+", default=[DEFAULT_EXPERTS],
-                        help="Hub ids, PEFT dirs, files of one per line, or a shipped list's name "
-                             f"(default {DEFAULT_EXPERTS}: LoraHub's 196)")
+    common.add_argument("--experts", nargs="+", required=True,
+                        help="Hub ids, PEFT dirs, or files of one per line (for the paper: "
+                             "the file of LoraHub's 196 flan-t5-large ids)")
     common.add_argument("--cache", help="Hugging Face cache folder, as HF_HOME (default: "
                                         "HF_HOME, else ~/.cache/huggingface)")
     p = sub.add_parser("download", parents=[common], formatter_class=WholeWordsHelp,

@@ -1,31 +1,9 @@
-"""Expert lists shipped with the package (eval/data/<name>.json), addressable by name, and the
-one way `--experts` items are read: a list's name, a file of one expert per line, or an expert
-itself (a PEFT dir or a Hub id)."""
+"""The one way `--experts` items are read: a file of one expert per line, or an expert itself
+(a PEFT dir or a Hub id). No list ships with the package: LoraHub's 196 ids are the user's
+input, a file of one id per line."""
 from __future__ import annotations
 
-import json
-import logging
-from importlib import resources
 from pathlib import Path
-
-log = logging.getLogger(__name__)
-
-
-def _data():
-    return resources.files("lorahub_compeft.eval").joinpath("data")
-
-
-def list_names() -> tuple[str, ...]:
-    """The shipped lists, by name."""
-    return tuple(sorted(p.name[:-len(".json")] for p in _data().iterdir()
-                        if p.name.endswith(".json")))
-
-
-def expert_list(name: str) -> list[dict]:
-    """A shipped list's entries: [{"id": Hub id, "revision": commit or None}, ...]."""
-    if name not in list_names():
-        raise ValueError(f"no expert list {name!r}; shipped lists: {', '.join(list_names())}")
-    return json.loads(_data().joinpath(f"{name}.json").read_text(encoding="utf-8"))["experts"]
 
 
 def read_experts_file(path: str | Path) -> list[str]:
@@ -35,32 +13,14 @@ def read_experts_file(path: str | Path) -> list[str]:
 
 
 def resolve_experts(items: list[str]) -> list[str]:
-    """Each item as the experts it names: an existing file, its lines; a shipped list's name,
-    its ids; anything else (a PEFT dir, a Hub id) itself. A path wins over a list of the same
-    name, with a warning."""
+    """Each item as the experts it names: an existing file, its lines; anything else (a PEFT
+    dir, a Hub id) itself."""
     experts = []
     for item in items:
-        path = Path(item)
-        if path.is_file():
-            experts += read_experts_file(path)
-            continue
-        if item in list_names():
-            if path.exists():
-                log.warning("%s: using the local folder, not the shipped expert list of that "
-                            "name", item)
-            else:
-                experts += [e["id"] for e in expert_list(item)]
-                continue
-        experts.append(item)
+        experts += read_experts_file(item) if Path(item).is_file() else [item]
     return experts
 
 
 def experts_from_args(items: list[str], experts_file: str | None = None) -> list[str]:
-    """--experts items (resolve_experts) and then --experts-file: a file, or a shipped list's
-    name."""
-    experts = resolve_experts(items)
-    if experts_file is None:
-        return experts
-    if experts_file in list_names() and not Path(experts_file).exists():
-        return experts + [e["id"] for e in expert_list(experts_file)]
-    return experts + read_experts_file(experts_file)
+    """--experts items (resolve_experts) and then --experts-file's lines."""
+    return resolve_experts(items) + (read_experts_file(experts_file) if experts_file else [])
