@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from lorahub_compeft.cli import compose, evaluate, experts, library
+from lorahub_compeft.cli import compose, evaluate, experts, library, reproduce
 from lorahub_compeft.cli.errors import error_message, stdout_closed
 
 EPILOG = """examples:
@@ -18,6 +18,8 @@ EPILOG = """examples:
   lorahub-compeft library add ./experts lorahub/flan_t5_large-ag_news_subset path/to/dir
   lorahub-compeft library list ./experts
   lorahub-compeft compose --library ./experts --examples task.jsonl -n 20 --out my_adapter/
+  lorahub-compeft download --cache hf-cache          # where there is network
+  lorahub-compeft reproduce --cache hf-cache --out runs/table7   # offline
 """
 
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for group in (experts, library, compose, evaluate):
+    for group in (experts, library, compose, evaluate, reproduce):
         group.add_parsers(sub)
     return parser
 

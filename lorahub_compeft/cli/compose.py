@@ -4,8 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from lorahub_compeft.cli.options import (add_select_options, add_threads_option, apply_threads,
-                                         MAX_NEW_TOKENS, MAX_RANK, bounded_int, count_option,
-                                         read_experts_file)
+                                         MAX_NEW_TOKENS, MAX_RANK, bounded_int, count_option)
 from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig
 
 
@@ -94,7 +93,8 @@ def cmd_compose(args) -> int:
     out = check_composed_target(args.out, args.force)  # before the search, not after
     if args.model:
         check_model_reference(args.model)
-    listed = args.experts + (read_experts_file(args.experts_file) if args.experts_file else [])
+    from lorahub_compeft.eval.expert_lists import experts_from_args
+    listed = experts_from_args(args.experts, args.experts_file)
     if bool(args.library) == bool(listed):
         raise SystemExit("error: give experts with one of --library or --experts/--experts-file")
     config = compose_config(args)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_codec_flags, add_dtype_option, add_threads_option,
                                          apply_threads, bounded_int, count_option, finite_float,
-                                         parse_seeds, read_experts_file, shown, WholeWordsHelp)
+                                         parse_seeds, shown, WholeWordsHelp)
 from lorahub_compeft.cli.compose import budget_flag
 from lorahub_compeft.codecs.base import choose
 from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions
@@ -49,7 +49,8 @@ def _add_bbh_parsers(sub) -> None:
                                    "new cells beside the old ones.")
     p.add_argument("--model", required=True, help="base model, e.g. google/flan-t5-large")
     p.add_argument("--experts-file", help="file with one expert (Hub id or PEFT dir) per line")
-    p.add_argument("--experts", nargs="*", default=[], help="experts (Hub ids or PEFT dirs)")
+    p.add_argument("--experts", nargs="*", default=[],
+                   help="experts: Hub ids, PEFT dirs, or files of one per line")
     p.add_argument("--methods", default=",".join(names),
                    help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(names)})")
     p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")
@@ -104,7 +105,8 @@ def _add_bbh_parsers(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def cmd_bbh(args) -> int:
+def cmd_bbh(args, on_cell=None) -> int:
+    """Run the cells (runner.run; on_cell reports each one) and print the report."""
     apply_threads(args)
     if args.density is not None and not 0 < args.density <= 1:  # else in every compeft cell
         raise ValueError(f"--density must be in (0, 1], got {args.density}; e.g. 0.1 keeps the "
@@ -124,7 +126,8 @@ def cmd_bbh(args) -> int:
         raise ValueError(f"--methods {args.methods!r}: no method {', '.join(map(repr, unknown))}; "
                          f"give a comma-separated list of {', '.join(METHODS)}")
     check_run_folder(args.out)  # before anything is written into it (compressed experts first)
-    experts = list(args.experts) + (read_experts_file(args.experts_file) if args.experts_file else [])
+    from lorahub_compeft.eval.expert_lists import experts_from_args
+    experts = experts_from_args(list(args.experts), args.experts_file)
     options = {"n_experts": args.n_experts, "restarts": args.restarts, "budget": args.budget,
                "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype,
                "mix": args.mix, "steps": args.steps, "lr": args.lr,
@@ -140,7 +143,8 @@ def cmd_bbh(args) -> int:
                  list(BBH_TASKS) if args.tasks == "all" else args.tasks.split(","),
                  args.seeds, methods, args.model, pool)
     run(cells, out, workers=args.workers, backend=args.backend, address=args.address,
-        gpus_per_cell=args.gpus_per_cell, batch_size=args.batch_size, command=args.argv)
+        gpus_per_cell=args.gpus_per_cell, batch_size=args.batch_size, command=args.argv,
+        on_cell=on_cell)
     print(report(out))
     return 0
 

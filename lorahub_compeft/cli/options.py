@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import textwrap
-from pathlib import Path
 
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import human_bytes
@@ -246,12 +245,6 @@ def parse_seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} holds {count:,} seeds; give at most "
                                          f"{MAX_SEEDS:,}")
     return [seed for seeds in ranges for seed in seeds]
-
-
-def read_experts_file(path: str) -> list[str]:
-    """One expert (Hub id or PEFT dir) per line; blank lines and # comments skipped."""
-    return [line.strip() for line in Path(path).read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def size_line(file_bytes: int, sizes: dict) -> str:

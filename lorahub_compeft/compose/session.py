@@ -4,7 +4,6 @@ and the precision the search runs in (chosen or measured here, probe.py); and th
 loss, task loss plus regularizer."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, Stack, bind_fl
 def load_base(model, tokenizer, expert: ExpertHandle, precision: Precision):
     """The base model and its tokenizer: `model` loaded by name or path (None: the base the
     expert records) in precision.dtype (None: the checkpoint's), or a copy of a model object
-    (LoRA is injected into it: the caller's model is left alone), in its own dtype unless
-    precision.convert. A lower precision is never the model's: it is copies (precision.py)."""
-    from lorahub_compeft.io.models import load_model, load_tokenizer
+    sharing its weights (LoRA is injected into the copy: the caller's model is left alone), in
+    its own dtype unless precision.convert. A lower precision is never the model's: it is
+    copies (precision.py)."""
+    from lorahub_compeft.io.models import load_model, load_tokenizer, shared_weights_copy
     if model is None:
         model = base_model_of(expert)
         if looks_like_path(model) and not Path(model).expanduser().exists():
@@ -43,7 +43,7 @@ def load_base(model, tokenizer, expert: ExpertHandle, precision: Precision):
         base, loaded_tokenizer = load_model(str(model), precision.dtype)
         tokenizer = tokenizer or loaded_tokenizer
     else:
-        base = copy.deepcopy(model)
+        base = shared_weights_copy(model)  # the weights are shared, not copied
         if tokenizer is None:
             name = (getattr(model, "name_or_path", None)
                     or getattr(model.config, "_name_or_path", None))

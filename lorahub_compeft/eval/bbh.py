@@ -13,8 +13,8 @@ The 27 BBH tasks are described declaratively by JSON specs shipped in
 
 Examples come from a local copy of the official release (``<dir>/<task>.json`` with
 ``{"examples": [{"input", "target"}, ...]}``) when a directory is given or
-``LORAHUB_COMPEFT_BBH_DIR`` is set, and from the Hugging Face Hub (``lukaemon/bbh``)
-otherwise. Prompts follow LoraHub: ``<instruction>\\n\\nQ: <input>\\nA:``.
+``LORAHUB_COMPEFT_BBH_DIR`` is set, and from the Hugging Face Hub (``lukaemon/bbh``, or
+offline its copy in the datasets cache) otherwise. Prompts follow LoraHub: ``<instruction>\\n\\nQ: <input>\\nA:``.
 """
 
 from __future__ import annotations
@@ -121,9 +121,28 @@ def _load_from_dir(task: str, bbh_dir: Path) -> list[dict[str, str]]:
 
 
 def _load_from_hub(task: str) -> list[dict[str, str]]:
+    """Through load_dataset: downloaded, or, when the Hub cannot be reached, from the datasets
+    cache (where `lorahub-compeft download` puts it), else one line naming what is missing."""
     import datasets  # deferred: heavy import, and only this path needs it
 
-    rows = datasets.load_dataset(BBH_HUB_DATASET, task, split="test")
+    from lorahub_compeft.io.adapters import hub_unreachable
+    offline = hub_unreachable()
+    verbosity = datasets.logging.get_verbosity()
+    if offline:  # "using the latest cached version", twice per load: expected, so not shown
+        datasets.logging.set_verbosity_error()
+    try:
+        rows = datasets.load_dataset(BBH_HUB_DATASET, task, split="test")
+    except Exception as err:
+        if offline is None:
+            raise
+        raise BBHDataError(
+            f"BBH task {task!r}: {BBH_HUB_DATASET} (config {task!r}) is not in the datasets "
+            f"cache {datasets.config.HF_DATASETS_CACHE} and the Hub cannot be reached "
+            f"({offline}; {type(err).__name__}); fill the cache once where there is network "
+            "(lorahub-compeft download), or pass --bbh-dir DIR, a folder of BBH <task>.json "
+            "files") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return _validate_examples(task, f"{BBH_HUB_DATASET} (config {task!r}, split 'test')", list(rows))
 
 

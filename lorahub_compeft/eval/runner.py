@@ -245,9 +245,11 @@ def _record_command(out: Path, command: list[str] | None) -> None:
 def run(cells: list[Cell], out: str | Path | None = None, *, workers: int = 1,
         backend: str = "local", address: str | None = None, gpus_per_cell: float | None = None,
         batch_size: int = 16, worker: Worker | None = None, command: list[str] | None = None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, on_cell=None) -> list[dict]:
     """Run every cell not yet in OUT/results.jsonl; returns the rows of `cells` (finished
-    earlier or now), in the order of `cells`. Without `out` nothing is written or resumed."""
+    earlier or now), in the order of `cells`. Without `out` nothing is written or resumed.
+    on_cell(row, done, total, todo) is called after each cell this run computes (todo: the
+    cells this run had to compute); a progress bar is shown instead when it is None."""
     from tqdm.auto import tqdm
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown backend {backend!r}; use local or ray")
@@ -263,14 +265,17 @@ def run(cells: list[Cell], out: str | Path | None = None, *, workers: int = 1,
         _record_command(out, command)
     todo = [c for c, k in zip(cells, keys) if k not in done]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell",
-               disable=not progress)
-    for row, preds in _execute(todo, workers, backend, address, gpus_per_cell, batch_size, worker):
+               disable=not progress or on_cell is not None)
+    for count, (row, preds) in enumerate(_execute(todo, workers, backend, address, gpus_per_cell,
+                                                  batch_size, worker), 1):
         if out is not None:
             _append(out / PREDICTIONS, preds)
             _append(out / RESULTS, row)  # last: a cell counts as done once both lines are whole
         done[row["key"]] = row
         bar.set_postfix_str(f"{row['task']} s{row['seed']} {row['method']}: EM {row['em']:.1f}")
         bar.update()
+        if on_cell is not None:
+            on_cell(row, len(cells) - len(todo) + count, len(cells), len(todo))
     bar.close()
     return [done[k] for k in keys]
 

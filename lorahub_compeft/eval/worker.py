@@ -24,15 +24,39 @@ class Worker:
         setting = cell.setting()
         key = setting_key(setting)
         task = cell.benchmark.load(cell.task, cell.seed)
+        model = self.base(cell.model)
+        _reset_peak_rss()
         started, start = time.time(), time.perf_counter()
-        answers = cell.method.run(task, self.base(cell.model), cell.experts, cell.seed)
+        answers = cell.method.run(task, model, cell.experts, cell.seed)
         row = {"key": key, "task": cell.task, "seed": cell.seed, "method": cell.method.name,
                "em": task.score(answers.predictions), "n_eval": len(task.rows),
                "seconds": time.perf_counter() - start, "started": started,
                "worker": f"{socket.gethostname()}:{os.getpid()}", **answers.info,
-               "setting": setting}
+               **({"peak_rss_bytes": peak} if (peak := _peak_rss()) else {}), "setting": setting}
         return row, {"key": key, "task": cell.task, "seed": cell.seed, "method": cell.method.name,
                      "predictions": answers.predictions, "targets": [r["target"] for r in task.rows]}
+
+
+def _reset_peak_rss() -> None:
+    """Start the process's peak RSS (VmHWM) afresh, so that a row's peak is its own cell's
+    (Linux; elsewhere nothing happens and rows carry no peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    """The process's peak RSS in bytes since _reset_peak_rss (Linux), else None."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 _WORKER: Worker | None = None

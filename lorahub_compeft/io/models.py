@@ -54,6 +54,19 @@ def _load_options(name: str) -> dict:
     return {"local_files_only": True}
 
 
+def shared_weights_copy(model):
+    """A copy of `model` that costs no second copy of its weights: new module objects (PEFT
+    can wrap the copy's layers, and .to() cast them, leaving `model` as it was) whose
+    parameters and buffers are new tensor objects on the same storage. Nothing may write
+    into those tensors in place."""
+    import copy
+    memo = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        memo[id(tensor)] = (torch.nn.Parameter(tensor.data, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter) else tensor.detach())
+    return copy.deepcopy(model, memo)
+
+
 def load_model(name: str, dtype: torch.dtype | None = None):
     """A base model and its tokenizer by name or path: seq2seq when the config says
     encoder-decoder (T5, Flan-T5), a causal LM otherwise. A model that names code of its own

@@ -1,0 +1,26 @@
+"""The one way `--experts` items are read: a file of one expert per line, or an expert itself
+(a PEFT dir or a Hub id). No list ships with the package: LoraHub's 196 ids are the user's
+input, a file of one id per line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def read_experts_file(path: str | Path) -> list[str]:
+    """One expert (Hub id or PEFT dir) per line; blank lines and # comments skipped."""
+    return [line.strip() for line in Path(path).read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def resolve_experts(items: list[str]) -> list[str]:
+    """Each item as the experts it names: an existing file, its lines; anything else (a PEFT
+    dir, a Hub id) itself."""
+    experts = []
+    for item in items:
+        experts += read_experts_file(item) if Path(item).is_file() else [item]
+    return experts
+
+
+def experts_from_args(items: list[str], experts_file: str | None = None) -> list[str]:
+    """--experts items (resolve_experts) and then --experts-file's lines."""
+    return resolve_experts(items) + (read_experts_file(experts_file) if experts_file else [])
