@@ -116,7 +116,7 @@ class ComposeConfig:
                                        f"min({AUTO_BUDGET_CAP}, {AUTO_BUDGET_PER_WEIGHT}*(N+1)) "
                                        "for N experts, with the patience stop (LoraHub's: 40)")
     patience: int | None = option(None, "stop a search once its best loss has gone this many "
-                                        "steps without improving by 0.1% (default: "
+                                        "steps without improving by 0.1 percent (default: "
                                         f"{AUTO_PATIENCE} with budget auto; with a number "
                                         "given, the whole budget)")
     optimizer: str | None = option(None, "any nevergrad optimizer (default: Shiwa for the paper "
