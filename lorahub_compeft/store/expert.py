@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import DTYPES, CodecError, check_task_vector
 from lorahub_compeft.codecs.compeft import TernaryVector
-from lorahub_compeft.io.adapters import Adapter, load_adapter, save_adapter
+from lorahub_compeft.io.adapters import Adapter, load_adapter, module_paths, save_adapter
 from lorahub_compeft.io.files import atomic_write_bytes, check_file_target
 from lorahub_compeft.io.residuals import is_residual
 from lorahub_compeft.store.format import (FORMAT_NAME, FORMAT_VERSION, ExpertFileError, dtype_name,
@@ -181,7 +181,10 @@ def compress(source: str | os.PathLike | Adapter, options=None, *, codec: str | 
            if (init := inits[k]) is not None}
     carried = {k: t.detach().clone() for k, t in adapter.tensors.items() if inits[k] is None}
     check_task_vector(tau)
-    payload, fields, weights = unit.compress(tau, adapter.config, options)
+    config = adapter.config
+    if isinstance(config.get("target_modules"), str):  # a regex: the file names what it matched
+        config = dict(config, target_modules=module_paths(tau))
+    payload, fields, weights = unit.compress(tau, config, options)
     payload.update({f"full.{k}": v for k, v in carried.items()})
     dense = adapter.tensors.values()
     meta = {
@@ -191,7 +194,7 @@ def compress(source: str | os.PathLike | Adapter, options=None, *, codec: str | 
                      "init": inits[n]} for n, t in tau.items()],
         "carried": [{"name": k, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
                     for k, t in carried.items()],
-        "adapter_config": adapter.config, "source": adapter.source,
+        "adapter_config": config, "source": adapter.source,
         "sizes": {"original_bytes": sum(_nbytes(t) for t in dense),
                   "fp16_bytes": sum(t.numel() * 2 for t in dense),
                   "fp32_bytes": sum(t.numel() * 4 for t in dense),

@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import DTYPES, CodecError, is_count
-from lorahub_compeft.io.adapters import config_problem, is_finite_number
+from lorahub_compeft.io.adapters import config_problem, is_finite_number, rank_problem
 
 
 FORMAT_NAME = "lorahub-compeft-expert"
@@ -134,6 +134,9 @@ def _read_header_v1(path: Path, raw: dict[str, str]) -> dict:
     missing = [k for k in required if k not in raw]
     if missing:
         raise ExpertFileError(f"{path}: header lacks {', '.join(missing)}")
+    if "codec" in raw:  # format 1 predates codecs: a codec field there is damage, not ERE
+        raise ExpertFileError(f"{path}: header field codec is not one format 1 has (its files "
+                              "are all ComPEFT); the file is damaged, compress it again")
     meta = {}
     for key, value in raw.items():
         try:
@@ -199,7 +202,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
                                               ("fp16_bytes", "fp32_bytes", "payload_bytes")) \
             or not is_count(sizes.get("carried_bytes")) or not is_count(sizes.get("original_bytes")):
         fail("header field sizes must hold positive byte counts")
-    problem = config_problem(meta["adapter_config"])
+    problem = config_problem(meta["adapter_config"], regex_ok=False)
     if problem:
         fail(f"header field adapter_config: {problem}")
 
@@ -226,6 +229,10 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
                 fail(f"header field tensors[{i}] ({name}) has a bad init {entry.get('init')!r}")
             if field == "carried" and stored.get(f"full.{name}") != shape:
                 fail(f"carried tensor {name} is missing or has the wrong shape")
+    # A forged r would make PEFT allocate r rows per module: it must match the tensors.
+    problem = rank_problem(meta["adapter_config"], {e["name"]: e["shape"] for e in tensors})
+    if problem:
+        fail(f"header field adapter_config: {problem}")
     # What decoding allocates: bounded by the file's size, whatever the codec.
     limit = min(MAX_NUMEL, MAX_VALUES_PER_BYTE * path.stat().st_size)
     total = 0
