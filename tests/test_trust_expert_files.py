@@ -116,7 +116,7 @@ def test_a_forged_rank_is_checked_against_the_tensors(lora_dir, tmp_path):
     good = compress(lora_dir).save(tmp_path / "c.safetensors")
     path = forge(good, tmp_path / "f.safetensors",
                  meta_edit=lambda m: m["adapter_config"].update(r=2_000_000))
-    with pytest.raises(ExpertFileError, match="'r' is 2000000, but tensor .* has rank 4"):
+    with pytest.raises(ExpertFileError, match="names rank 2000000, but no tensor has a rank above 4"):
         load_expert(path)  # the header alone: nothing is allocated
     # a rank_pattern may name smaller ranks, never larger ones than the tensors have
     path = forge(good, tmp_path / "g.safetensors", meta_edit=lambda m: m["adapter_config"].update(
@@ -128,7 +128,7 @@ def test_a_forged_rank_is_checked_against_the_tensors(lora_dir, tmp_path):
     shutil.copytree(lora_dir, forged)
     config = json.loads((forged / "adapter_config.json").read_text())
     (forged / "adapter_config.json").write_text(json.dumps(dict(config, r=2_000_000)))
-    with pytest.raises(AdapterError, match="'r' is 2000000"):
+    with pytest.raises(AdapterError, match="names rank 2000000"):
         load_adapter(forged)
 
 

@@ -152,19 +152,18 @@ _RANK_AXIS = {".lora_A.": 0, ".lora_B.": 1, "lora_embedding_A": 0, "lora_embeddi
 
 
 def rank_problem(config: dict, shapes: dict[str, list[int] | tuple[int, ...]]) -> str | None:
-    """What is wrong with a LoRA config's ranks against its tensors' shapes, or None: r (and
-    rank_pattern's ranks) are what PEFT allocates, so a forged r must not get past here."""
+    """What is wrong with a LoRA config's ranks against its tensors' shapes, or None. PEFT
+    allocates r rows (rank_pattern's for the modules it names) per module: no rank the config
+    names may exceed the largest the tensors have, so a forged r allocates nothing the file's
+    own shapes do not bound."""
     ranks = {name: shape[axis] for name, shape in shapes.items() for marker, axis in
              _RANK_AXIS.items() if marker in name and len(shape) > axis}
     if "r" not in config or not ranks:
         return None
-    if not config.get("rank_pattern"):
-        name, rank = next(((n, k) for n, k in ranks.items() if k != config["r"]), (None, None))
-        return None if name is None else f"'r' is {config['r']}, but tensor {name} has rank {rank}"
-    largest = max(ranks.values())
-    claimed = [config["r"], *config["rank_pattern"].values()]
-    return None if max(claimed) <= largest else \
-        f"'r' or 'rank_pattern' names rank {max(claimed)}, but no tensor has a rank above {largest}"
+    claimed = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+    name = max(ranks, key=ranks.get)
+    return None if claimed <= ranks[name] else \
+        f"'r' or 'rank_pattern' names rank {claimed}, but no tensor has a rank above {ranks[name]} ({name})"
 
 
 def module_paths(names) -> list[str]:

@@ -229,10 +229,6 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
                 fail(f"header field tensors[{i}] ({name}) has a bad init {entry.get('init')!r}")
             if field == "carried" and stored.get(f"full.{name}") != shape:
                 fail(f"carried tensor {name} is missing or has the wrong shape")
-    # A forged r would make PEFT allocate r rows per module: it must match the tensors.
-    problem = rank_problem(meta["adapter_config"], {e["name"]: e["shape"] for e in tensors})
-    if problem:
-        fail(f"header field adapter_config: {problem}")
     # What decoding allocates: bounded by the file's size, whatever the codec.
     limit = min(MAX_NUMEL, MAX_VALUES_PER_BYTE * path.stat().st_size)
     total = 0
@@ -245,3 +241,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
         codecs.codec_of(meta).validate(meta, stored, total, limit)
     except CodecError as err:
         fail(str(err))
+    # A forged r would make PEFT allocate r rows per module, whatever the tensors hold.
+    problem = rank_problem(meta["adapter_config"], {e["name"]: e["shape"] for e in tensors})
+    if problem:
+        fail(f"header field adapter_config: {problem}")
