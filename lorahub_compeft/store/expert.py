@@ -137,6 +137,21 @@ class CompressedExpert:
             return export_model(self, base or self.base_model, directory, force)
         return save_adapter(directory, self.state_dict(), self.config, force=force)
 
+    def digest(self) -> str:
+        """The payload's format-2 digest, as `save` records it (a format-1 file's is read)."""
+        if self.meta["format_version"] >= 2:
+            return self.meta["payload_sha256"]
+        return payload_digest(self._payload if self._payload is not None else
+                              _read_checked(self.path, self.meta))
+
+    def same_as(self, other: "CompressedExpert") -> bool:
+        """Whether both hold the same expert, header and payload (a format-1 file and its
+        format-2 copy, as `save` writes it, are the same)."""
+        skip = ("format_version", "payload_sha256")
+        return self.digest() == other.digest() and \
+            {k: v for k, v in self.meta.items() if k not in skip} == \
+            {k: v for k, v in other.meta.items() if k not in skip}
+
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the expert file atomically (a crash leaves no half-written file behind)."""
         path = check_file_target(path, force)
