@@ -26,6 +26,7 @@ from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import DTYPES, CodecError, check_task_vector
 from lorahub_compeft.codecs.compeft import TernaryVector
 from lorahub_compeft.io.adapters import Adapter, load_adapter, module_paths, save_adapter
+from lorahub_compeft.io.base_models import recorded_base
 from lorahub_compeft.io.files import atomic_write_bytes, check_file_target
 from lorahub_compeft.io.residuals import is_residual
 from lorahub_compeft.store.format import (FORMAT_NAME, FORMAT_VERSION, ExpertFileError, dtype_name,
@@ -199,6 +200,9 @@ def compress(source: str | os.PathLike | Adapter, options=None, *, codec: str | 
     config = adapter.config
     if isinstance(config.get("target_modules"), str):  # a regex: the file names what it matched
         config = dict(config, target_modules=module_paths(tau))
+    base = recorded_base(config.get("base_model_name_or_path"), adapter.source.get("path"))
+    if base != config.get("base_model_name_or_path"):  # found from the file's new home too
+        config = dict(config, base_model_name_or_path=base)
     payload, fields, weights = unit.compress(tau, config, options)
     payload.update({f"full.{k}": v for k, v in carried.items()})
     dense = adapter.tensors.values()
