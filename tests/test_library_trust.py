@@ -119,6 +119,20 @@ def test_one_damaged_entry_is_skipped_by_name_and_the_rest_listed(lora_dir, ia3_
     assert "good" in out and "1 experts" in out and "'bad'" in caplog.text
 
 
+@pytest.mark.parametrize("field", ["mean_rank", "encoding", "budget_bits"])
+def test_a_damaged_ere_entry_is_skipped_by_name(lora_dir, tmp_path, capsys, caplog, field):
+    from lorahub_compeft.config import EreOptions
+    root = tmp_path / "lib"
+    lib = ExpertLibrary(root)
+    lib.add(lora_dir, name="good")
+    lib.add(lora_dir, EreOptions(), name="bad")
+    index = _index(root)
+    index["experts"]["bad"].pop(field)
+    _write_index(root, index)
+    assert main(["library", "list", str(root)]) == 0
+    assert "good" in capsys.readouterr().out and "'bad'" in caplog.text
+
+
 def test_a_non_string_base_model_entry_does_not_stop_every_add(lora_dir, ia3_dir, tmp_path, capsys):
     root = tmp_path / "lib"
     ExpertLibrary(root).add(lora_dir, name="a")

@@ -163,3 +163,12 @@ def test_a_library_with_a_forged_file_keeps_working(lora_dir, ia3_dir, tmp_path,
     assert main(["library", "add", str(root), str(ia3_dir)]) == 0
     assert main(["library", "rebuild", str(root)]) == 0
     assert ExpertLibrary(root).names() == sorted(["good", ia3_dir.name])
+
+
+def test_inspect_of_an_ere_file_without_energy_kept_is_one_clear_line(lora_dir, tmp_path, capsys):
+    good = compress(lora_dir, EreOptions()).save(tmp_path / "e.safetensors")
+    path = forge(good, tmp_path / "f.safetensors", meta_edit=lambda m: m["ere"].pop("energy_kept"))
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "energy_kept" in err[0]
+

@@ -378,8 +378,10 @@ class ERE(Codec):
         return {"encoding": _encoding(info["bits"]), "selection": "rank",
                 "budget_bits": info["budget_bits"], "mean_rank": sum(info["ranks"]) / len(info["ranks"])}
 
-    def check_summary(self, entry):
-        return None if is_finite_number(entry.get("budget_bits")) else "its budget_bits is damaged"
+    def check_summary(self, entry):  # the fields a listing prints
+        bad = [k for k in ("budget_bits", "mean_rank") if not is_finite_number(entry.get(k))]
+        bad += [] if isinstance(entry.get("encoding"), str) else ["encoding"]
+        return f"its {bad[0]} is damaged" if bad else None
 
     def setting_text(self, summary):
         return f"{summary['budget_bits']:g}b/p {summary['encoding']} r~{summary['mean_rank']:.1f}"
