@@ -134,15 +134,14 @@ class ExpertLibrary:
                 expert = load_expert(path)
                 if verify:  # reads, checks and decodes the payload
                     expert.weights()
-                summary = expert.summary()
+                entry = _entry_of(expert, path)
             except ExpertFileError as err:
                 log.warning("skipping %s", err)
                 continue
-            if summary["name"] in experts:
-                log.warning("skipping %s: %r is also in %s", path, summary["name"],
-                            experts[summary["name"]]["file"])
+            if entry["name"] in experts:
+                log.warning("skipping %s: %r is also in %s", path, entry["name"], experts[entry["name"]]["file"])
                 continue
-            experts[summary["name"]] = dict(summary, file=path.name, file_bytes=path.stat().st_size)
+            experts[entry["name"]] = entry
         return experts
 
     def rebuild_index(self) -> dict[str, dict]:
@@ -316,31 +315,30 @@ class ExpertLibrary:
                 self._check_base(expert)
             old = self._index.get(name)
             expert.save(path, force=True)
-            self._index[name] = self._entry_of(expert, path)
+            self._index[name] = _entry_of(expert, path)
             self._write_index()
             if old and old["file"] != path.name:
                 (self.root / old["file"]).unlink(missing_ok=True)
         self._cache.pop(name, None)
         return self._index[name]
 
-    @staticmethod
-    def _entry_of(expert: CompressedExpert, path: Path) -> dict:
-        return dict(expert.summary(), file=path.name, file_bytes=path.stat().st_size)
-
     def _stored(self, name: str, same) -> dict | None:
-        """Under the lock: the entry (already_stored=True) if the file indexed as `name` holds
-        what `same(expert)` wants, by its own header; None if nothing readable is stored under
-        that name. Another expert there is an error (--force replaces it). An index entry that
-        describes its file otherwise (a killed `add --force`) is repaired first."""
+        """Under the lock: the entry (already_stored=True) if the file of `name` holds what
+        `same(expert)` wants, by its own header (the index entry repaired from it if need be:
+        a killed `add --force`); None if nothing readable is stored; else an error."""
         if name not in self._index:
             return None
         path = self._path(name)
         try:
             held = load_expert(path)
-            fresh = self._entry_of(held, path)
+            fresh = _entry_of(held, path)
         except ExpertFileError as err:  # the library's own file, damaged: store it again
             log.warning("replacing %s", err)
             return None
+        if held.name != name:
+            raise LibraryError(f"{self.index_path} lists {name!r} with {path.name}, which holds "
+                               f"{held.name!r}; index the files by their own headers with "
+                               f"`lorahub-compeft library rebuild {self.root}`")
         if fresh != {k: v for k, v in self._index[name].items() if k in fresh}:
             log.warning("%s: the index described %r otherwise than its file's header (left by an "
                         "interrupted write); it now says what the file holds", self.root, name)
@@ -396,3 +394,7 @@ def _source_of(source, revision: str | None) -> dict:
     if Path(source).is_dir():
         return {"path": str(Path(source).resolve())}
     return {"hub_id": str(source), "revision": revision or "main"}
+
+
+def _entry_of(expert: CompressedExpert, path: Path) -> dict:
+    return dict(expert.summary(), file=path.name, file_bytes=path.stat().st_size)
