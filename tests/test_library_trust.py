@@ -183,3 +183,17 @@ def test_list_columns_stay_aligned_with_wide_names(lora_dir, tmp_path, capsys):
     starts = {_width(line[:line.index(" LORA")]) for line in lines[1:]}
     assert len(starts) == 1 and _width(lines[0][:lines[0].index(" type")]) in starts
     assert len({_width(line) for line in lines}) == 1  # every column ends in line too
+
+
+def test_an_entry_whose_file_holds_another_expert_is_refused(lora_dir, ia3_dir, tmp_path, capsys):
+    root = tmp_path / "lib"
+    lib = ExpertLibrary(root)
+    lib.add(lora_dir, name="a")
+    lib.add(ia3_dir, name="b")
+    index = _index(root)
+    index["experts"]["a"]["file"] = index["experts"].pop("b")["file"]
+    _write_index(root, index)
+    before = {p.name: p.read_bytes() for p in root.glob("*.safetensors")}
+    assert main(["library", "add", str(root), str(lora_dir), "--name", "a"]) == 2
+    assert "holds 'b'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in root.glob("*.safetensors")} == before
