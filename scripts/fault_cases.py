@@ -197,11 +197,15 @@ FIELDS = ["name", "r", "peft_type", "file", "sizes", "codec", "file_bytes", "bas
 def edit_index(root: Path, rng: random.Random) -> str:
     """One hand edit of a library's index.json (or what lies beside it); returns its kind."""
     path = root / "index.json"
-    index = json.loads(path.read_text())
-    experts = index["experts"]
-    names = sorted(experts)
-    kind = rng.choice(["drop", "junk", "junk", "shared", "outside", "whole", "lock", "user_files"])
-    name = rng.choice(names)
+    try:  # an earlier edit may have replaced the index as a whole: then only whole-file edits
+        index = json.loads(path.read_text())
+        experts = index["experts"]
+        names = sorted(experts)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        names = []
+    entry_edits = ["drop", "junk", "junk", "shared", "outside"] if len(names) > 1 else []
+    kind = rng.choice(entry_edits + ["whole", "lock", "user_files"])
+    name = rng.choice(names) if names else None
     if kind == "drop":
         experts[name].pop(rng.choice(FIELDS), None)
     elif kind == "junk":
