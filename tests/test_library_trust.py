@@ -88,6 +88,13 @@ def test_what_is_stored_is_decided_by_the_file_header(lora_dir, tmp_path, capsys
     assert main(["library", "add", str(root), str(lora_dir), "--density", "0.3"]) == 0
     assert f"already stored {name}" in capsys.readouterr().out
     assert load_expert(root / file_name_for(name)).density == 0.3
+    # the killed `--force` rerun: the file holds what it asks for, so nothing is redone
+    _write_index(root, stale)
+    before = (root / file_name_for(name)).read_bytes()
+    assert main(["library", "add", str(root), str(lora_dir), "--density", "0.3", "--force"]) == 0
+    assert f"already stored {name}" in capsys.readouterr().out
+    assert (root / file_name_for(name)).read_bytes() == before
+    assert _index(root)["experts"][name]["density"] == 0.3
 
 
 def test_a_rerun_says_already_stored(lora_dir, ia3_dir, tmp_path, capsys):

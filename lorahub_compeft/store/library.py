@@ -294,17 +294,17 @@ class ExpertLibrary:
             def same(held: CompressedExpert) -> bool:
                 return held.codec == unit.name and held.meta["source"] == wanted and \
                     unit.same_setting(held.summary(), options)
-        if key in self._index and not force:  # decided under the lock, before any work
+        if key in self._index:  # decided under the lock, before any work
             with self._locked():
-                stored = self._stored(key, same)
+                stored = self._stored(key, same, force)
             if stored is not None:
                 return stored
         expert = source if stored_as_is else compress(source, options, name=name, revision=revision)
         name = expert.name
         path = self.root / file_name_for(name)
         with self._locked():
-            if name in self._index and not force:  # another writer stored it meanwhile
-                stored = self._stored(name, same)
+            if name in self._index:  # another writer may have stored it meanwhile
+                stored = self._stored(name, same, force)
                 if stored is not None:
                     return stored
             owner = next((n for n, e in self._index.items() if e["file"] == path.name and n != name), None)
@@ -322,10 +322,9 @@ class ExpertLibrary:
         self._cache.pop(name, None)
         return self._index[name]
 
-    def _stored(self, name: str, same) -> dict | None:
-        """Under the lock: the entry (already_stored=True) if the file of `name` holds what
-        `same(expert)` wants, by its own header (the index entry repaired from it if need be:
-        a killed `add --force`); None if nothing readable is stored; else an error."""
+    def _stored(self, name: str, same, force: bool) -> dict | None:
+        """Under the lock, by the file's own header (its index entry repaired from it): the entry if
+        it holds what `same` wants; None if unreadable or, with force, another expert; else an error."""
         if name not in self._index:
             return None
         path = self._path(name)
@@ -344,6 +343,8 @@ class ExpertLibrary:
                         "interrupted write); it now says what the file holds", self.root, name)
             self._index[name] = fresh
             self._write_index()
+        if not same(held) and force:
+            return None
         if not same(held):
             raise LibraryError(f"{name!r} is already in {self.root} with other settings or "
                                f"weights ({codecs.codec_of(fresh).setting_text(fresh)}); pass "
@@ -366,9 +367,8 @@ class ExpertLibrary:
     def add_many(self, sources: Iterable, options=None, progress: bool = True, **kwargs) -> list[dict]:
         """`add` each source with the same options and keyword arguments."""
         from tqdm.auto import tqdm
-        sources = list(sources)
-        return [self.add(s, options, **kwargs) for s in tqdm(sources, desc="compressing experts",
-                                                             unit="expert", disable=not progress)]
+        bar = tqdm(list(sources), desc="compressing experts", unit="expert", disable=not progress)
+        return [self.add(s, options, **kwargs) for s in bar]
 
     def remove(self, *names: str) -> None:
         """Remove experts by name: all names are checked before anything is removed."""
