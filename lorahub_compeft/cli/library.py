@@ -50,7 +50,7 @@ def cmd_library(args) -> int:
             "options": options, "codec": codec, "revision": args.revision}))
             for s in tqdm(args.sources, desc="compressing experts", unit="expert")]
         for e in entries:
-            print(f"{'already stored' if e.get('already_stored') else 'stored'} {e['name']} "
+            print(f"{'already stored' if e['name'] in lib.already_stored else 'stored'} {e['name']} "
                   f"({human_bytes(e['file_bytes'])})")
         return 0
     if args.action == "remove":

@@ -68,7 +68,7 @@ class ExpertLibrary:
                                "holds other files); point at a library folder or a new one")
         self.cache_size = cache_size
         self._cache: OrderedDict[str, CompressedExpert] = OrderedDict()
-        self._conflict: str | None = None  # two entries sharing a file: writers refuse
+        self._conflict, self.already_stored = None, set()  # shared files; names add() left as stored
         self._index = self._load_index()
         if not read_only and not self._conflict and (self.stray_files() or self.temp_files()):
             with self._locked():
@@ -273,7 +273,7 @@ class ExpertLibrary:
         CompressedExpert as it is. options, codec and overrides as `compress` takes them (no
         options: the package's defaults, as `library add`). Adding what is already stored (by
         the stored file's own header: same source and settings, or the same expert) changes
-        nothing and returns its entry with already_stored=True, so a rerun of an interrupted
+        nothing (its name goes into `already_stored`), so a rerun of an interrupted
         add finishes the job. An expert of another base model than the library's is refused."""
         self._require_writable("add to")
         if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
@@ -343,14 +343,14 @@ class ExpertLibrary:
                         "interrupted write); it now says what the file holds", self.root, name)
             self._index[name] = fresh
             self._write_index()
-        if not same(held) and force:
-            return None
         if not same(held):
+            if force:
+                return None
             raise LibraryError(f"{name!r} is already in {self.root} with other settings or "
                                f"weights ({codecs.codec_of(fresh).setting_text(fresh)}); pass "
                                "force=True (--force) to replace it")
-        log.info("%s is already in %s with these settings", name, self.root)
-        return dict(self.entry(name), already_stored=True)
+        self.already_stored.add(name)  # (logged by the command line)
+        return self.entry(name)
 
     def _check_base(self, expert: CompressedExpert) -> None:
         """Experts that can never be composed together do not share a library."""
