@@ -26,7 +26,12 @@ Outcomes: read (skipped what it could not use, with warnings), refused (one Valu
 lost-lines (a line other than a torn one, or a prediction whose result is unusable, was
 dropped), escaped:<Type>, memory, timeout.
 
-    python scripts/fault_campaign.py            # the full campaign (about 20 min on 2 cores)
+Cases and index (scripts/fault_cases.py): named forgeries a random mutation rarely hits
+(format-1 dtype and codec edits, format-2 payload forgeries, ERE header forgeries, a forged
+adapter_config.r, regex target_modules), each once, in the same worker; and library indexes
+edited by hand, then listed, added to and rebuilt through the command line.
+
+    python scripts/fault_campaign.py            # the full campaign (about 25 min on 2 cores)
     python scripts/fault_campaign.py --quick    # a few seconds' worth, for CI
 """
 from __future__ import annotations
@@ -51,6 +56,8 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fault_cases  # noqa: E402
 ZOO = ROOT / "lorahub_compeft" / "zoo" / "artifacts"
 
 WORKER = r"""
@@ -293,6 +300,59 @@ def fuzz(n: int, seed: int, work: Path, mem_gb: float, timeout: float) -> dict:
             "by_origin": {f"{o} ({k})": c for (o, k), c in sorted(by_kind.items())}}
 
 
+def cases(work: Path, mem_gb: float, timeout: float, every: int = 1) -> dict:
+    """Every targeted case (fault_cases.expert_cases), or every `every`-th of them."""
+    from lorahub_compeft import compress, load_expert
+    from lorahub_compeft.config import EreOptions
+    refs = {"v1": ZOO / "experts" / "bool_value.safetensors", "v2": work / "v2.safetensors",
+            "ere": work / "ere.safetensors"}
+    load_expert(refs["v1"]).save(refs["v2"], force=True)
+    compress(ZOO / "dense" / "bool_value", EreOptions()).save(refs["ere"], force=True)
+    chosen = fault_cases.expert_cases(refs)[::every]
+    worker = Worker(int(mem_gb * 2 ** 30))
+    outcomes, by_family, silent = Counter(), Counter(), []
+    start = time.time()
+    try:
+        for i, (label, signed, data, ref) in enumerate(chosen):
+            path = work / f"case{i % 4}.safetensors"
+            path.write_bytes(data)
+            out = worker.run(path, ref, timeout if i >= 3 else 120)
+            outcomes[out] += 1
+            by_family[(out, label.split(":")[0])] += 1
+            if out == "different" and not signed:
+                silent.append(label)
+    finally:
+        worker.stop()
+    return {"cases": len(chosen), "outcomes": dict(outcomes), "seconds": round(time.time() - start),
+            "by_family": {f"{o} ({k})": c for (o, k), c in sorted(by_family.items())},
+            "silent": silent}
+
+
+def index(n: int, seed: int, work: Path, mem_gb: float, timeout: float) -> dict:
+    """Hand-edited library indexes (fault_cases.edit_index), listed, added to and rebuilt."""
+    dense = sorted(p for p in (ZOO / "dense").iterdir() if p.is_dir())
+    template = work / "index-template"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "lorahub_compeft.cli", "library", "add", str(template)]
+                   + [str(p) for p in dense[:3]], cwd=ROOT, env=env, check=True, capture_output=True)
+    rng = random.Random(seed)
+    worker = Worker(int(mem_gb * 2 ** 30), fault_cases.INDEX_WORKER)
+    outcomes, by_kind = Counter(), Counter()
+    start = time.time()
+    try:
+        for i in range(n):
+            root, kinds = fault_cases.index_trial(template, work, i, rng)
+            out = worker.run(root, dense[3], max(timeout, 60) if i else 180)
+            outcomes[out] += 1
+            for kind in kinds:
+                by_kind[(out, kind)] += 1
+            shutil.rmtree(root.parent, ignore_errors=True)
+    finally:
+        worker.stop()
+    return {"trials": n, "outcomes": dict(outcomes), "seconds": round(time.time() - start),
+            "by_edit": {f"{o} ({k})": c for (o, k), c in sorted(by_kind.items())}}
+
+
 # ------------------------------------------------------------------------------ kill -9
 def _library_state(root: Path) -> tuple[int, int, int, bool]:
     """(listed, stray files, temp files, every listed expert decodes), read-only."""
@@ -459,6 +519,7 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, help="mutated files (default 2000; quick 40)")
     parser.add_argument("--kills", type=int, help="kill -9 trials (default 30; quick 1)")
     parser.add_argument("--runs", type=int, help="hand-edited run folders (default 300; quick 20)")
+    parser.add_argument("--indexes", type=int, help="hand-edited library indexes (default 60; quick 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mem-gb", type=float, default=4.0, help="address-space cap per worker")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per file")
@@ -467,11 +528,14 @@ def main(argv=None) -> int:
     files = args.files if args.files is not None else (40 if args.quick else 2000)
     n_kills = args.kills if args.kills is not None else (1 if args.quick else 30)
     n_runs = args.runs if args.runs is not None else (20 if args.quick else 300)
+    n_indexes = args.indexes if args.indexes is not None else (4 if args.quick else 60)
     with tempfile.TemporaryDirectory(prefix="fault-campaign-") as tmp:
         work = Path(tmp)
         figures = {"fuzz": fuzz(files, args.seed, work, args.mem_gb, args.timeout),
                    "kill": kills(n_kills, args.seed, work),
-                   "run_files": run_files(n_runs, args.seed, work, args.mem_gb, args.timeout)}
+                   "run_files": run_files(n_runs, args.seed, work, args.mem_gb, args.timeout),
+                   "cases": cases(work, args.mem_gb, args.timeout, every=8 if args.quick else 1),
+                   "index": index(n_indexes, args.seed, work, args.mem_gb, args.timeout)}
     print(json.dumps(figures, indent=1, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
@@ -482,6 +546,11 @@ def main(argv=None) -> int:
     bad.update({k: kl.get(k, 0) for k in ("index_invalid", "listed_damaged") if kl.get(k)})
     bad.update({f"run files {k}": v for k, v in figures["run_files"]["outcomes"].items()
                 if k not in ("read", "refused")})
+    failed = ("escaped", "died", "timeout", "memory", "nonfinite", "lost", "outside")
+    bad.update({f"cases {k}": v for k, v in figures["cases"]["outcomes"].items() if k.startswith(failed)})
+    if figures["cases"]["silent"]:
+        bad["cases silent decodes"] = figures["cases"]["silent"]
+    bad.update({f"index {k}": v for k, v in figures["index"]["outcomes"].items() if k.startswith(failed)})
     if kl.get("rerun_finished", 0) != kl.get("trials", 0):
         bad["rerun_not_finished"] = kl.get("trials", 0) - kl.get("rerun_finished", 0)
     print("FAILURES: " + json.dumps(bad) if bad else "no failure", file=sys.stderr)

@@ -22,3 +22,12 @@ def test_the_shared_expert_list_is_not_copied_into_the_package():
         if path.is_file() and path.suffix in (".json", ".txt"):
             text = path.read_text(errors="ignore")
             assert sum(i in text for i in list(ids)[:20]) < 5, path
+
+
+def test_an_expert_file_is_an_expert_not_a_list(lora_dir, tmp_path):
+    from lorahub_compeft.store.expert import compress
+    path = tmp_path / "red.safetensors"
+    compress(lora_dir).save(path)
+    listing = tmp_path / "experts.txt"
+    listing.write_text(f"{path}\n")
+    assert resolve_experts([str(path), str(listing)]) == [str(path), str(path)]

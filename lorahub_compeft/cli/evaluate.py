@@ -48,9 +48,10 @@ def _add_bbh_parsers(sub) -> None:
                                    "the cells not there yet, so another --density or --alpha adds "
                                    "new cells beside the old ones.")
     p.add_argument("--model", required=True, help="base model, e.g. google/flan-t5-large")
-    p.add_argument("--experts-file", help="file with one expert (Hub id or PEFT dir) per line")
+    p.add_argument("--experts-file", help="file with one expert (Hub id, PEFT dir or expert "
+                                          "file) per line")
     p.add_argument("--experts", nargs="*", default=[],
-                   help="experts: Hub ids, PEFT dirs, or files of one per line")
+                   help="experts: Hub ids, PEFT dirs, expert files, or files of one per line")
     p.add_argument("--methods", default=",".join(names),
                    help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(names)})")
     p.add_argument("--tasks", default="all", help="comma-separated BBH task names (default all 27)")

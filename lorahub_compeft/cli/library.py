@@ -1,7 +1,10 @@
 """`library add | list | remove | rebuild`: a local folder of compressed experts."""
 from __future__ import annotations
 
+import dataclasses
 import sys
+import unicodedata
+from pathlib import Path
 
 from lorahub_compeft.cli.options import (add_compression_options, compression_options, human_bytes,
                                          setting_text)
@@ -30,17 +33,25 @@ def add_parsers(sub) -> None:
 
 
 def cmd_library(args) -> int:
+    from tqdm.auto import tqdm
+
     from lorahub_compeft.codecs.base import codec_of
     from lorahub_compeft.store.library import ExpertLibrary
     if args.action == "add":
         if args.name and len(args.sources) > 1:
             raise SystemExit("error: --name works with one source only")
         codec, options = compression_options(args)
+        files = [s for s in args.sources if Path(s).is_file()]  # expert files: stored as they are
+        if files and _compression_flags(args):
+            raise ValueError(f"{files[0]} is an expert file, stored as it is; compression flags "
+                             "apply to PEFT dirs and Hub ids (add it without them)")
         lib = ExpertLibrary(args.root)
-        entries = lib.add_many(args.sources, options, codec=codec, name=args.name,
-                               force=args.force, revision=args.revision)
+        entries = [lib.add(s, name=args.name, force=args.force, **({} if s in files else {
+            "options": options, "codec": codec, "revision": args.revision}))
+            for s in tqdm(args.sources, desc="compressing experts", unit="expert")]
         for e in entries:
-            print(f"stored {e['name']} ({human_bytes(e['file_bytes'])})")
+            print(f"{'already stored' if e['name'] in lib.already_stored else 'stored'} {e['name']} "
+                  f"({human_bytes(e['file_bytes'])})")
         return 0
     if args.action == "remove":
         ExpertLibrary(args.root, create=False).remove(*args.names)
@@ -59,14 +70,33 @@ def cmd_library(args) -> int:
     if not rows:
         print(f"{args.root}: empty library")
         return 0
-    width = max(len(r["name"]) for r in rows)
-    print(f"{'name':<{width}}  {'type':<5} {'r':>3} {'codec':<7} {'setting':<22} {'file':>10} "
+    width = max(_width(r["name"]) for r in rows)
+    print(f"{_pad('name', width)}  {'type':<5} {'r':>3} {'codec':<7} {'setting':<22} {'file':>10} "
           f"{'vs fp16':>8}")
     total = 0
     for r in rows:
         total += r["file_bytes"]
-        print(f"{r['name']:<{width}}  {str(r['peft_type']):<5} {r['r'] or '-':>3} "
+        print(f"{_pad(r['name'], width)}  {str(r['peft_type']):<5} {r['r'] or '-':>3} "
               f"{codec_of(r).name:<7} {setting_text(r):<22} {human_bytes(r['file_bytes']):>10} "
               f"{r['sizes']['fp16_bytes'] / r['file_bytes']:>7.1f}x")
     print(f"{len(rows)} experts, {human_bytes(total)} in all (whole files)")
     return 0
+
+
+def _compression_flags(args) -> bool:
+    """Whether the command line sets how to compress (--codec, --preset or a codec's flag)."""
+    from lorahub_compeft.codecs import base as codecs
+    return args.codec != codecs.DEFAULT_CODEC or bool(args.preset) or any(
+        getattr(args, f.name, None) is not None for unit in codecs.REGISTRY.values()
+        for f in dataclasses.fields(unit.Options))
+
+
+def _width(text: str) -> int:
+    """Terminal columns: East Asian wide and full-width characters take two, combining and
+    zero-width ones none."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf") else
+               2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))

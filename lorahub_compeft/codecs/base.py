@@ -137,6 +137,25 @@ def check_task_vector(tensors: dict[str, torch.Tensor]) -> None:
                                    "(retrain or re-export it)")
 
 
+def check_dtypes(payload: dict[str, torch.Tensor], wanted: dict[str, torch.dtype]) -> None:
+    """CodecError unless each named payload tensor is there with its dtype (a forger may change
+    them; the digest then matches)."""
+    for key, dtype in wanted.items():
+        found = payload[key].dtype if key in payload else None
+        if found != dtype:
+            raise CodecError(f"payload {key} is {str(found or 'missing').removeprefix('torch.')}, "
+                             f"not {str(dtype).removeprefix('torch.')}; the file is damaged")
+
+
+def check_fits(meta: dict, peaks: dict[str, float]) -> None:
+    """CodecError unless init + the largest |tau-hat| of each coded tensor (`peaks`) is finite in
+    the tensor's own dtype (a NaN peak fails too)."""
+    for entry in meta["tensors"]:
+        if not abs(entry["init"]) + peaks[entry["name"]] <= torch.finfo(DTYPES[entry["dtype"]]).max:
+            raise CodecError(f"tensor {entry['name']} decodes to NaN, or its init and values "
+                             f"overflow {entry['dtype']}; the file is damaged")
+
+
 def human_bytes(n: float) -> str:
     """A size as listings print it: 812 B, 27.70 KB, 1.20 MB."""
     for unit in ("B", "KB", "MB", "GB"):

@@ -22,8 +22,8 @@ import torch
 
 from lorahub_compeft.codecs import coding
 from lorahub_compeft.codecs.base import (DTYPES, Codec, CodecError, CompressionError,
-                                         bits_per_value, check_task_vector, human_bytes, is_count,
-                                         register)
+                                         bits_per_value, check_dtypes, check_fits, check_task_vector,
+                                         human_bytes, is_count, register)
 from lorahub_compeft.config import PAPER_COMPEFT, CompeftOptions, choices
 from lorahub_compeft.io.adapters import is_finite_number
 
@@ -328,11 +328,13 @@ class ComPEFT(Codec):
             raise CodecError(f"kept count {count} does not match density {density} of {claimed} "
                              "values")
         n_scales = len(tensors) if meta["selection"] == "per_tensor" else 1
-        if stored.get("scales") not in ([n_scales], [1] if n_scales == 1 else None):
+        if stored.get("scales") not in ([n_scales], [1]):
             raise CodecError(f"the scales tensor must hold {n_scales} value(s), has shape "
                              f"{stored.get('scales')}")
 
     def decode(self, payload, meta) -> TernaryVector:
+        check_dtypes(payload, {"scales": torch.float32, **{k: torch.uint8 for k in payload
+                                                          if k.startswith("stream.")}})
         streams = {k.removeprefix("stream."): v.numpy() for k, v in payload.items()
                    if k.startswith("stream.")}
         try:
@@ -342,15 +344,12 @@ class ComPEFT(Codec):
             raise CodecError(str(err)) from None
         entries = meta["tensors"]
         scales = payload["scales"]
-        if scales.dtype != torch.float32 or scales.dim() != 1 or scales.numel() not in (1, len(entries)):
+        if scales.dim() != 1 or scales.numel() not in (1, len(entries)):
             raise CodecError(f"scales must be float32 with 1 or {len(entries)} values")
         if not torch.isfinite(scales).all():
             raise CodecError("a scale is NaN or infinite; the file is damaged")
-        for entry, scale in zip(entries, scales.expand(len(entries))):
-            # init + sign * scale must be finite in the tensor's own dtype
-            if abs(entry["init"]) + abs(float(scale)) > torch.finfo(DTYPES[entry["dtype"]]).max:
-                raise CodecError(f"tensor {entry['name']}: its init and scale overflow "
-                                 f"{entry['dtype']}; the file is damaged")
+        # init + sign * scale must be finite in each tensor's own dtype
+        check_fits(meta, {e["name"]: abs(float(s)) for e, s in zip(entries, scales.expand(len(entries)))})
         return TernaryVector(names=[e["name"] for e in entries],
                              shapes=[tuple(e["shape"]) for e in entries],
                              dtypes=[DTYPES[e["dtype"]] for e in entries],

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorahub_compeft.codecs.base import Codec, CodecError, bits_per_value, register
+from lorahub_compeft.codecs.base import (Codec, CodecError, bits_per_value, check_dtypes,
+                                         check_fits, register)
 from lorahub_compeft.config import EreOptions, choices
 from lorahub_compeft.io.adapters import is_finite_number
 from lorahub_compeft.io.residuals import is_residual
@@ -202,7 +203,9 @@ def lora_scaling(config: dict) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def budget_bytes_for(numel: int, bits_per_param: float) -> float:
+def budget_bytes_for(numel: int, bits_per_param: float, bits: int) -> float:
+    if bits not in QUANT_BITS:
+        raise EREError(f"quantization bits must be one of {QUANT_BITS}, got {bits!r}")
     if not (isinstance(bits_per_param, (int, float)) and 0 < bits_per_param < 64):
         raise EREError(f"the ERE budget must be a number of bits per parameter in (0, 64), got "
                        f"{bits_per_param!r}; e.g. --budget-bits 1 stores 1 bit per LoRA value")
@@ -213,11 +216,9 @@ def compress_lora(tau: dict[str, torch.Tensor], config: dict, bits_per_param: fl
                   ) -> tuple[dict[str, torch.Tensor], dict]:
     """ERE payload and header fields for LoRA factors {name: tensor}; the budget counts the
     payload (codes and scales) against the adapter's LoRA values."""
-    if bits not in QUANT_BITS:
-        raise EREError(f"quantization bits must be one of {QUANT_BITS}, got {bits!r}")
     pairs = lora_modules(list(tau))
     scale = lora_scaling(config)
-    budget = budget_bytes_for(sum(t.numel() for t in tau.values()), bits_per_param)
+    budget = budget_bytes_for(sum(t.numel() for t in tau.values()), bits_per_param, bits)
     spectra = []
     for a_name, b_name in pairs:
         a, b = tau[a_name], tau[b_name]
@@ -313,9 +314,7 @@ def _check_header(dims: list[tuple[int, int]], limits: list[int], info: dict,
 def compress_matrices(tau: dict[str, torch.Tensor], bits_per_param: float, bits: int
                       ) -> tuple[dict[str, torch.Tensor], dict]:
     """ERE payload and header fields for residual matrices {name: out×in} (θ_ft − θ_base)."""
-    if bits not in QUANT_BITS:
-        raise EREError(f"quantization bits must be one of {QUANT_BITS}, got {bits!r}")
-    budget = budget_bytes_for(sum(t.numel() for t in tau.values()), bits_per_param)
+    budget = budget_bytes_for(sum(t.numel() for t in tau.values()), bits_per_param, bits)
     spectra = [spectrum_of_matrix(t) for t in tau.values()]
     ranks = allocate_ranks(spectra, budget, bits)
     info = {"bits": bits, "budget_bits": bits_per_param, "scaling": 1.0, "ranks": ranks,
@@ -367,12 +366,11 @@ class ERE(Codec):
             raise CodecError(problem)
 
     def decode(self, payload, meta):
+        check_dtypes(payload, {"ere.u": torch.uint8, "ere.v": torch.uint8, "ere.scales": torch.float32})
         decode = decode_matrices if is_residual(meta["adapter_config"]) else decode_lora
         factors = decode(payload, [e["name"] for e in meta["tensors"]],
                          {e["name"]: tuple(e["shape"]) for e in meta["tensors"]}, meta["ere"])
-        bad = next((k for k, t in factors.items() if not torch.isfinite(t).all()), None)
-        if bad is not None:
-            raise CodecError(f"{bad} decodes to NaN or infinity; the file is damaged")
+        check_fits(meta, {k: float(t.abs().max()) if t.numel() else 0.0 for k, t in factors.items()})
         return factors
 
     def summary(self, meta):
@@ -380,8 +378,10 @@ class ERE(Codec):
         return {"encoding": _encoding(info["bits"]), "selection": "rank",
                 "budget_bits": info["budget_bits"], "mean_rank": sum(info["ranks"]) / len(info["ranks"])}
 
-    def check_summary(self, entry):
-        return None if is_finite_number(entry.get("budget_bits")) else "its budget_bits is damaged"
+    def check_summary(self, entry):  # the fields a listing prints
+        bad = [k for k in ("budget_bits", "mean_rank") if not is_finite_number(entry.get(k))]
+        bad += [] if isinstance(entry.get("encoding"), str) else ["encoding"]
+        return f"its {bad[0]} is damaged" if bad else None
 
     def setting_text(self, summary):
         return f"{summary['budget_bits']:g}b/p {summary['encoding']} r~{summary['mean_rank']:.1f}"

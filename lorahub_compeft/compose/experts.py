@@ -14,7 +14,7 @@ import torch
 from lorahub_compeft.config import ComposeConfig
 from lorahub_compeft.io.adapters import (CONFIG_NAME, Adapter, looks_like_hub_id, read_config,
                                          load_adapter)
-from lorahub_compeft.io.base_models import check_bases
+from lorahub_compeft.io.base_models import check_bases, resolve_base
 from lorahub_compeft.sampling import sample_indices
 from lorahub_compeft.codecs.compeft import TernaryVector
 from lorahub_compeft.store.expert import CompressedExpert, load_expert
@@ -43,20 +43,14 @@ class ExpertHandle:
 
 def base_model_of(handle: ExpertHandle) -> str:
     """The base model the expert records. A relative local path that does not exist from the
-    working directory is looked up from the expert's own folder upwards: the shipped zoo
-    records its base relative to the folder that holds the package, so that it works from
-    any working directory without re-shipping the experts."""
+    working directory is looked up from the expert's own folder upwards, then from the folder
+    that holds the package: the shipped zoo records its base relative to that folder, so that
+    it works from any working directory without re-shipping the experts (resolve_base)."""
     name = handle.config.get("base_model_name_or_path")
     if not name:
         raise ValueError(f"{handle.name}: adapter_config has no base_model_name_or_path; pass "
                          "the base model (model= / --model)")
-    path = Path(name)
-    if path.is_absolute() or path.exists() or handle.origin is None or looks_like_hub_id(name):
-        return name
-    for folder in Path(handle.origin).resolve().parents:
-        if (folder / path).is_dir():
-            return str(folder / path)
-    return name
+    return resolve_base(name, handle.origin)
 
 
 def _once(expert: CompressedExpert, decode: Callable):

@@ -122,8 +122,13 @@ class Arrow(Method):
     name, Params, uses_experts = "arrow", ArrowParams, True
 
     def adapter_dirs(self, experts, names: list[str], scratch: Path) -> tuple[list[str], int]:
-        """A PEFT dir (or Hub id) per expert, and the bytes of the files read."""
-        return ([experts.dense(n) for n in names], sum(experts.dense_bytes(n) for n in names))
+        """A PEFT dir (or Hub id) per expert, and the bytes of the files read; an expert file
+        is exported to a PEFT dir in `scratch`."""
+        from lorahub_compeft.store.expert import load_expert
+        dirs = [experts.dense(n) for n in names]
+        dirs = [str(load_expert(d).export(scratch / f"file{i}")) if Path(d).is_file() else d
+                for i, d in enumerate(dirs)]
+        return dirs, sum(experts.dense_bytes(n) for n in names)
 
     def run(self, task, model, experts, seed):
         from lorahub_compeft.io.models import generate

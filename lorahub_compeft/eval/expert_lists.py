@@ -1,5 +1,5 @@
-"""The one way `--experts` items are read: a file of one expert per line, or an expert itself
-(a PEFT dir or a Hub id). No list ships with the package: LoraHub's 196 ids are the user's
+"""The one way `--experts` items are read: a text file of one expert per line, or an expert
+itself (a PEFT dir, an expert file, a Hub id). No list ships with the package: LoraHub's 196 ids are the user's
 input, a file of one id per line."""
 from __future__ import annotations
 
@@ -12,12 +12,21 @@ def read_experts_file(path: str | Path) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
+def is_list_file(path: Path) -> bool:
+    """A text file of experts, not an expert file (safetensors: binary, its header length
+    starts it)."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return b"\0" not in f.read(4096)
+
+
 def resolve_experts(items: list[str]) -> list[str]:
-    """Each item as the experts it names: an existing file, its lines; anything else (a PEFT
-    dir, a Hub id) itself."""
+    """Each item as the experts it names: a text file, its lines; anything else (a PEFT dir,
+    an expert file, a Hub id) itself."""
     experts = []
     for item in items:
-        experts += read_experts_file(item) if Path(item).is_file() else [item]
+        experts += read_experts_file(item) if is_list_file(Path(item)) else [item]
     return experts
 
 

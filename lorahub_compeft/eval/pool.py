@@ -1,6 +1,7 @@
 """The experts a run may use: each one's files and identity (the weights' sha256 for a local
-PEFT dir, the commit for a Hub id), the seeded sample of N, and compressed copies made once
-per setting (in an ExpertLibrary per setting, as `library add` makes them)."""
+PEFT dir or expert file, the commit for a Hub id), the seeded sample of N, and compressed
+copies made once per setting (in an ExpertLibrary per setting, as `library add` makes them).
+An expert file (already compressed) is used as it is, by every method."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +28,12 @@ def _locate(source: str) -> tuple[Path, dict]:
     dir, the commit for a Hub id (downloaded, or found in the Hub cache when offline)."""
     from lorahub_compeft.io.adapters import download_adapter, looks_like_hub_id
     path = Path(source)
-    if path.is_dir():
-        weights = _weights_file(path)
+    if path.is_dir() or path.is_file() and path.suffix == ".safetensors":  # a PEFT dir or an expert file
+        weights = _weights_file(path) if path.is_dir() else path
         return path, {"name": source, "sha256": sha256_file(weights)}
     if not looks_like_hub_id(source):
-        raise ValueError(f"expert {source!r}: no such directory, and not a Hub id (owner/name)")
+        raise ValueError(f"expert {source!r}: no such directory or expert file (.safetensors), "
+                         "and not a Hub id (owner/name)")
     path = download_adapter(source, None)  # .../snapshots/<commit>
     return path, {"name": source, "revision": path.name}
 
@@ -63,11 +65,14 @@ class ExpertPool:
         return sample_names(list(self.identities), n, seed)
 
     def dense(self, name: str) -> str:
-        """Its files here; a Hub expert on a node that has not downloaded it: its Hub id."""
-        return self.paths[name] if Path(self.paths[name]).is_dir() else name
+        """Its files here (a dir or an expert file); a Hub expert on a node that has not
+        downloaded it: its Hub id."""
+        return self.paths[name] if Path(self.paths[name]).exists() else name
 
     def dense_bytes(self, name: str) -> int:
         path = Path(self.dense(name))
+        if path.is_file():
+            return path.stat().st_size
         return _weights_file(path if path.is_dir() else _locate(name)[0]).stat().st_size
 
     def compressed(self, name: str, options) -> Path:
@@ -76,6 +81,8 @@ class ExpertPool:
         expert is named by its dense identity: a changed expert is compressed again."""
         from lorahub_compeft.codecs.base import choose
         from lorahub_compeft.store.library import ExpertLibrary
+        if Path(self.paths[name]).is_file():  # an expert file: compressed already, as it is
+            return Path(self.paths[name])
         unit = choose(None, options)
         setting = "-".join([unit.name] + [f"{k}={v}" for k, v in dataclasses.asdict(options).items()])
         root = Path(self.cache or Path(tempfile.gettempdir()) / "lorahub-compeft-cache")

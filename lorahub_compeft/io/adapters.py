@@ -117,9 +117,11 @@ def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def config_problem(config) -> str | None:
+def config_problem(config, regex_ok: bool = True) -> str | None:
     """What is wrong with an adapter_config's types (the fields this package reads), or None.
-    Checked once, where a config is read, so later code can trust it."""
+    Checked once, where a config is read, so later code can trust it. regex_ok=False (expert
+    files): target_modules must be a list of names, as `compress` writes it (peft's matching
+    of a forged regex can run for minutes)."""
     if not isinstance(config, dict):
         return f"not a PEFT adapter config (a JSON {type(config).__name__}, not an object)"
     if not isinstance(config.get("peft_type"), str) or not config["peft_type"]:
@@ -130,13 +132,48 @@ def config_problem(config) -> str | None:
     if config.get("lora_alpha") is not None and not is_finite_number(config["lora_alpha"]):
         return f"'lora_alpha' must be a finite number, got {config['lora_alpha']!r}"
     targets = config.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
+    if targets is not None and not (isinstance(targets, str) and regex_ok) and not (
             isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
-        return f"'target_modules' must be a list of names or a regex string, got {targets!r}"
+        kinds = "a list of names or a regex string" if regex_ok else "a list of module names"
+        return f"'target_modules' must be {kinds}, got {str(targets)[:80]!r}"
+    for key, valid in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                        and v > 0), ("alpha_pattern", is_finite_number)):
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(
+                isinstance(k, str) and valid(v) for k, v in pattern.items())):
+            return f"'{key}' must map module names to numbers, got {str(pattern)[:80]!r}"
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         return f"'base_model_name_or_path' must be a string, got {base!r}"
     return None
+
+
+_RANK_AXIS = {".lora_A.": 0, ".lora_B.": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
+
+
+def rank_problem(config: dict, shapes: dict[str, list[int] | tuple[int, ...]]) -> str | None:
+    """What is wrong with a LoRA config's ranks against its tensors' shapes, or None. PEFT
+    allocates r rows (rank_pattern's for the modules it names) per module: no rank the config
+    names may exceed the largest the tensors have, so a forged r allocates nothing the file's
+    own shapes do not bound."""
+    ranks = {name: shape[axis] for name, shape in shapes.items() for marker, axis in
+             _RANK_AXIS.items() if marker in name and len(shape) > axis}
+    if "r" not in config or not ranks:
+        return None
+    claimed = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+    name = max(ranks, key=ranks.get)
+    return None if claimed <= ranks[name] else \
+        f"'r' or 'rank_pattern' names rank {claimed}, but no tensor has a rank above {ranks[name]} ({name})"
+
+
+def module_paths(names) -> list[str]:
+    """The modules that task-vector tensors belong to, as full paths (base_model.model.
+    dropped): a regex target_modules written as the list of modules it matched."""
+    paths = set()
+    for name in names:
+        marker = next(m for m in _TASK_VECTOR_INIT if m in name)
+        paths.add(name.split(marker.rstrip("."))[0].rstrip(".").removeprefix("base_model.model."))
+    return sorted(paths)
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -177,6 +214,9 @@ def load_adapter(source: str | os.PathLike, revision: str | None = None) -> Adap
     tensors = _read_weights(path)
     if not tensors:
         raise AdapterError(f"{path}: the adapter holds no tensors")
+    problem = rank_problem(config, {k: tuple(t.shape) for k, t in tensors.items()})
+    if problem:
+        raise AdapterError(f"{path / CONFIG_NAME}: {problem}")
     return Adapter(tensors=tensors, config=config, source=origin)
 
 

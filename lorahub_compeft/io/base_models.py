@@ -29,6 +29,40 @@ def check_model_reference(text: str) -> None:
                          "config.json) or a Hub id such as google/flan-t5-large")
 
 
+# The folder that holds this package: the shipped zoo records its base relative to it
+# (lorahub_compeft/zoo/artifacts/base), so that it is found from any working directory.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+
+
+def resolve_base(name: str | None, origin: str | os.PathLike | None = None) -> str | None:
+    """Where a recorded base folder is. Absolute, existing from here, or a Hub id (owner/name):
+    as given. Else a relative folder, looked up from the expert's own folder (`origin`)
+    upwards, then from the folder that holds this package."""
+    if not name or Path(name).is_absolute() or Path(name).exists() or _hub_like(name):
+        return name
+    for folder in [*(Path(origin).resolve().parents if origin else []), PACKAGE_PARENT]:
+        if (folder / name).is_dir():
+            return str(folder / name)
+    return name
+
+
+def recorded_base(name: str | None, origin: str | os.PathLike | None) -> str | None:
+    """The base to record for an adapter read from `origin`: a relative folder becomes absolute
+    (it would not be found from another folder), except one inside this package, which stays
+    relative to the package's folder (found from anywhere, by resolve_base)."""
+    found = resolve_base(name, origin)
+    if not found or Path(name).is_absolute() or not Path(found).is_dir():
+        return name
+    full = Path(found).resolve()
+    inside = full.is_relative_to(PACKAGE_PARENT / "lorahub_compeft")
+    return full.relative_to(PACKAGE_PARENT).as_posix() if inside else str(full)
+
+
+def _hub_like(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
 def _hub_config(repo_id: str, revision: str | None) -> Path | None:
     """config.json of a Hub model if it is in the local cache (no network)."""
     try:

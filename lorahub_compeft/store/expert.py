@@ -25,7 +25,8 @@ from safetensors.torch import save as safetensors_bytes
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import DTYPES, CodecError, check_task_vector
 from lorahub_compeft.codecs.compeft import TernaryVector
-from lorahub_compeft.io.adapters import Adapter, load_adapter, save_adapter
+from lorahub_compeft.io.adapters import Adapter, load_adapter, module_paths, save_adapter
+from lorahub_compeft.io.base_models import recorded_base
 from lorahub_compeft.io.files import atomic_write_bytes, check_file_target
 from lorahub_compeft.io.residuals import is_residual
 from lorahub_compeft.store.format import (FORMAT_NAME, FORMAT_VERSION, ExpertFileError, dtype_name,
@@ -137,6 +138,21 @@ class CompressedExpert:
             return export_model(self, base or self.base_model, directory, force)
         return save_adapter(directory, self.state_dict(), self.config, force=force)
 
+    def digest(self) -> str:
+        """The payload's format-2 digest, as `save` records it (a format-1 file's is read)."""
+        if self.meta["format_version"] >= 2:
+            return self.meta["payload_sha256"]
+        return payload_digest(self._payload if self._payload is not None else
+                              _read_checked(self.path, self.meta))
+
+    def same_as(self, other: "CompressedExpert") -> bool:
+        """Whether both hold the same expert, header and payload (a format-1 file and its
+        format-2 copy, as `save` writes it, are the same)."""
+        skip = ("format_version", "payload_sha256")
+        return self.digest() == other.digest() and \
+            {k: v for k, v in self.meta.items() if k not in skip} == \
+            {k: v for k, v in other.meta.items() if k not in skip}
+
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write the expert file atomically (a crash leaves no half-written file behind)."""
         path = check_file_target(path, force)
@@ -181,7 +197,13 @@ def compress(source: str | os.PathLike | Adapter, options=None, *, codec: str | 
            if (init := inits[k]) is not None}
     carried = {k: t.detach().clone() for k, t in adapter.tensors.items() if inits[k] is None}
     check_task_vector(tau)
-    payload, fields, weights = unit.compress(tau, adapter.config, options)
+    config = adapter.config
+    if isinstance(config.get("target_modules"), str):  # a regex: the file names what it matched
+        config = dict(config, target_modules=module_paths(tau))
+    base = recorded_base(config.get("base_model_name_or_path"), adapter.source.get("path"))
+    if base != config.get("base_model_name_or_path"):  # found from the file's new home too
+        config = dict(config, base_model_name_or_path=base)
+    payload, fields, weights = unit.compress(tau, config, options)
     payload.update({f"full.{k}": v for k, v in carried.items()})
     dense = adapter.tensors.values()
     meta = {
@@ -191,7 +213,7 @@ def compress(source: str | os.PathLike | Adapter, options=None, *, codec: str | 
                      "init": inits[n]} for n, t in tau.items()],
         "carried": [{"name": k, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
                     for k, t in carried.items()],
-        "adapter_config": adapter.config, "source": adapter.source,
+        "adapter_config": config, "source": adapter.source,
         "sizes": {"original_bytes": sum(_nbytes(t) for t in dense),
                   "fp16_bytes": sum(t.numel() * 2 for t in dense),
                   "fp32_bytes": sum(t.numel() * 4 for t in dense),

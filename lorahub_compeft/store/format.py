@@ -27,13 +27,15 @@ from safetensors import safe_open
 
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import DTYPES, CodecError, is_count
-from lorahub_compeft.io.adapters import config_problem, is_finite_number
+from lorahub_compeft.io.adapters import config_problem, is_finite_number, rank_problem
 
 
 FORMAT_NAME = "lorahub-compeft-expert"
 FORMAT_VERSION = 2
-# Decoding allocates about 6 bytes per value; a file may claim at most this many values per
-# byte it holds (density >= ~0.0002 at 0.57 bits per kept value) and MAX_NUMEL in all.
+# A file may claim at most this many values per byte it holds (density >= ~0.0002 at 0.57 bits
+# per kept value) and MAX_NUMEL in all. Decoding a residual's state_dict peaks (RSS, measured)
+# at 8.3 bytes per value for float32 tensors and 6.3 for float16 (ComPEFT), 8.8 and 10.2 (ERE,
+# on a 2M-value file): docs/file-format.md.
 MAX_VALUES_PER_BYTE = 4096
 MAX_NUMEL = 2 ** 31
 MAX_HEADER_BYTES = 16 << 20  # the decompressed v2 header
@@ -134,6 +136,9 @@ def _read_header_v1(path: Path, raw: dict[str, str]) -> dict:
     missing = [k for k in required if k not in raw]
     if missing:
         raise ExpertFileError(f"{path}: header lacks {', '.join(missing)}")
+    if "codec" in raw:  # format 1 predates codecs: a codec field there is damage, not ERE
+        raise ExpertFileError(f"{path}: header field codec is not one format 1 has (its files "
+                              "are all ComPEFT); the file is damaged, compress it again")
     meta = {}
     for key, value in raw.items():
         try:
@@ -199,7 +204,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
                                               ("fp16_bytes", "fp32_bytes", "payload_bytes")) \
             or not is_count(sizes.get("carried_bytes")) or not is_count(sizes.get("original_bytes")):
         fail("header field sizes must hold positive byte counts")
-    problem = config_problem(meta["adapter_config"])
+    problem = config_problem(meta["adapter_config"], regex_ok=False)
     if problem:
         fail(f"header field adapter_config: {problem}")
 
@@ -238,3 +243,7 @@ def _validate_header(path: Path, meta: dict, stored: dict[str, list[int]]) -> No
         codecs.codec_of(meta).validate(meta, stored, total, limit)
     except CodecError as err:
         fail(str(err))
+    # A forged r would make PEFT allocate r rows per module, whatever the tensors hold.
+    problem = rank_problem(meta["adapter_config"], {e["name"]: e["shape"] for e in tensors})
+    if problem:
+        fail(f"header field adapter_config: {problem}")
