@@ -46,7 +46,6 @@ import random
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -127,15 +126,6 @@ for request in sys.stdin:
 
 
 # ------------------------------------------------------------------------------ mutations
-def _split(data: bytes):
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def _join(header: dict, rest: bytes) -> bytes:
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + rest
 
 
 def _read_meta(meta: dict) -> dict:
@@ -225,7 +215,7 @@ def mutate(original: bytes, rng: random.Random) -> tuple[bytes, str]:
         return bytes(data), "flip"
     if kind == "truncate":
         return original[:rng.randrange(len(original))], "truncate"
-    header, rest = _split(original)
+    header, rest = fault_cases.split_header(original)
     meta = header["__metadata__"]
     body = _read_meta(meta)
     edit = _edit_body(body, rng)
@@ -235,7 +225,7 @@ def mutate(original: bytes, rng: random.Random) -> tuple[bytes, str]:
         header["__metadata__"] = _write_meta(meta, body, forged, None)
     except (TypeError, ValueError, RecursionError):
         return original[:-1], "truncate"  # an edit JSON cannot express
-    return _join(header, rest), f"header:{edit}:{'forged' if forged else 'plain'}:v{version}"
+    return fault_cases.join_header(header, rest), f"header:{edit}:{'forged' if forged else 'plain'}:v{version}"
 
 
 # ------------------------------------------------------------------------------ fuzz runner

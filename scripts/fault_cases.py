@@ -64,12 +64,12 @@ for line in sys.stdin:
 
 
 # ------------------------------------------------------------------------------ expert files
-def _split(data: bytes):
+def split_header(data: bytes):
     n = struct.unpack("<Q", data[:8])[0]
     return json.loads(data[8:8 + n]), data[8 + n:]
 
 
-def _join(header: dict, rest: bytes) -> bytes:
+def join_header(header: dict, rest: bytes) -> bytes:
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw + rest
@@ -81,21 +81,21 @@ SIZES = {"BF16": 2, "F16": 2, "U16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, 
 
 def _retype(data: bytes, key: str, dtype: str) -> bytes | None:
     """The safetensors header of one tensor edited to another dtype over the same bytes."""
-    header, rest = _split(data)
+    header, rest = split_header(data)
     start, end = header[key]["data_offsets"]
     if (end - start) % SIZES[dtype] or header[key]["dtype"] == dtype:
         return None
     header[key]["dtype"], header[key]["shape"] = dtype, [(end - start) // SIZES[dtype]]
-    return _join(header, rest)
+    return join_header(header, rest)
 
 
 def _v1_meta(data: bytes, edit) -> bytes:
-    header, rest = _split(data)
+    header, rest = split_header(data)
     edit(header["__metadata__"])
-    return _join(header, rest)
+    return join_header(header, rest)
 
 
-def _forge(src: Path, payload_edit=None, meta_edit=None) -> bytes:
+def forged_bytes(src: Path, payload_edit=None, meta_edit=None) -> bytes:
     """A format-2 file rewritten by a forger: payload and header edited, every digest recomputed."""
     from safetensors import safe_open
     from safetensors.torch import save
@@ -116,7 +116,7 @@ def _edit_config(data: bytes, src: Path, version: int, change: dict) -> bytes:
         def edit(meta):
             meta["adapter_config"] = json.dumps(dict(json.loads(meta["adapter_config"]), **change))
         return _v1_meta(data, edit)
-    return _forge(src, meta_edit=lambda m: m["adapter_config"].update(change))
+    return forged_bytes(src, meta_edit=lambda m: m["adapter_config"].update(change))
 
 
 REGEXES = [".*", r".*\.(q|v)$", "(" * 25 + "a*" * 25 + ")" * 25 + "$", "["]
@@ -128,7 +128,7 @@ def expert_cases(refs: dict[str, Path]) -> list[tuple[str, bool, bytes, Path]]:
     cases = []
     v1 = refs["v1"]
     data = v1.read_bytes()
-    header, _ = _split(data)
+    header, _ = split_header(data)
     for key in sorted(k for k in header if k != "__metadata__"):
         for dtype in ("BF16", "F16", "U16", "I8", "F8_E4M3", "F8_E5M2", "I32", "F32", "BOOL"):
             edited = _retype(data, key, dtype)
@@ -161,7 +161,7 @@ def expert_cases(refs: dict[str, Path]) -> list[tuple[str, bool, bytes, Path]]:
                             lambda p, k=key, d=dtype: p.update({k: p[k].to(d)})))
     payload.append(("ere-no-v", ere, lambda p: p.pop("ere.v")))
     for label, ref, edit in payload:
-        cases.append((f"payload:{label}", True, _forge(ref, payload_edit=edit), ref))
+        cases.append((f"payload:{label}", True, forged_bytes(ref, payload_edit=edit), ref))
 
     def fp16_init(value):
         def edit(meta):
@@ -184,7 +184,7 @@ def expert_cases(refs: dict[str, Path]) -> list[tuple[str, bool, bytes, Path]]:
     forgeries.append(("rank-true", lambda m: m["ere"]["ranks"].__setitem__(0, True)))
     forgeries.append(("no-ere", lambda m: m.pop("ere")))
     for label, edit in forgeries:
-        cases.append((f"ere:{label}", True, _forge(ere, meta_edit=edit), ere))
+        cases.append((f"ere:{label}", True, forged_bytes(ere, meta_edit=edit), ere))
     return cases
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import support
+from fault_cases import forged_bytes
 from lorahub_compeft import ExpertFileError, ExpertLibrary, compress, load_expert
 from lorahub_compeft.cli import main
 from lorahub_compeft.config import EreOptions
 from lorahub_compeft.io.adapters import AdapterError, load_adapter
-from lorahub_compeft.store.format import encode_header, payload_digest, read_header
+from lorahub_compeft.store.format import read_header
 
 ZOO = Path(__file__).resolve().parents[1] / "lorahub_compeft" / "zoo" / "artifacts"
 V1 = ZOO / "experts" / "bool_value.safetensors"
@@ -37,15 +37,7 @@ def _v1_copy(tmp_path, mutate, name="v1.safetensors"):
 
 def forge(src, dst, payload_edit=None, meta_edit=None):
     """Rewrite a v2 file's payload and header as a forger would: every digest recomputed."""
-    meta = read_header(src)
-    with safe_open(str(src), "pt") as handle:
-        payload = {k: handle.get_tensor(k) for k in handle.keys()}
-    if payload_edit:
-        payload_edit(payload)
-    if meta_edit:
-        meta_edit(meta)
-    meta["payload_sha256"] = payload_digest(payload)
-    save_file({k: v.contiguous() for k, v in payload.items()}, str(dst), metadata=encode_header(meta))
+    Path(dst).write_bytes(forged_bytes(src, payload_edit, meta_edit))
     return dst
 
 
