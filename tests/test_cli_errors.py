@@ -89,7 +89,7 @@ def test_version_and_help_texts(capsys):
                         (["bbh", "-h"], ["(default: 20 for lorahub/compeft, 3 for select*)",
                                           "(default: 0.1 for compeft, 0.5 for select-compeft)",
                                           "(default: 1 for compeft, auto for",
-                                          "(default 40)"])):
+                                          "(default: 40 for lorahub/compeft, auto for select*)"])):
         with pytest.raises(SystemExit):
             main(argv)
         text = " ".join(capsys.readouterr().out.split())
