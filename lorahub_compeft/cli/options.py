@@ -1,5 +1,5 @@
 """Options and parsers several commands share: compression, selection, precision, threads,
-seeds, expert lists; and how sizes are printed."""
+seeds and every numeric flag's range; and how sizes are printed."""
 from __future__ import annotations
 
 import argparse
@@ -14,11 +14,11 @@ from lorahub_compeft.io.threads import choose_threads
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32", "int8"), default="auto",
-                   help="how the search runs the base model; auto (default): bf16 where the "
-                        "device computes it natively, else on a CPU int8 copies of the linear "
-                        "layers of models of t5-small's size or more, else fp32. int8 forces "
-                        "int8 scoring (CPU). The composed adapter is fp32 and answers come from "
-                        "the unquantized model whatever is chosen")
+                   help="how the search scores candidates; auto (default): the fastest of "
+                        "fp32, bf16 (where the device has it natively) and int8 (CPU) measured "
+                        "on the first batch whose loss agrees with fp32's, cached per machine "
+                        "and shape. The composed adapter is fp32 and answers come from the "
+                        "unquantized model whatever is chosen")
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
