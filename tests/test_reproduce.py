@@ -81,6 +81,17 @@ def test_an_unknown_extra_method_is_refused_before_anything_is_written(tiny_t5, 
     assert "no-such" in capsys.readouterr().err and not out.exists()
 
 
+def test_an_experts_item_that_is_no_file_and_no_hub_id_is_named(tiny_t5, tmp_path, capsys,
+                                                                offline):
+    """Before the cache is searched for the rest: no --bbh-dir, so BBH is looked for too."""
+    out = tmp_path / "run"
+    assert main(["reproduce", "--model", str(tiny_t5), "--experts", str(tmp_path / "nofile.txt"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nofile.txt" in err[0] and "no such file" in err[0]
+    assert not out.exists()
+
+
 def test_reproduce_bbh_sh_calls_reproduce(tiny_t5, experts, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO),

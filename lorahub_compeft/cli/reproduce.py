@@ -76,10 +76,15 @@ def _use_cache(args, offline: bool) -> None:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
-def _hub_ids(items: list[str]) -> list[str]:
-    from lorahub_compeft.io.adapters import looks_like_hub_id
+def _hub_ids(items: list[str], what: str = "expert") -> list[str]:
+    """The items to find on the Hub; an item that is neither a local path nor a Hub id is
+    refused by name (eval/expert_lists.check_source)."""
     from pathlib import Path
-    return [s for s in items if looks_like_hub_id(s) and not Path(s).exists()]
+
+    from lorahub_compeft.eval.expert_lists import check_source
+    for item in items:
+        check_source(item, what)
+    return [s for s in items if not Path(s).exists()]
 
 
 def cmd_download(args) -> int:
@@ -95,7 +100,7 @@ def cmd_download(args) -> int:
     from lorahub_compeft.eval.bbh import BBH_HUB_DATASET, BBH_TASKS, load_examples
     from lorahub_compeft.eval.expert_lists import experts_from_args
     experts = _hub_ids(experts_from_args(args.experts))
-    models = _hub_ids([args.model])
+    models = _hub_ids([args.model], "model")
     for i, repo in enumerate(models + experts, 1):
         patterns = MODEL_FILES if repo in models else EXPERT_FILES
         path = snapshot_download(repo, allow_patterns=patterns)
@@ -120,7 +125,7 @@ def missing_from_cache(model: str, experts: list[str], bbh_dir: str | None, task
 
     def cached(repo, name):
         return isinstance(try_to_load_from_cache(repo, name), str)
-    missing = [f"the model {m}" for m in _hub_ids([model]) if not cached(m, "config.json")]
+    missing = [f"the model {m}" for m in _hub_ids([model], "model") if not cached(m, "config.json")]
     lost = [e for e in _hub_ids(experts) if not cached(e, "adapter_config.json")]
     if lost:
         shown = ", ".join(lost[:3]) + (", ..." if len(lost) > 3 else "")

@@ -33,3 +33,12 @@ def resolve_experts(items: list[str]) -> list[str]:
 def experts_from_args(items: list[str], experts_file: str | None = None) -> list[str]:
     """--experts items (resolve_experts) and then --experts-file's lines."""
     return resolve_experts(items) + (read_experts_file(experts_file) if experts_file else [])
+
+
+def check_source(source: str, what: str = "expert") -> None:
+    """Refuse, by name, a source that is no local path and not a Hub id either (a typo'd list
+    file, say), before anything looks for it in a cache or on the Hub."""
+    from lorahub_compeft.io.adapters import looks_like_hub_id
+    if not Path(source).exists() and not looks_like_hub_id(source):
+        raise ValueError(f"{what} {source!r}: no such file or directory, and not a Hub id "
+                         "(owner/name)")
