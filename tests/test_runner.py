@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import pytest
 
-import support  # noqa: F401  (tests/ is on sys.path via conftest)
 from conftest import BBH, METHOD_NAMES, SEEDS, TASKS, bbh_argv
 from lorahub_compeft.eval import runner
 from lorahub_compeft.cli import main

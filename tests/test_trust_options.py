@@ -99,7 +99,7 @@ def test_a_numeric_option_out_of_range_is_one_line_naming_it_and_its_range(argv,
 
 
 def test_threads_are_at_most_the_cores(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(options, "machine_cores", lambda: 2)
+    monkeypatch.setattr(options.threads, "machine_cores", lambda: 2)
     assert options.thread_count("2") == 2
     code, err = cli(["compose", "--threads", "1000000000", "--experts", "x", "--examples", "x",
                      "--out", str(tmp_path / "o")], capsys)

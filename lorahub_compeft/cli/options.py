@@ -9,6 +9,7 @@ import textwrap
 
 from lorahub_compeft.codecs import base as codecs
 from lorahub_compeft.codecs.base import human_bytes
+from lorahub_compeft.io import threads
 from lorahub_compeft.io.threads import choose_threads
 
 
@@ -77,17 +78,9 @@ def finite_float(least: float, what: str, above: bool = False):
     return parse
 
 
-def machine_cores() -> int:
-    import os
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def thread_count(text: str) -> int:
     """--threads: at most the cores this process may run on (more only wait for each other)."""
-    return bounded_int(1, machine_cores(), "this machine's cores")(text)
+    return bounded_int(1, threads.machine_cores(), "this machine's cores")(text)
 
 
 def apply_threads(args) -> None:
@@ -96,12 +89,12 @@ def apply_threads(args) -> None:
     import os
 
     import torch
-    threads = choose_threads(getattr(args, "threads", None))
-    if threads is None:
+    count = choose_threads(getattr(args, "threads", None))
+    if count is None:
         return
-    logging.getLogger(__name__).info("using %d torch thread(s)", threads)
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    logging.getLogger(__name__).info("using %d torch thread(s)", count)
+    torch.set_num_threads(count)
+    os.environ["OMP_NUM_THREADS"] = str(count)
 
 
 class WholeWordsHelp(argparse.HelpFormatter):

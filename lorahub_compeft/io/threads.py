@@ -12,16 +12,23 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def idle_cores() -> int | None:
     """The cores other processes leave idle (1-minute load average), when fewer than torch's
     threads; None when the machine is quiet or its load is unknown."""
     import torch
     try:
         load = os.getloadavg()[0]
-        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return None
-    idle = max(1, round(cores - load))
+    idle = max(1, round(machine_cores() - load))
     return idle if idle < torch.get_num_threads() else None
 
 
