@@ -170,6 +170,12 @@ def test_an_ere_budget_too_small_to_keep_anything_stores_nothing(lora_dir, tmp_p
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+def test_compress_in_python_refuses_options_that_keep_nothing(lora_dir):
+    from lorahub_compeft.store.expert import compress
+    with pytest.raises(ValueError, match="keep nothing.*raise budget_bits"):
+        compress(str(lora_dir), codec="ere", budget_bits=1e-300)
+
+
 # --- 2. a command's own errors: exit 2 and one line -----------------------------------------
 def test_name_with_two_sources_is_exit_2(lora_dir, tmp_path, capsys):
     code, err = cli(["library", "add", str(tmp_path / "lib"), str(lora_dir), str(lora_dir),

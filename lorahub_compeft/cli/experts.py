@@ -55,9 +55,6 @@ def cmd_compress(args) -> int:
         from lorahub_compeft.io.residuals import residual_adapter
         source = residual_adapter(args.source, args.base)
     expert = compress(source, options, codec=codec, name=args.name, revision=args.revision)
-    if not expert.sizes["payload_bytes"]:
-        raise ValueError(f"{args.source}: these options keep nothing of it (the expert would "
-                         f"be empty); raise {'--budget-bits' if codec == 'ere' else '--density'}")
     expert.save(out, force=args.force)
     print(f"{out}: {expert.codec} ({setting_text(expert.summary())}), "
           f"{size_line(out.stat().st_size, expert.sizes)}")

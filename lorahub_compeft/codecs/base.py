@@ -50,6 +50,7 @@ class Codec:
     header_fields: ClassVar[tuple[str, ...]] = ()  # required beside the common ones
     sparse: ClassVar[bool] = False              # decodes to a TernaryVector composition can use
     tagged: ClassVar[bool] = True               # writes "codec": name into the header
+    size_option: ClassVar[str] = "density"      # the option that sets how much is kept
 
     def options(self, options=None, **overrides):
         """Its Options: the given ones (else the defaults) with `overrides`; an unknown name

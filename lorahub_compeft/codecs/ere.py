@@ -337,7 +337,7 @@ def _encoding(bits: int) -> str:
 class ERE(Codec):
     """Payload: ere.u, ere.v (the kept factor rows' codes end to end) and ere.scales. Header
     field `ere`: bits, budget_bits, scaling, ranks (one per module or matrix), energy_kept."""
-    name, Options, header_fields = "ere", EreOptions, ("ere",)
+    name, Options, header_fields, size_option = "ere", EreOptions, ("ere",), "budget_bits"
 
     def init(self, name, tensor, config):
         if is_residual(config) and tensor.dim() != 2:  # a residual's layer norms and biases

@@ -204,6 +204,10 @@ def compress(source: str | os.PathLike | Adapter, options=None, *, codec: str | 
     if base != config.get("base_model_name_or_path"):  # found from the file's new home too
         config = dict(config, base_model_name_or_path=base)
     payload, fields, weights = unit.compress(tau, config, options)
+    if not sum(_nbytes(v) for v in payload.values()):
+        option = unit.size_option
+        raise ValueError(f"{name or _default_name(adapter)}: these options keep nothing of it (the "
+                         f"expert would be empty); raise {option} (--{option.replace('_', '-')})")
     payload.update({f"full.{k}": v for k, v in carried.items()})
     dense = adapter.tensors.values()
     meta = {
