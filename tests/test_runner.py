@@ -258,3 +258,13 @@ def test_selection_protocols_run_beside_the_papers(tiny_t5, experts, tmp_path):
         assert {e["name"] for e in r["experts"]} <= set(experts)
         assert r["files_read"] == 3  # every expert of the pool was a candidate
     assert rows["select-compeft"]["setting"]["params"]["per_tensor"] is True
+
+
+@pytest.mark.parametrize("option", [{"workers": 2.5}, {"workers": 0}, {"batch_size": 0},
+                                    {"batch_size": 10 ** 12}, {"batch_size": "8"}])
+def test_run_refuses_counts_out_of_range_before_writing(tiny_t5, experts, tmp_path, option):
+    out = tmp_path / "run"
+    cells = cells_for(tiny_t5, experts, tmp_path, methods=["zeroshot"])
+    with pytest.raises(ValueError, match=next(iter(option))):
+        run(cells, out, progress=False, **option)
+    assert not out.exists()

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorahub_compeft.config import count_problem
 from lorahub_compeft.eval.cells import Cell, setting_key
 from lorahub_compeft.eval.worker import Worker, pool_init, pool_run
 from lorahub_compeft.io.adapters import is_finite_number
@@ -253,8 +254,10 @@ def run(cells: list[Cell], out: str | Path | None = None, *, workers: int = 1,
     from tqdm.auto import tqdm
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown backend {backend!r}; use local or ray")
-    if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"--workers must be an integer of at least 1, got {workers!r}")
+    if count_problem("batch_size", batch_size):
+        raise ValueError(count_problem("batch_size", batch_size))
     keys = [setting_key(c.setting()) for c in cells]
     done: dict[str, dict] = {}
     if out is not None:
