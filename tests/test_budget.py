@@ -9,18 +9,20 @@ import support
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.compose.export import COMPOSITION_NAME
 from lorahub_compeft.compose.search import search
-from lorahub_compeft.config import (AUTO_PATIENCE, DEFAULT_N, PAPER_COMPOSE, ComposeConfig,
-                                    auto_budget)
+from lorahub_compeft.config import (DEFAULT_N, PAPER_COMPOSE, ComposeConfig, auto_budget,
+                                    auto_patience)
 from lorahub_compeft.eval.methods import make_method
 
 
 def test_auto_resolves_to_a_budget_of_n_with_the_patience_stop():
     config = ComposeConfig().resolved()
     assert ComposeConfig().budget == "auto"
-    assert (config.budget, config.patience) == (auto_budget(DEFAULT_N["loss"]), AUTO_PATIENCE)
+    assert (config.budget, config.patience) == (auto_budget(DEFAULT_N["loss"]), 6)
+    assert auto_patience(3) == 6 < auto_patience(8)  # a search of more weights waits longer
     assert config.budget < 40  # fewer than LoraHub's 40 at the package's N
     assert auto_budget(3) < auto_budget(8) <= auto_budget(20) == 40
     assert ComposeConfig(n_experts=8).resolved().budget == auto_budget(8)
+    assert ComposeConfig(n_experts=8).resolved().patience == auto_patience(8)
     # a number runs that many steps, unless a patience is given with it
     assert ComposeConfig(budget=40).resolved().patience is None
     assert ComposeConfig(budget=40, patience=5).resolved().patience == 5

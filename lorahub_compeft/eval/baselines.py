@@ -223,7 +223,7 @@ class Tuned(Method):
 
 
 @dataclass(frozen=True)
-class LoraTuneParams(TuneParams):  # the validation grid's best (docs/results/baselines.md)
+class LoraTuneParams(TuneParams):  # the validation grid's best (docs/results/methods.md)
     steps: int = 50
     lr: float = 3e-4
 
@@ -256,7 +256,7 @@ class LoraTune(Tuned):
 
 
 @dataclass(frozen=True)
-class FftParams(TuneParams):  # the validation grid's best (docs/results/baselines.md)
+class FftParams(TuneParams):  # the validation grid's best (docs/results/methods.md)
     steps: int = 30
     lr: float = 1e-4
 
