@@ -33,7 +33,7 @@ from lorahub_compeft.eval.worker import Worker
 from lorahub_compeft.zoo.artifacts import Zoo
 from lorahub_compeft.zoo.benchmark import ZOO_SHOT_SEED, ZooBenchmark
 from lorahub_compeft.zoo.tasks import get_task, questions, task_names
-from protocols import VALIDATION_EVAL_SEED
+from protocols import VALIDATION_EVAL_SEED, summarize
 
 
 @dataclass
@@ -123,18 +123,14 @@ def methods_table(rows: list[dict]) -> str:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(label(r), []).append(r)
+    stats = summarize(rows, label, loss="best_loss")  # protocols.py's, on the runner's rows
     for name, rs in groups.items():
-        tasks = sorted({r["task"] for r in rs})
-        by_task = [[r for r in rs if r["task"] == t] for t in tasks]
-        ems = [[r["em"] for r in t] for t in by_task]
+        s = stats[name]
         lossy = all(r.get("best_loss") is not None for r in rs)
-        picked = (f"{statistics.fmean(min(t, key=lambda r: r['best_loss'])['em'] for t in by_task):.1f}"
-                  if lossy else "–")
-        lines.append(f"| {name} | {statistics.fmean(map(statistics.fmean, ems)):.1f} | "
-                     f"{statistics.fmean(statistics.stdev(e) if len(e) > 1 else 0.0 for e in ems):.1f} | "
-                     f"{picked} | {statistics.fmean(map(max, ems)):.1f} | "
-                     f"{statistics.fmean(r['seconds'] for r in rs):.1f} | "
-                     f"{len(tasks)} × {len({r['seed'] for r in rs})} ({len(rs)} cells) |")
+        picked = f"{s['loss_picked']:.1f}" if lossy else "–"
+        lines.append(f"| {name} | {s['mean']:.1f} | {s['std']:.1f} | {picked} | "
+                     f"{s['oracle']:.1f} | {s['seconds']:.1f} | {len(s['per_task'])} × "
+                     f"{len({r['seed'] for r in rs})} ({len(rs)} cells) |")
     return "\n".join(lines)
 
 

@@ -184,9 +184,9 @@ def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | N
     return row
 
 
-def summarize(rows: list[dict], key) -> dict:
+def summarize(rows: list[dict], key, loss: str = "loss") -> dict:
     """Per method: mean EM over tasks of (seed average, loss-picked seed, oracle seed), mean
-    per-task seed std, mean seconds per cell."""
+    per-task seed std, mean seconds per cell. `loss`: the rows' field of the few-shot loss."""
     out = {}
     for method in sorted({key(r) for r in rows}):
         mine = [r for r in rows if key(r) == method]
@@ -198,8 +198,8 @@ def summarize(rows: list[dict], key) -> dict:
             avg.append(statistics.fmean(ems))
             std.append(statistics.stdev(ems) if len(ems) > 1 else 0.0)
             oracle.append(max(ems))
-            lossy = [r for r in rs if r["loss"] is not None]
-            picked.append(min(lossy, key=lambda r: r["loss"])["em"] if lossy else avg[-1])
+            lossy = [r for r in rs if r.get(loss) is not None]
+            picked.append(min(lossy, key=lambda r: r[loss])["em"] if lossy else avg[-1])
         out[method] = {"mean": statistics.fmean(avg), "std": statistics.fmean(std),
                        "loss_picked": statistics.fmean(picked), "oracle": statistics.fmean(oracle),
                        "seconds": statistics.fmean(r["seconds"] for r in mine),

@@ -256,8 +256,9 @@ def run(cells: list[Cell], out: str | Path | None = None, *, workers: int = 1,
         raise ValueError(f"unknown backend {backend!r}; use local or ray")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"--workers must be an integer of at least 1, got {workers!r}")
-    if count_problem("batch_size", batch_size):
-        raise ValueError(count_problem("batch_size", batch_size))
+    problem = count_problem("batch_size", batch_size)
+    if problem:
+        raise ValueError(problem)
     keys = [setting_key(c.setting()) for c in cells]
     done: dict[str, dict] = {}
     if out is not None:
