@@ -26,14 +26,16 @@ def _weights_file(directory: Path) -> Path:
 def _locate(source: str) -> tuple[Path, dict]:
     """Where an expert's files are, and what identifies them: the weights' sha256 for a local
     dir, the commit for a Hub id (downloaded, or found in the Hub cache when offline)."""
+    from lorahub_compeft.eval.expert_lists import check_source
     from lorahub_compeft.io.adapters import download_adapter, looks_like_hub_id
+    check_source(source)  # a missing path: the message reproduce and download give too
     path = Path(source)
     if path.is_dir() or path.is_file() and path.suffix == ".safetensors":  # a PEFT dir or an expert file
         weights = _weights_file(path) if path.is_dir() else path
         return path, {"name": source, "sha256": sha256_file(weights)}
     if not looks_like_hub_id(source):
-        raise ValueError(f"expert {source!r}: no such directory or expert file (.safetensors), "
-                         "and not a Hub id (owner/name)")
+        raise ValueError(f"expert {source!r}: not a PEFT directory or an expert file "
+                         "(.safetensors), and not a Hub id (owner/name)")
     path = download_adapter(source, None)  # .../snapshots/<commit>
     return path, {"name": source, "revision": path.name}
 
