@@ -84,6 +84,9 @@ OBJECTIVES = ("paper", "lorahub")   # what its search minimises (compose/objecti
 MIXES = ("factors", "product")      # how w combines the experts (compose/stacks.py)
 OBJECTIVE_OPTIMIZER = {"paper": "Shiwa", "lorahub": "NGOpt"}  # searched with, unless one is named
 WEIGHTINGS = ("search", "uniform")  # how w is set: learnt by the search, or 1/N (a baseline)
+# Where the first search starts: the best chosen expert alone (the package's: +4.5 EM dense,
+# +1.4 ComPEFT on the zoo's validation seeds, docs/results/protocols.md), or w = 0 (LoraHub's).
+STARTS = ("best", "zero")
 
 # budget "auto": the search's evaluations as a function of N, and the stop that ends it sooner
 # (chosen on the zoo's validation seeds: docs/defaults.md). 40, LoraHub's budget, was chosen
@@ -150,6 +153,10 @@ class ComposeConfig:
                                  "factors, A = sum w_i A_i and B = sum w_i B_i (LoraHub's); "
                                  "product adds their updates, sum w_i s B_i A_i, exactly: a "
                                  "LoRA of rank N*r")
+    start: str = option("best", "where the first search starts: best is the chosen expert with "
+                                "the lowest few-shot loss alone (w = 1 for it, 0 for the rest; "
+                                "with select random each chosen expert is scored alone first, "
+                                "one forward each); zero is w = 0 (LoraHub's)")
     weights: str = option("search", "search: w learnt by the optimizer on the examples; uniform: "
                                     "w = 1/N for the N chosen experts, no search (the baseline "
                                     "that says whether learning w pays)")
@@ -225,6 +232,8 @@ def _compose_problem(c: ComposeConfig) -> str | None:
         return f"unknown objective {c.objective!r}; use one of {', '.join(OBJECTIVES)}"
     if c.mix not in MIXES:
         return f"unknown mix {c.mix!r}; use one of {', '.join(MIXES)}"
+    if c.start not in STARTS:
+        return f"unknown start {c.start!r}; use one of {', '.join(STARTS)}"
     if c.weights not in WEIGHTINGS:
         return f"unknown weights {c.weights!r}; use one of {', '.join(WEIGHTINGS)}"
     for name in COUNT_LIMITS:
@@ -250,4 +259,4 @@ def _compose_problem(c: ComposeConfig) -> str | None:
 
 
 PAPER_COMPOSE = ComposeConfig(select="random", n_experts=20, budget=40,  # LoraHub's protocol
-                              mix="factors")
+                              mix="factors", start="zero")

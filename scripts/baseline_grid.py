@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorahub_compeft.config import MIXES, CompeftOptions
+from lorahub_compeft.config import MIXES, STARTS, CompeftOptions
 from lorahub_compeft.eval.benchmarks import BBHBenchmark
 from lorahub_compeft.eval.cells import plan, setting_key
 from lorahub_compeft.eval.methods import METHODS, make_method
@@ -88,21 +88,28 @@ DEMO_METHODS = ("zeroshot", "icl", "lora-tune", "fft", "lorahub", "compeft", "se
                 "arrow", "arrow-compeft")
 
 
-def demo_methods(names: list[str], mixes: list[str]) -> list:
+def demo_methods(names: list[str], mixes: list[str], starts: list[str | None] = (None,)) -> list:
+    """Each method at the default compression, once per mix and start it takes (a start of
+    None: the method's own)."""
     default = dataclasses.asdict(CompeftOptions())
     methods = []
     for name in names:
         fields = {f.name for f in dataclasses.fields(METHODS[name].Params)}
         compression = {k: v for k, v in default.items() if k in fields}
         for mix in (mixes if "mix" in fields else [None]):
-            methods.append(make_method(name, **compression, **({"mix": mix} if mix else {})))
+            for start in (starts if "start" in fields else [None]):
+                methods.append(make_method(name, **compression, **({"mix": mix} if mix else {}),
+                                           **({"start": start} if start else {})))
     return methods
 
 
 def label(row: dict) -> str:
     fields = {f.name for f in dataclasses.fields(METHODS[row["method"]].Params)}
-    mix = row["setting"]["params"].get("mix", "factors")  # left out of the key at factors
-    return row["method"] + (f" ({mix})" if "mix" in fields else "")
+    params = row["setting"]["params"]
+    mix = params.get("mix", "factors")  # left out of the key at factors
+    start = params.get("start", "zero")  # and the start at zero
+    return row["method"] + (f" ({mix}, start {start})" if "start" in fields else
+                            f" ({mix})" if "mix" in fields else "")
 
 
 def common_cells(rows: list[dict]) -> list[dict]:
@@ -147,6 +154,9 @@ def main(argv=None):
     parser.add_argument("--mix", default="factors",
                         help="--split demo: the mixes each method that takes one runs with "
                              "(comma-separated, of factors, product)")
+    parser.add_argument("--start",
+                        help="--split demo: the starts each method that takes one runs with "
+                             "(comma-separated, of best, zero; default: each method's own)")
     parser.add_argument("--tasks", default="all", help="held-out zoo tasks (default all 7)")
     parser.add_argument("--bbh-dir", help="--split demo: also the real BBH examples of the "
                                           "tasks the zoo mirrors, from this folder")
@@ -188,7 +198,10 @@ def main(argv=None):
             return [make_method(name)]  # a reference, at its defaults
         steps, lrs = grid[name]
         return [make_method(name, steps=s, lr=lr) for s in steps for lr in lrs]
-    methods = demo_methods(names, mixes) if demo else \
+    starts = args.start.split(",") if args.start else [None]
+    if not set(starts) <= set(STARTS) | {None}:
+        parser.error(f"--start: use {', '.join(STARTS)}, got {args.start!r}")
+    methods = demo_methods(names, mixes, starts) if demo else \
         [m for name in names for m in settings(name)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")

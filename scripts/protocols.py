@@ -43,7 +43,7 @@ import numpy as np
 from lorahub_compeft.compose.composer import compose
 from lorahub_compeft.compose.search import SearchOutcome, best_point
 from lorahub_compeft.compose.selection import exact_count
-from lorahub_compeft.config import DEFAULT_N, MIXES, CompeftOptions, ComposeConfig, number_or_auto
+from lorahub_compeft.config import DEFAULT_N, MIXES, STARTS, CompeftOptions, ComposeConfig, number_or_auto
 from lorahub_compeft.store.expert import compress
 from lorahub_compeft.store.library import ExpertLibrary
 from lorahub_compeft.zoo.benchmark import ZOO_EVAL_SEED as DEMO_EVAL_SEED, ZOO_SHOT_SEED as SHOT_SEED
@@ -144,12 +144,13 @@ def replays(budget, n: int, candidates: int, stops: list[int], truncations: list
 def replayed_rows(done: list[dict]) -> list[dict]:
     """Rows for the derived variants of each run (forwards: their steps), unless a cell ran
     that variant itself."""
-    ran = {(r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), budget_of(r))
-           for r in done}
+    ran = {(r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), budget_of(r),
+            start_of(r)) for r in done}
     out = []
     for r in done:
         for label, d in r.get("derived", {}).items():
-            if (r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), label) in ran:
+            if (r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), label,
+                    start_of(r)) in ran:
                 continue
             out.append({**{k: v for k, v in r.items() if k != "derived"}, **d, "budget": label,
                         "forwards": d["steps"], "replayed_from": budget_of(r)})
@@ -157,7 +158,7 @@ def replayed_rows(done: list[dict]) -> list[dict]:
 
 
 def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None,
-               mix: str, budget=(40, None), variants=()) -> dict:
+               mix: str, budget=(40, None), variants=(), search_start: str = "zero") -> dict:
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     if method == "zeroshot":
@@ -171,7 +172,7 @@ def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | N
     recorder = Recorder()
     result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer, n_experts=n,
                      select=select, seed=seed, budget=budget[0], patience=budget[1], mix=mix,
-                     regularizer=recorder, progress=False)
+                     start=search_start, regularizer=recorder, progress=False)
     answer = lambda r: exact_match(r.generate(inputs, 8, batch_size=64), targets)
     row = {"em": answer(result), "loss": result.best_loss, "experts": result.experts,
            "steps": result.timings["steps"], "forwards": result.timings["forwards"],
@@ -229,6 +230,10 @@ def mix_of(row: dict) -> str:
     return row.get("mix", "factors")  # rows written before the mix was recorded mixed factors
 
 
+def start_of(row: dict) -> str:
+    return row.get("start", "zero")  # rows written before the start was recorded began at w = 0
+
+
 def budget_of(row: dict) -> str:
     return row.get("budget", "40")  # rows written before the budget was recorded ran 40
 
@@ -237,7 +242,8 @@ def print_table(rows: list[dict], title: str) -> None:
     label = lambda r: (f"{r['method']} N={r['n']}" + (f" k={r['density']}" if r["density"] else "")
                        + ("" if r["method"] == "zeroshot" else f" mix={mix_of(r)}")
                        + ("" if r["method"] == "zeroshot" or budget_of(r) == "40"
-                          else f" budget={budget_of(r)}"))
+                          else f" budget={budget_of(r)}")
+                       + ("" if start_of(r) == "zero" else f" start={start_of(r)}"))
     print(f"\n### {title} (mean EM over the held-out zoo tasks)\n")
     print("| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
           "s per cell |\n|---|---|---|---|---|---|")
@@ -274,6 +280,9 @@ def main(argv=None):
     parser.add_argument("--truncations", default="",
                         help="shorter budgets T replayed from each run (rows T and T:P) where "
                              "selection scores as many candidates exactly as at the run's budget")
+    parser.add_argument("--starts", default="zero",
+                        help="comma-separated starts of the search to run each setting with "
+                             "(zero: w = 0, LoraHub's; best: the best expert alone)")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--methods", help="only these methods (comma-separated)")
@@ -291,7 +300,7 @@ def main(argv=None):
     # rows written before alpha was recorded match no setting and are computed again).
     # The mix: each setting once per mix asked for (zero-shot mixes nothing: "factors").
     setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"),
-                         mix_of(r), budget_of(r))
+                         mix_of(r), budget_of(r), start_of(r))
     seen = {(r["task"], r["seed"], *setting(r)) for r in done}
     alpha_of = lambda k: None if k is None else args.alpha
     densities = [float(k) for k in args.densities.split(",")]
@@ -307,35 +316,40 @@ def main(argv=None):
             parse_budget(b)
         except ValueError:
             parser.error(f"--budgets: {b!r} is not a number, auto or B:P")
-    configs = [(m, n, k, mix, b) for m, n, k in configs_for(args.sweep, densities, ns)
+    starts = args.starts.split(",")
+    if not set(starts) <= set(STARTS):
+        parser.error(f"--starts: use {', '.join(STARTS)}, got {args.starts!r}")
+    configs = [(m, n, k, mix, b, st) for m, n, k in configs_for(args.sweep, densities, ns)
                if not args.methods or m in args.methods.split(",")
                for mix in (["factors"] if m == "zeroshot" else mixes)
-               for b in (["40"] if m == "zeroshot" else budgets)]
+               for b in (["40"] if m == "zeroshot" else budgets)
+               for st in (["zero"] if m == "zeroshot" else starts)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     libraries: dict = {}
     for seed in args.seeds:  # seed-major: a cut-short run still covers every task
         for task in tasks:
             few, rest = task_data(task, seed, args.split)
-            for method, n, k, mix, b in configs:
-                if (task, seed, method, n, k, alpha_of(k), mix, b) in seen:
+            for method, n, k, mix, b, st in configs:
+                if (task, seed, method, n, k, alpha_of(k), mix, b, st) in seen:
                     continue
                 if k is not None and k not in libraries:
                     libraries[k] = compressed_library(zoo, k, args.alpha,
                                                       CompeftOptions().per_tensor)
                 row = run_method(zoo, method, few, rest, seed, n, libraries.get(k), mix,
                                  parse_budget(b), replays(parse_budget(b), n, len(zoo.library.names()),
-                                                          stops, truncations, method))
+                                                          stops, truncations, method), st)
                 row = dict(row, task=task, seed=seed, method=method, n=n, density=k,
-                           alpha=alpha_of(k), mix=mix, budget=b)
+                           alpha=alpha_of(k), mix=mix, budget=b, start=st)
                 with path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 done.append(row)
-                print(f"{task} s{seed} {method} N={n} k={k} {mix} budget {b}: {row['em']:.1f} "
+                print(f"{task} s{seed} {method} N={n} k={k} {mix} budget {b} start {st}: "
+                      f"{row['em']:.1f} "
                       f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
     done = done + replayed_rows(done)
     labels = set(budgets) | {label for r in done for label in r.get("derived", {})}
-    wanted = {(m, n, k, alpha_of(k), mix, b) for m, n, k, mix, _ in configs
+    wanted = {(m, n, k, alpha_of(k), mix, b, st) for m, n, k, mix, _, st in configs
               for b in (labels if m != "zeroshot" else ["40"])}
     rows = [r for r in done if setting(r) in wanted
             and r["task"] in tasks and r["seed"] in args.seeds]

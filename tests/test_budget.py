@@ -80,10 +80,14 @@ def test_the_default_counts_its_forwards_in_the_result_and_composition_json(expe
     result = compose(experts, support.constant_task("red"), progress=False)
     t = result.timings
     assert t["steps"] == len(result.losses) <= auto_budget(len(experts))
-    assert t["forwards"] == t["steps"] and t["select_forwards"] == 0  # 3 given: none to choose
+    # 3 given: none to choose, but each scored alone once to start at the best (start "best")
+    assert t["forwards"] == t["steps"] and t["select_forwards"] == len(experts)
     saved = json.loads((result.save_adapter(tmp_path / "out") / COMPOSITION_NAME).read_text())
     assert saved["forwards"] == {"steps": t["steps"], "forwards": t["forwards"],
-                                 "select_forwards": 0}
+                                 "select_forwards": len(experts)}
+    assert saved["start"] == "best"
+    assert compose(experts, support.constant_task("red"), start="zero",
+                   progress=False).timings["select_forwards"] == 0
     chosen = compose(experts, support.constant_task("red"), n_experts=2, budget=4,
                      progress=False)
     assert chosen.timings["select_forwards"] == 3 and chosen.timings["forwards"] == 4

@@ -73,7 +73,9 @@ def test_the_runners_methods_take_their_defaults_from_config():
     assert set(compeft.to_json()) == {"n_experts", "budget", "objective", "optimizer", "dtype",
                                       "density", "alpha", "per_tensor"}
     assert set(select.params.to_json()) == {"n_experts", "budget", "objective", "optimizer",
-                                            "dtype", "restarts"}
+                                            "dtype", "restarts", "start"}
+    # a later field is keyed only away from the value older results ran: LoraHub's start
+    assert "start" not in make_method("lorahub").params.to_json()
 
 
 def test_strict_jsonl_names_the_bad_line_and_the_lenient_one_skips_torn_lines(tmp_path):

@@ -26,13 +26,18 @@ def test_demo_runs_the_methods_named(tmp_path, capsys):
     assert "| heldout_pair_total |" in table
 
 
-def test_demo_records_the_mix_each_method_ran_with(tmp_path):
+def test_demo_records_the_mix_and_start_each_method_ran_with(tmp_path):
     product, default = tmp_path / "product.json", tmp_path / "default.json"
     assert main(QUICK + ["-n", "2", "--mix", "product", "--json", str(product)]) == 0
     assert main(QUICK + ["-n", "2", "--json", str(default)]) == 0
     [p], [d] = json.loads(product.read_text()), json.loads(default.read_text())
     assert (p["dense_mix"], p["compeft_mix"]) == ("product", "product")
     assert (d["dense_mix"], d["compeft_mix"]) == ("factors", "factors")  # LoraHub's protocol
+    assert (d["dense_start"], d["compeft_start"]) == ("zero", "zero")  # LoraHub's start
+    best = tmp_path / "best.json"
+    assert main(QUICK + ["-n", "2", "--start", "best", "--json", str(best)]) == 0
+    [b] = json.loads(best.read_text())
+    assert (b["dense_start"], b["compeft_start"]) == ("best", "best")
 
 
 @pytest.mark.parametrize("methods, problem", [("zeroshot,nonesuch", "no method 'nonesuch'"),

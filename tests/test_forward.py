@@ -82,7 +82,7 @@ def test_k1_search_is_the_plain_ask_tell_loop(experts):
     ask/evaluate/tell per step on the PEFT model (the path before K existed)."""
     import nevergrad as ng
     examples = support.constant_task("red")
-    result = compose(experts, examples, budget=8, seed=3, progress=False)
+    result = compose(experts, examples, budget=8, seed=3, start="zero", progress=False)
     batches = encoder_batches(result.model,  # as compose prepares them
                               tokenize_examples(examples, result.tokenizer, True, 32,
                                                 len(examples), "cpu"))

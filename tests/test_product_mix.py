@@ -40,9 +40,10 @@ def experts(tiny_t5, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def product(experts):
-    """Three experts composed in product space."""
+    """Three experts composed in product space (from w = 0: a mix of all three, not the best
+    one alone)."""
     return compose([str(experts[w]) for w in WORDS[:3]], TASK, budget=12, mix="product",
-                   progress=False)
+                   start="zero", progress=False)
 
 
 def logits(model, tokenizer):

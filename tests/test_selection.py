@@ -34,8 +34,12 @@ def test_loss_selection_picks_the_skill_deterministically_and_records_scores(exp
     chosen = sorted(a.selection.scores, key=a.selection.scores.get)[:2]
     assert sorted(a.experts) == sorted(chosen)
     # the random protocol stays LoraHub's draw, whatever the losses
-    r = compose(dirs, task, n_experts=2, budget=1, seed=5, select="random", progress=False)
+    r = compose(dirs, task, n_experts=2, budget=1, seed=5, select="random", start="zero",
+                progress=False)
     assert r.selection.method == "random" and r.selection.scores == {}
+    # start "best" scores the drawn experts alone (to start at the best), and draws the same
+    s = compose(dirs, task, n_experts=2, budget=1, seed=5, select="random", progress=False)
+    assert s.experts == r.experts and sorted(s.selection.scores) == sorted(r.experts)
 
 
 def test_ties_are_broken_by_name(experts, tmp_path):
@@ -124,3 +128,30 @@ def test_saved_adapter_carries_the_selection(experts, tmp_path):
 def test_bad_selection_options_are_refused(experts, options, message):
     with pytest.raises(ValueError, match=message):
         compose([experts["red"]], support.constant_task("red"), progress=False, **options)
+
+
+def test_start_best_begins_the_search_at_the_chosen_expert_with_the_lowest_loss(experts):
+    dirs = [experts[w] for w in WORDS]
+    task = support.constant_task("green")
+    # l1 = 0: an expert's score alone is then exactly the search's loss at that point. Budget
+    # 8: with fewer steps Shiwa picks a one-shot optimizer, which ignores the start.
+    best = compose(dirs, task, n_experts=2, budget=8, start="best", l1=0.0, progress=False)
+    assert "green" in best.experts
+    assert best.losses[0] == pytest.approx(best.selection.scores["green"], rel=1e-5)
+    assert best.best_loss <= best.selection.scores["green"] + 1e-6  # never worse than alone
+    zero = compose(dirs, task, n_experts=2, budget=8, l1=0.0, start="zero", progress=False)
+    assert zero.losses[0] == pytest.approx(zero.zero_loss, rel=1e-5)
+    assert best.losses[0] < zero.losses[0]
+    # select random scores the chosen experts alone first (one forward each), and counts them
+    drawn = compose(dirs, task, n_experts=3, budget=8, seed=2, select="random", start="best",
+                    l1=0.0, progress=False)
+    assert sorted(drawn.selection.scores) == sorted(drawn.experts)
+    assert drawn.timings["select_forwards"] == 3
+    first = min(drawn.experts, key=lambda n: (drawn.selection.scores[n], n))
+    assert drawn.losses[0] == pytest.approx(drawn.selection.scores[first], rel=1e-5)
+
+
+def test_an_unknown_start_is_refused_by_name():
+    from lorahub_compeft.config import ComposeConfig
+    with pytest.raises(ValueError, match="unknown start 'middle'; use one of best, zero"):
+        ComposeConfig(start="middle")

@@ -5,7 +5,7 @@ import dataclasses
 
 from lorahub_compeft.cli.options import (add_select_options, add_threads_option, apply_threads,
                                          MAX_NEW_TOKENS, MAX_RANK, bounded_int, count_option)
-from lorahub_compeft.config import MIXES, OBJECTIVES, WEIGHTINGS, ComposeConfig
+from lorahub_compeft.config import MIXES, OBJECTIVES, STARTS, WEIGHTINGS, ComposeConfig
 
 
 def budget_flag(text: str) -> int | str:
@@ -31,6 +31,7 @@ CONFIG_FLAGS = {
     "candidates_per_step": ("--candidates-per-step", {"type": count_option("candidates_per_step"),
                                                       "metavar": "K"}),
     "mix": ("--mix", {"choices": MIXES}),
+    "start": ("--start", {"choices": STARTS}),
     "weights": ("--weights", {"choices": WEIGHTINGS}),
 }
 

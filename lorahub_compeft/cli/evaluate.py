@@ -34,6 +34,14 @@ def add_mix_option(p: argparse.ArgumentParser) -> None:
                         "package's default for select/select-compeft")
 
 
+def add_start_option(p: argparse.ArgumentParser) -> None:
+    from lorahub_compeft.config import STARTS
+    p.add_argument("--start", choices=STARTS,
+                   help="where the search starts: best (the chosen expert with the lowest "
+                        "few-shot loss alone) or zero (w = 0, LoraHub's); default: zero for "
+                        "lorahub/compeft (the paper's protocol), best for select/select-compeft")
+
+
 def _add_bbh_parsers(sub) -> None:
     from lorahub_compeft.eval.methods import METHODS
     # The default reproduces the paper's Table 7; add select,select-compeft for the package's
@@ -74,6 +82,7 @@ def _add_bbh_parsers(sub) -> None:
                    help="composition objective (default paper)")
     p.add_argument("--optimizer", help="nevergrad optimizer (default: the objective's)")
     add_mix_option(p)
+    add_start_option(p)
     add_dtype_option(p)
     p.add_argument("--steps", type=bounded_int(1, MAX_STEPS, "Adam steps"),
                    help="lora-tune/fft: Adam steps on the few shots (default: each method's, "
@@ -131,7 +140,7 @@ def cmd_bbh(args, on_cell=None) -> int:
     experts = experts_from_args(list(args.experts), args.experts_file)
     options = {"n_experts": args.n_experts, "restarts": args.restarts, "budget": args.budget,
                "objective": args.objective, "optimizer": args.optimizer, "dtype": args.dtype,
-               "mix": args.mix, "steps": args.steps, "lr": args.lr,
+               "mix": args.mix, "start": args.start, "steps": args.steps, "lr": args.lr,
                **{k: getattr(args, k) for k in BBH_COMPRESSION}}
     options = {k: v for k, v in options.items() if v is not None}  # else each method's default
     methods = [make_method(m, **method_options(m, options)) for m in names]
@@ -190,6 +199,7 @@ def _add_demo_parser(sub) -> None:
                    help="optimizer evaluations per search, or auto (default: 40 with --select "
                         "random, auto with loss; with --methods each method's own)")
     add_mix_option(p)
+    add_start_option(p)
     p.add_argument("--eval", type=bounded_int(1, None, "examples"), default=100, dest="n_eval",
                    help="evaluation examples per task (default 100)")
     p.add_argument("--bbh-dir", help="folder of BBH <task>.json files: also run the tasks that "
@@ -223,7 +233,7 @@ def cmd_demo(args) -> int:
     n_experts = args.n_experts if methods else args.n_experts or DEFAULT_N[select]
     rows = run_demo(zoo, tasks, args.seeds, n_experts, args.budget, n_eval=args.n_eval,
                     bbh_dir=args.bbh_dir, max_bbh_eval=args.max_bbh_eval, select=select,
-                    mix=args.mix, methods=methods)
+                    mix=args.mix, start=args.start, methods=methods)
     if methods:
         print(format_methods_table(rows, methods))
     else:
@@ -231,6 +241,7 @@ def cmd_demo(args) -> int:
         setting = f"k={c['density']}, α={c['alpha']}" + (", per tensor" if c["per_tensor"] else "")
         setting += "; N chosen by few-shot loss" if select == "loss" else "; N drawn at random"
         setting += f"; mix {args.mix}" if args.mix else ""
+        setting += f"; start {args.start}" if args.start else ""
         print(format_table(rows, setting))
     experts = f"N={n_experts} experts" if n_experts else "N each method's default"
     print(f"\n{len(rows)} cells, {experts}, budget {args.budget or 'default'}, "

@@ -24,7 +24,7 @@ from lorahub_compeft.compose.result import CompositionResult
 from lorahub_compeft.compose.precision import pick_device, resolve_precision
 from lorahub_compeft.compose.scoring import check_loss_fn
 from lorahub_compeft.compose.search import optimizer_class, search_restarts
-from lorahub_compeft.compose.selection import choose_experts
+from lorahub_compeft.compose.selection import best_alone, choose_experts
 from lorahub_compeft.compose.session import ScoringSession, load_base, product_config
 from lorahub_compeft.compose.timing import Stopwatch
 from lorahub_compeft.io.threads import torch_threads
@@ -85,6 +85,9 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         restarts=K, candidates_per_step=K gives R searches for about the forwards of one; with
         K > R a search gets several candidates at once (nevergrad's num_workers), for which
         Shiwa/NGOpt pick CMA instead of COBYLA and lose exact match at LoraHub's budgets.
+      start: "zero" (LoraHub's) starts the first search at w = 0; "best" at the chosen expert
+        with the lowest few-shot loss alone (w = 1 for it, 0 for the rest; select "random"
+        scores each chosen expert alone first, one forward each).
       weights: "search" (the default) learns w as above; "uniform" sets w = 1/N for the
         chosen experts and scores it once, no search (a baseline; kept even when w = 0 is lower).
     loss_fn(model, batch) -> float replaces the loss (averaged over batches, weighted by batch
@@ -111,13 +114,15 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
                                       precision, device, loss_fn, regularizer)
         selection = choose_experts(session, candidates)  # the same in both mixes: w = 1 alone
         chosen = selection.handles(candidates)
+        start = (best_alone(session, chosen, selection)  # its time counted as selection's
+                 if config.start == "best" and config.weights == "search" else None)
         session, stack, lora_config, decode_seconds = session.mixing(chosen)
         loss = session.search_loss(stack)
         clock.split("setup", select=selection.seconds, decode=decode_seconds)
 
         zero_loss = loss.at_zero(len(chosen))
         with clock.lap("search"):
-            outcomes = search_restarts(loss, len(chosen), config, progress)
+            outcomes = search_restarts(loss, len(chosen), config, progress, start)
         timings = clock.report(loss.scorer.timings, sum(len(o.losses) for o in outcomes))
         timings["select_forwards"] = len(selection.scores)  # each exactly scored candidate
         return CompositionResult.from_search(outcomes, zero_loss, chosen, selection, stack,

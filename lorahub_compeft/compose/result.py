@@ -61,6 +61,7 @@ class CompositionResult:
     precision: str = ""
     precision_measured: dict | None = None
     mix: str = "factors"
+    start: str | None = "zero"  # where the search started; None: no search (weights uniform)
 
     @classmethod
     def from_search(cls, outcomes: list[SearchOutcome], zero_loss: float,
@@ -84,7 +85,8 @@ class CompositionResult:
             stack=stack, flat=session.flat, config=lora_config, selection=selection,
             restart_losses=[o.best_loss for o in outcomes],
             precision=session.precision.name_for(session.model), precision_measured=measured,
-            mix=session.config.mix)
+            mix=session.config.mix,
+            start=session.config.start if session.config.weights == "search" else None)
         result.apply_best()
         log.info("composed %d experts: best loss %.4f (no composition %.4f)", len(names),
                  best_loss, zero_loss)
@@ -138,7 +140,7 @@ class CompositionResult:
                 "zero_loss": self.zero_loss, "restart_losses": self.restart_losses,
                 "objective": self.objective, "optimizer": self.optimizer,
                 "precision": self.precision, "precision_measured": self.precision_measured,
-                "mix": self.mix,
+                "mix": self.mix, "start": self.start,
                 "forwards": {k: self.timings.get(k) for k in ("steps", "forwards",
                                                               "select_forwards")},
                 "selection": self.selection.to_json() if self.selection else None}

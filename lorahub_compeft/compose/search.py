@@ -75,18 +75,21 @@ def restart_seed(seed: int, restart: int) -> int:
 
 
 def search_restarts(evaluate: Callable[[np.ndarray], list[float]], n: int, config,
-                    progress: bool = True) -> list[SearchOutcome]:
+                    progress: bool = True, first_start: np.ndarray | None = None
+                    ) -> list[SearchOutcome]:
     """config.restarts searches (config: a resolved ComposeConfig) over n weights, restart r
-    from restart_start(r) with restart_seed(r), their candidates sharing forwards; with
-    config.weights "uniform", no search: w = 1/n, scored once."""
+    from restart_start(r) (restart 0 from `first_start` where given) with restart_seed(r),
+    their candidates sharing forwards; with config.weights "uniform", no search: w = 1/n,
+    scored once."""
     if config.weights == "uniform":
         return [fixed_point(evaluate, np.full(n, 1.0 / n))]
     restarts = range(config.restarts)
+    starts = [restart_start(n, config.seed, r, config.bounds) for r in restarts]
+    if first_start is not None:
+        starts[0] = np.asarray(first_start, dtype=np.float64)
     return search(evaluate, n, config.budget, config.optimizer, config.bounds,
                   [restart_seed(config.seed, r) for r in restarts], progress,
-                  config.candidates_per_step,
-                  [restart_start(n, config.seed, r, config.bounds) for r in restarts],
-                  config.patience)
+                  config.candidates_per_step, starts, config.patience)
 
 
 def fixed_point(evaluate: Callable[[np.ndarray], list[float]], w: np.ndarray) -> SearchOutcome:

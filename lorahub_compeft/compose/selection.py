@@ -70,6 +70,24 @@ def choose_experts(session: ScoringSession, candidates: list[ExpertHandle]) -> S
     return selection
 
 
+def best_alone(session: ScoringSession, chosen: list[ExpertHandle], selection: Selection
+               ) -> np.ndarray:
+    """The search's start for config.start "best": w = 1 for the chosen expert with the lowest
+    score alone, 0 for the others. Chosen experts selection did not score (select random) are
+    scored here, one forward each, and their scores added to selection.scores."""
+    missing = [h for h in chosen if h.name not in selection.scores]
+    if missing:
+        began = time.perf_counter()
+        selection.scores.update(zip((h.name for h in missing),
+                                    AloneScores(session, chosen)(missing)))
+        selection.seconds += time.perf_counter() - began
+    best = min(range(len(chosen)), key=lambda i: (_finite(selection.scores[chosen[i].name]),
+                                                  chosen[i].name))
+    start = np.zeros(len(chosen))
+    start[best] = 1.0
+    return start
+
+
 @dataclass
 class AloneScores:
     """score(handles) for select_by_loss: each expert alone (w = 1 for it, 0 for the other

@@ -72,6 +72,10 @@ def mix_param(default: str):
     return later_field(default, before="factors")  # results before `mix` mixed factors
 
 
+def start_param(default: str):
+    return later_field(default, before="zero")  # results before `start` started at w = 0
+
+
 @dataclass(frozen=True)
 class Params:
     """A method's parameters; every field is part of the result key."""
@@ -169,6 +173,7 @@ class ComposeParams(Params):
     optimizer: str | None = PAPER_COMPOSE.optimizer  # None: the objective's default
     dtype: str = PAPER_COMPOSE.dtype  # how the search runs the base; the row records which
     mix: str = mix_param(PAPER_COMPOSE.mix)  # the paper's protocol mixes factors
+    start: str = start_param(PAPER_COMPOSE.start)  # and starts at w = 0
 
     def compose_config(self) -> ComposeConfig:
         """compose()'s settings: the preset, with this method's fields that are its fields."""
@@ -245,6 +250,7 @@ class SelectParams(ComposeParams):
     budget: int | str = ComposeConfig().budget  # "auto"; the paper's methods keep 40
     restarts: int = ComposeConfig().restarts
     mix: str = mix_param(ComposeConfig().mix)  # the package's default
+    start: str = start_param(ComposeConfig().start)  # the package's: the best expert alone
 
 
 @register

@@ -27,12 +27,13 @@ def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
              n_experts: int = 20, budget: int | str | None = None, shots: int = 5, n_eval: int = 100,
              bbh_dir: str | None = None, max_bbh_eval: int | None = None,
              progress: bool = True, select: str = "random", mix: str | None = None,
-             methods: list[str] | None = None) -> list[dict]:
+             methods: list[str] | None = None, start: str | None = None) -> list[dict]:
     """One row per (task, seed) with the three methods' EM, their weights and bytes.
     select="random": LoraHub's protocol (the zoo's shipped ComPEFT setting); "loss": the
     package's (experts chosen by few-shot loss, ComPEFT at the default compression).
-    mix, budget: how w combines the experts, the search's budget (None: each method's
-    default: 40 for LoraHub's protocol, auto for the package's).
+    mix, budget, start: how w combines the experts, the search's budget and where it starts
+    (None: each method's default: 40 and w = 0 for LoraHub's protocol, auto and the best
+    expert alone for the package's).
     methods: these registered methods instead (a column each, named by the method), each with
     n_experts (None: its own default), budget and mix where it takes them; `compeft` at the
     zoo's shipped compression, as in the default table."""
@@ -41,7 +42,7 @@ def run_demo(zoo: Zoo, tasks: list[str] | None = None, seeds: list[int] = (1,),
     if n_experts is not None and not 1 <= n_experts <= len(pool):
         raise ValueError(f"--n-experts must be between 1 and {len(pool)} (the zoo's "
                          f"experts), got {n_experts}")
-    compose = {"n_experts": n_experts, "budget": budget, "mix": mix}
+    compose = {"n_experts": n_experts, "budget": budget, "mix": mix, "start": start}
     compose = {k: v for k, v in compose.items() if v is not None}
     if methods is not None:
         check_methods(methods)
@@ -77,7 +78,7 @@ def check_methods(names: list[str]) -> None:
 
 def _demo_rows(rows: list[dict], columns: dict[str, str]) -> list[dict]:
     """The runner's rows (one per method) as the demo's (one per task and seed); a method's
-    weights, bytes per expert read and mix under its column's name."""
+    weights, bytes per expert read, mix and start under its column's name."""
     out: dict[tuple, dict] = {}
     for r in rows:
         label = (f"BBH {r['task']} (real)" if r["setting"]["data"]["source"] == "bbh"
@@ -89,8 +90,11 @@ def _demo_rows(rows: list[dict], columns: dict[str, str]) -> list[dict]:
         row["seconds"] += r["seconds"]
         if "weights" in r:
             row[f"{column}_weights"] = dict(zip((e["name"] for e in r["experts"]), r["weights"]))
-        if "mix" in {f.name for f in dataclasses.fields(METHODS[r["method"]].Params)}:
+        fields = {f.name for f in dataclasses.fields(METHODS[r["method"]].Params)}
+        if "mix" in fields:
             row[f"{column}_mix"] = r["setting"]["params"].get("mix", "factors")  # keyed unless factors
+        if "start" in fields:
+            row[f"{column}_start"] = r["setting"]["params"].get("start", "zero")  # unless zero
         if "bytes_read" in r:
             row[f"{column}_bytes"] = r["bytes_read"] / r["files_read"]
     return list(out.values())
