@@ -119,7 +119,7 @@ class ComposeConfig:
     n_experts: int | None = option(None, "experts to compose (default "
                                          f"{DEFAULT_N['loss']} with select loss, "
                                          f"{DEFAULT_N['random']} with select random)")
-    restarts: int = option(1, "searches from different starts (the first from w = 0); the "
+    restarts: int = option(1, "searches from different starts (the first where start says); the "
                               "lowest few-shot loss is kept")
     seed: int = option(1, "seed of the expert draw and the optimizer")
     budget: int | str = option("auto", "optimizer evaluations per search; auto: "

@@ -51,7 +51,7 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         result.selection records the scores. "random": LoraHub's draw (a library's
         sample(n, seed); a list's, with the same sampler). n_experts defaults to
         DEFAULT_N[select]. Only the chosen experts are put in the stack.
-      restarts: R searches over the same experts, the first from w = 0, the others from seeded
+      restarts: R searches over the same experts, the first from `start`, the others from seeded
         random starts, run in lockstep; the one with the lowest few-shot loss is kept (w = 0
         itself included).
       objective: "paper" -- mean cross-entropy over all target tokens of all examples
@@ -59,7 +59,7 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         over batches of each batch's mean token loss, divided by the number of examples,
         + l1 * mean|w|, optimized by NGOpt unless `optimizer` is given. With one batch the two
         differ only by the 1/len(examples) factor, which weakens the loss against the L1 term.
-      bounds: w ∈ [-bounds, bounds], every search's budget steps start at 0 (restart 0).
+      bounds: w ∈ [-bounds, bounds]; restart 0 starts where `start` says.
       budget: evaluations per search; "auto" (the default) gives N experts
         config.auto_budget(N) and a patience stop (a search ends once its best loss has gone
         `patience` steps without improving by 0.1%); a number runs exactly that many steps
@@ -85,9 +85,10 @@ def compose(experts, examples, model=None, *, config: ComposeConfig | None = Non
         restarts=K, candidates_per_step=K gives R searches for about the forwards of one; with
         K > R a search gets several candidates at once (nevergrad's num_workers), for which
         Shiwa/NGOpt pick CMA instead of COBYLA and lose exact match at LoraHub's budgets.
-      start: "zero" (LoraHub's) starts the first search at w = 0; "best" at the chosen expert
-        with the lowest few-shot loss alone (w = 1 for it, 0 for the rest; select "random"
-        scores each chosen expert alone first, one forward each).
+      start: "best" (the default) starts the first search at the chosen expert with the
+        lowest few-shot loss alone (w = 1 for it, 0 for the rest; select "random" scores each
+        chosen expert alone first, one forward each); "zero" at w = 0 (LoraHub's, as
+        PAPER_COMPOSE does).
       weights: "search" (the default) learns w as above; "uniform" sets w = 1/N for the
         chosen experts and scores it once, no search (a baseline; kept even when w = 0 is lower).
     loss_fn(model, batch) -> float replaces the loss (averaged over batches, weighted by batch
