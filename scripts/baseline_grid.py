@@ -104,12 +104,12 @@ def demo_methods(names: list[str], mixes: list[str], starts: list[str | None] = 
 
 
 def label(row: dict) -> str:
-    fields = {f.name for f in dataclasses.fields(METHODS[row["method"]].Params)}
-    params = row["setting"]["params"]
-    mix = params.get("mix", "factors")  # left out of the key at factors
-    start = params.get("start", "zero")  # and the start at zero
-    return row["method"] + (f" ({mix}, start {start})" if "start" in fields else
-                            f" ({mix})" if "mix" in fields else "")
+    """The method, with the mix and start it ran where it takes them."""
+    params = METHODS[row["method"]].Params
+    fields = {f.name for f in dataclasses.fields(params)}
+    ran = [prefix + params.ran_with(row["setting"]["params"], name)
+           for name, prefix in (("mix", ""), ("start", "start ")) if name in fields]
+    return row["method"] + (f" ({', '.join(ran)})" if ran else "")
 
 
 def common_cells(rows: list[dict]) -> list[dict]:

@@ -144,13 +144,14 @@ def replays(budget, n: int, candidates: int, stops: list[int], truncations: list
 def replayed_rows(done: list[dict]) -> list[dict]:
     """Rows for the derived variants of each run (forwards: their steps), unless a cell ran
     that variant itself."""
-    ran = {(r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), budget_of(r),
-            start_of(r)) for r in done}
+    def cell(r: dict, budget: str) -> tuple:
+        return (r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), budget,
+                start_of(r))
+    ran = {cell(r, budget_of(r)) for r in done}
     out = []
     for r in done:
         for label, d in r.get("derived", {}).items():
-            if (r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), label,
-                    start_of(r)) in ran:
+            if cell(r, label) in ran:
                 continue
             out.append({**{k: v for k, v in r.items() if k != "derived"}, **d, "budget": label,
                         "forwards": d["steps"], "replayed_from": budget_of(r)})

@@ -90,6 +90,14 @@ class Params:
         return data
 
     @classmethod
+    def ran_with(cls, stored: dict, name: str):
+        """The value of the later_field `name` a result's stored parameters (to_json's) ran
+        with: left out of the key, its `before` value."""
+        if name in stored:
+            return stored[name]
+        return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["keyed_unless"]
+
+    @classmethod
     def from_json(cls, data: dict) -> "Params":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

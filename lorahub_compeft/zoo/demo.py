@@ -90,11 +90,10 @@ def _demo_rows(rows: list[dict], columns: dict[str, str]) -> list[dict]:
         row["seconds"] += r["seconds"]
         if "weights" in r:
             row[f"{column}_weights"] = dict(zip((e["name"] for e in r["experts"]), r["weights"]))
-        fields = {f.name for f in dataclasses.fields(METHODS[r["method"]].Params)}
-        if "mix" in fields:
-            row[f"{column}_mix"] = r["setting"]["params"].get("mix", "factors")  # keyed unless factors
-        if "start" in fields:
-            row[f"{column}_start"] = r["setting"]["params"].get("start", "zero")  # unless zero
+        params = METHODS[r["method"]].Params
+        for name in ("mix", "start"):
+            if name in {f.name for f in dataclasses.fields(params)}:
+                row[f"{column}_{name}"] = params.ran_with(r["setting"]["params"], name)
         if "bytes_read" in r:
             row[f"{column}_bytes"] = r["bytes_read"] / r["files_read"]
     return list(out.values())
