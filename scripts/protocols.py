@@ -27,6 +27,13 @@ The ComPEFT experts are compressed here, in memory, from the zoo's shipped dense
     python scripts/protocols.py --split validation --seeds 101-105 --budgets 40,auto,20,40:5 \
         --methods select-dense,select-compeft   (the search's budget, and B:P budget B with
         patience P; rows without one ran budget 40 to the end)
+    python scripts/protocols.py --split validation --seeds 106-125 --l1 0,0.05,0.2 \
+        --methods select-dense,select-compeft --budgets auto --starts best   (the regularizer's
+        weight; rows without one ran 0.05)
+
+Below the table, each selection row that differs from the package default (N, density, mix,
+budget, start, l1) is paired with the default's row of the same method, cell by cell: the mean
+EM difference and its standard error over seeds (a seed's cells share its shots).
 """
 from __future__ import annotations
 
@@ -94,8 +101,8 @@ def parse_budget(text: str) -> tuple[int | str, int | None]:
 class Recorder:
     """The default regularizer (l1 * mean|w|, the same value) that also keeps every w it is
     asked about: the search's points, from which shorter searches are replayed (derived)."""
-    def __init__(self):
-        self.points, self.l1 = [], ComposeConfig().l1
+    def __init__(self, l1: float):
+        self.points, self.l1 = [], l1
 
     def __call__(self, w):
         self.points.append(np.array(w, dtype=np.float64))
@@ -146,7 +153,7 @@ def replayed_rows(done: list[dict]) -> list[dict]:
     that variant itself."""
     def cell(r: dict, budget: str) -> tuple:
         return (r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), budget,
-                start_of(r))
+                start_of(r), l1_of(r))
     ran = {cell(r, budget_of(r)) for r in done}
     out = []
     for r in done:
@@ -159,7 +166,8 @@ def replayed_rows(done: list[dict]) -> list[dict]:
 
 
 def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None,
-               mix: str, budget=(40, None), variants=(), search_start: str = "zero") -> dict:
+               mix: str, budget=(40, None), variants=(), search_start: str = "zero",
+               l1: float = ComposeConfig().l1) -> dict:
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     if method == "zeroshot":
@@ -170,7 +178,7 @@ def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | N
     experts = [compeft[x] for x in names] if method.endswith("compeft") else \
         [zoo.dense_dir(x) for x in names]
     select = "random" if method.startswith("lorahub") else "loss"
-    recorder = Recorder()
+    recorder = Recorder(l1)
     result = compose(experts, few, zoo.model, tokenizer=zoo.tokenizer, n_experts=n,
                      select=select, seed=seed, budget=budget[0], patience=budget[1], mix=mix,
                      start=search_start, regularizer=recorder, progress=False)
@@ -239,18 +247,61 @@ def budget_of(row: dict) -> str:
     return row.get("budget", "40")  # rows written before the budget was recorded ran 40
 
 
+def l1_of(row: dict) -> float:
+    return row.get("l1", ComposeConfig().l1)  # rows written before l1 was recorded ran 0.05
+
+
+def is_package_default(row: dict) -> bool:
+    """Whether a selection row ran the package's defaults (N, density, mix, budget, start)."""
+    defaults = ComposeConfig()
+    return (row["method"].startswith("select") and row["n"] == DEFAULT_N["loss"]
+            and row["density"] in (None, CompeftOptions().density) and mix_of(row) == defaults.mix
+            and budget_of(row) == defaults.budget and start_of(row) == defaults.start
+            and l1_of(row) == defaults.l1)
+
+
+def paired_differences(rows: list[dict], label) -> dict:
+    """Each selection row's EM minus the package default's of the same method, over the cells
+    (task, seed) both ran; its standard error from the per-seed mean differences (the cells of
+    one seed share its shots, so they are not independent)."""
+    reference = {(r["method"], r["task"], r["seed"]): r for r in rows if is_package_default(r)}
+    out = {}
+    for name in sorted({label(r) for r in rows}):
+        mine = [r for r in rows if label(r) == name and not is_package_default(r)
+                and (r["method"], r["task"], r["seed"]) in reference]
+        if not mine:
+            continue
+        per_seed: dict[int, list[float]] = {}
+        for r in mine:
+            per_seed.setdefault(r["seed"], []).append(
+                r["em"] - reference[(r["method"], r["task"], r["seed"])]["em"])
+        means = [statistics.fmean(d) for d in per_seed.values()]
+        se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+        against = label(reference[(mine[0]["method"], mine[0]["task"], mine[0]["seed"])])
+        out[name] = (against, statistics.fmean(d for ds in per_seed.values() for d in ds), se,
+                     len(mine))
+    return out
+
+
 def print_table(rows: list[dict], title: str) -> None:
     label = lambda r: (f"{r['method']} N={r['n']}" + (f" k={r['density']}" if r["density"] else "")
                        + ("" if r["method"] == "zeroshot" else f" mix={mix_of(r)}")
                        + ("" if r["method"] == "zeroshot" or budget_of(r) == "40"
                           else f" budget={budget_of(r)}")
-                       + ("" if start_of(r) == "zero" else f" start={start_of(r)}"))
+                       + ("" if start_of(r) == "zero" else f" start={start_of(r)}")
+                       + ("" if l1_of(r) == ComposeConfig().l1 else f" l1={l1_of(r):g}"))
     print(f"\n### {title} (mean EM over the held-out zoo tasks)\n")
     print("| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
           "s per cell |\n|---|---|---|---|---|---|")
     for name, s in summarize(rows, label).items():
         print(f"| {name} | {s['mean']:.1f} | {s['std']:.1f} | {s['loss_picked']:.1f} | "
               f"{s['oracle']:.1f} | {s['seconds']:.1f} |")
+    paired = paired_differences(rows, label)
+    if paired:
+        print("\n| method | against | EM difference | its standard error over seeds | cells |"
+              "\n|---|---|---|---|---|")
+        for name, (reference, diff, se, cells) in paired.items():
+            print(f"| {name} | {reference} | {diff:+.2f} | {se:.2f} | {cells} |")
     counted = [r for r in rows if "forwards" in r]
     if counted:
         print("\n| method | search forwards | selection forwards |\n|---|---|---|")
@@ -284,6 +335,9 @@ def main(argv=None):
     parser.add_argument("--starts", default="zero",
                         help="comma-separated starts of the search to run each setting with "
                              "(zero: w = 0, LoraHub's; best: the best expert alone)")
+    parser.add_argument("--l1", default=str(ComposeConfig().l1),
+                        help="comma-separated weights of the search's regularizer l1 * mean|w| "
+                             "to run each setting with (default: the package's)")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--methods", help="only these methods (comma-separated)")
@@ -299,9 +353,10 @@ def main(argv=None):
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     # A row's setting: method, N, density and the ComPEFT alpha (None without ComPEFT experts;
     # rows written before alpha was recorded match no setting and are computed again).
-    # The mix: each setting once per mix asked for (zero-shot mixes nothing: "factors").
+    # The mix: each setting once per mix asked for (zero-shot mixes nothing: "factors"); the
+    # budget, the start and the regularizer's l1 as well.
     setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"),
-                         mix_of(r), budget_of(r), start_of(r))
+                         mix_of(r), budget_of(r), start_of(r), l1_of(r))
     seen = {(r["task"], r["seed"], *setting(r)) for r in done}
     alpha_of = lambda k: None if k is None else args.alpha
     densities = [float(k) for k in args.densities.split(",")]
@@ -320,37 +375,44 @@ def main(argv=None):
     starts = args.starts.split(",")
     if not set(starts) <= set(STARTS):
         parser.error(f"--starts: use {', '.join(STARTS)}, got {args.starts!r}")
-    configs = [(m, n, k, mix, b, st) for m, n, k in configs_for(args.sweep, densities, ns)
+    try:
+        l1s = [float(x) for x in args.l1.split(",")]
+    except ValueError:
+        parser.error(f"--l1: use numbers >= 0, comma-separated, got {args.l1!r}")
+    if any(not x >= 0 for x in l1s):
+        parser.error(f"--l1: use numbers >= 0, got {args.l1!r}")
+    configs = [(m, n, k, mix, b, st, l1) for m, n, k in configs_for(args.sweep, densities, ns)
                if not args.methods or m in args.methods.split(",")
                for mix in (["factors"] if m == "zeroshot" else mixes)
                for b in (["40"] if m == "zeroshot" else budgets)
-               for st in (["zero"] if m == "zeroshot" else starts)]
+               for st in (["zero"] if m == "zeroshot" else starts)
+               for l1 in ([ComposeConfig().l1] if m == "zeroshot" else l1s)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     libraries: dict = {}
     for seed in args.seeds:  # seed-major: a cut-short run still covers every task
         for task in tasks:
             few, rest = task_data(task, seed, args.split)
-            for method, n, k, mix, b, st in configs:
-                if (task, seed, method, n, k, alpha_of(k), mix, b, st) in seen:
+            for method, n, k, mix, b, st, l1 in configs:
+                if (task, seed, method, n, k, alpha_of(k), mix, b, st, l1) in seen:
                     continue
                 if k is not None and k not in libraries:
                     libraries[k] = compressed_library(zoo, k, args.alpha,
                                                       CompeftOptions().per_tensor)
                 row = run_method(zoo, method, few, rest, seed, n, libraries.get(k), mix,
                                  parse_budget(b), replays(parse_budget(b), n, len(zoo.library.names()),
-                                                          stops, truncations, method), st)
+                                                          stops, truncations, method), st, l1)
                 row = dict(row, task=task, seed=seed, method=method, n=n, density=k,
-                           alpha=alpha_of(k), mix=mix, budget=b, start=st)
+                           alpha=alpha_of(k), mix=mix, budget=b, start=st, l1=l1)
                 with path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 done.append(row)
-                print(f"{task} s{seed} {method} N={n} k={k} {mix} budget {b} start {st}: "
+                print(f"{task} s{seed} {method} N={n} k={k} {mix} budget {b} start {st} l1 {l1:g}: "
                       f"{row['em']:.1f} "
                       f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
     done = done + replayed_rows(done)
     labels = set(budgets) | {label for r in done for label in r.get("derived", {})}
-    wanted = {(m, n, k, alpha_of(k), mix, b, st) for m, n, k, mix, _, st in configs
+    wanted = {(m, n, k, alpha_of(k), mix, b, st, l1) for m, n, k, mix, _, st, l1 in configs
               for b in (labels if m != "zeroshot" else ["40"])}
     rows = [r for r in done if setting(r) in wanted
             and r["task"] in tasks and r["seed"] in args.seeds]
