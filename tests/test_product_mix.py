@@ -146,6 +146,29 @@ def test_k_per_forward_gives_the_losses_of_one_per_forward(product, experts, dty
     assert k3.timings["forwards"] == 4 and math.isfinite(k3.best_loss)
 
 
+def test_an_expert_at_w0_is_left_out_of_the_forward_with_the_same_loss(product):
+    batches = support_batches(product)
+    skipping = Scorer(product.model, product.stack, product.flat, batches, len(TASK), "paper")
+    every = Scorer(product.model, product.stack, product.flat, batches, len(TASK), "paper")
+    every.blocks = None  # every expert's block in every forward
+    lora_a = next(m for n, m in product.model.named_modules() if n.endswith("lora_A.default"))
+    points = ([0.8, 0.0, -0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.3, 0.2, 0.1])
+    ranks = []
+    for w in points:
+        expected, seen = every.loss(w), set()
+        hook = lora_a.register_forward_hook(lambda m, args, out: seen.add(m.weight.shape[0]))
+        try:
+            assert skipping.loss(w) == pytest.approx(expected, rel=1e-6)
+        finally:
+            hook.remove()
+        ranks.append(seen)
+    assert ranks == [{8}, {4}, set(), {12}]  # rank 4 per expert; at w = 0 no LoRA runs at all
+    # and the model's LoRA parameters are the flat buffer's views again, as the search left them
+    flat = product.flat
+    for _, p, _ in skipping.blocks.params:
+        assert flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+
+
 def support_batches(result):
     from lorahub_compeft.compose.objective import tokenize_examples
     return tokenize_examples(TASK, result.tokenizer, True, 32, len(TASK), result.flat.device)

@@ -10,6 +10,8 @@ candidate-major (rows k*B .. k*B + B - 1 belong to candidate k), PEFT's own LoRA
 switched off, and a hook on each LoRA layer adds candidate k's term
 scaling * x_k A_k^T B_k^T with two batched matmuls, A_k and B_k being candidate k's mix (in
 product mix A is the same for every candidate: one matmul for all K, then the batched B).
+One candidate per forward in product mix runs only the rank blocks of the experts whose w is
+not 0 (ActiveBlocks).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import torch
 
 from lorahub_compeft.compose.objective import candidate_losses, few_shot_loss
 from lorahub_compeft.compose.precision import LinearCopies, scoring
-from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, ProductStack, Stack,
-                                            lora_params, saved_key)
+from lorahub_compeft.compose.stacks import (ADAPTER_NAME, Layout, ProductStack, Stack, is_lora_b,
+                                            lora_params, product_order, saved_key)
 
 class BatchedLoRA:
     """Hooks that add K candidates' LoRA terms in one forward of a PEFT LoRA model.
@@ -105,6 +107,41 @@ class BatchedLoRA:
         return add_delta
 
 
+class ActiveBlocks:
+    """Product mix, one candidate per forward: each LoRA layer sees only the rank blocks of the
+    experts whose w is not 0 (one at w = 0 adds exactly nothing), so a point of the search with
+    fewer experts in it runs a LoRA of lower rank (from w = 0 or from the best expert alone, the
+    search's first points are such), and one with none the base alone."""
+
+    def __init__(self, model, stack: ProductStack):
+        params = product_order(lora_params(model))
+        if [saved_key(n) for n, _ in params] != stack.layout.keys:
+            raise ValueError("the model's LoRA parameters are not the product stack's layout")
+        self.model, self.n = model, stack.blocks.shape[1]
+        self.params = [(p, p.data, 1 if is_lora_b(k) else 0)  # the rank's dim: B's 1, A's 0
+                       for (_, p), k in zip(params, stack.layout.keys)]
+
+    @contextlib.contextmanager
+    def of(self, w):
+        active = np.flatnonzero(np.asarray(w) != 0)
+        if len(active) == self.n:
+            yield
+            return
+        if len(active) == 0:
+            with self.model.disable_adapter():
+                yield
+            return
+        for p, full, dim in self.params:
+            r = full.shape[dim] // self.n
+            rows = torch.cat([torch.arange(i * r, (i + 1) * r) for i in active]).to(full.device)
+            p.data = full.index_select(dim, rows)
+        try:
+            yield
+        finally:
+            for p, full, _ in self.params:
+                p.data = full
+
+
 def check_loss_fn(loss_fn, per_forward: int) -> None:
     """A custom loss_fn(model, batch) scores one model at a time: not K candidates at once."""
     if per_forward > 1 and loss_fn is not None:
@@ -134,6 +171,8 @@ class Scorer:
         shared = stack.fixed if isinstance(stack, ProductStack) else None
         self.batched = (BatchedLoRA(model, stack.layout, per_forward, shared)
                         if per_forward > 1 else None)
+        self.blocks = (ActiveBlocks(model, stack)
+                       if shared is not None and self.batched is None else None)
         self.reset_timings()
         cuda = flat.device.type == "cuda"
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -148,7 +187,8 @@ class Scorer:
 
     def loss(self, w) -> float:
         self._timed("mix", self.stack.mix, w, self.flat)
-        with scoring(self.copies):
+        blocks = self.blocks.of(w) if self.blocks is not None else contextlib.nullcontext()
+        with scoring(self.copies), blocks:
             return self._timed("forward", few_shot_loss, self.model, self.batches, self.n_examples,
                            self.objective, self.loss_fn)
 
