@@ -131,10 +131,13 @@ class ActiveBlocks:
             with self.model.disable_adapter():
                 yield
             return
+        rows = {}  # per block size r (one r for all in product mix): the kept rank rows
         for p, full, dim in self.params:
             r = full.shape[dim] // self.n
-            rows = torch.cat([torch.arange(i * r, (i + 1) * r) for i in active]).to(full.device)
-            p.data = full.index_select(dim, rows)
+            if r not in rows:
+                rows[r] = torch.cat([torch.arange(i * r, (i + 1) * r) for i in active]
+                                    ).to(full.device)
+            p.data = full.index_select(dim, rows[r])
         try:
             yield
         finally:
