@@ -117,7 +117,7 @@ class ActiveBlocks:
         params = product_order(lora_params(model))
         if [saved_key(n) for n, _ in params] != stack.layout.keys:
             raise ValueError("the model's LoRA parameters are not the product stack's layout")
-        self.model, self.n = model, stack.blocks.shape[1]
+        self.model, (_, self.n, self.r) = model, stack.blocks.shape  # N experts of rank r
         self.params = [(p, p.data, 1 if is_lora_b(k) else 0)  # the rank's dim: B's 1, A's 0
                        for (_, p), k in zip(params, stack.layout.keys)]
 
@@ -131,13 +131,10 @@ class ActiveBlocks:
             with self.model.disable_adapter():
                 yield
             return
-        rows = {}  # per block size r (one r for all in product mix): the kept rank rows
+        kept = (active[:, None] * self.r + np.arange(self.r)).reshape(-1)  # their rank rows
+        kept = torch.as_tensor(kept, device=self.params[0][1].device)
         for p, full, dim in self.params:
-            r = full.shape[dim] // self.n
-            if r not in rows:
-                rows[r] = torch.cat([torch.arange(i * r, (i + 1) * r) for i in active]
-                                    ).to(full.device)
-            p.data = full.index_select(dim, rows[r])
+            p.data = full.index_select(dim, kept)
         try:
             yield
         finally:
