@@ -76,6 +76,7 @@ class Zoo:
 def exact_match(predictions: list[str], targets: list[str]) -> float:
     return 100 * statistics.fmean(p == t for p, t in zip(predictions, targets))
 
+PACKAGE = ComposeConfig()  # the package's composition defaults, read once
 VALIDATION_EVAL_SEED = 6_000  # apart from training (1000s), eval (2000s), calibration (3000s),
 #                               shots (4000s) and the demo's evaluation examples (5000)
 
@@ -152,8 +153,7 @@ def replayed_rows(done: list[dict]) -> list[dict]:
     """Rows for the derived variants of each run (forwards: their steps), unless a cell ran
     that variant itself."""
     def cell(r: dict, budget: str) -> tuple:
-        return (r["task"], r["seed"], r["method"], r["n"], r["density"], mix_of(r), budget,
-                start_of(r), l1_of(r))
+        return (r["task"], r["seed"], *setting_of(r, budget))
     ran = {cell(r, budget_of(r)) for r in done}
     out = []
     for r in done:
@@ -167,7 +167,7 @@ def replayed_rows(done: list[dict]) -> list[dict]:
 
 def run_method(zoo, method: str, few, rest, seed: int, n: int, compeft: dict | None,
                mix: str, budget=(40, None), variants=(), search_start: str = "zero",
-               l1: float = ComposeConfig().l1) -> dict:
+               l1: float = PACKAGE.l1) -> dict:
     start = time.perf_counter()
     inputs, targets = [e["input"] for e in rest], [e["target"] for e in rest]
     if method == "zeroshot":
@@ -248,16 +248,23 @@ def budget_of(row: dict) -> str:
 
 
 def l1_of(row: dict) -> float:
-    return row.get("l1", ComposeConfig().l1)  # rows written before l1 was recorded ran 0.05
+    return row.get("l1", PACKAGE.l1)  # rows written before l1 was recorded ran 0.05
+
+
+def setting_of(row: dict, budget: str | None = None) -> tuple:
+    """A row's setting: method, N, density, the ComPEFT alpha (None without ComPEFT experts;
+    rows written before alpha was recorded match no setting and are computed again), mix,
+    budget (or the `budget` given: a replayed variant's), start and l1."""
+    return (row["method"], row["n"], row["density"], row.get("alpha", "unrecorded"), mix_of(row),
+            budget or budget_of(row), start_of(row), l1_of(row))
 
 
 def is_package_default(row: dict) -> bool:
     """Whether a selection row ran the package's defaults (N, density, mix, budget, start)."""
-    defaults = ComposeConfig()
     return (row["method"].startswith("select") and row["n"] == DEFAULT_N["loss"]
-            and row["density"] in (None, CompeftOptions().density) and mix_of(row) == defaults.mix
-            and budget_of(row) == defaults.budget and start_of(row) == defaults.start
-            and l1_of(row) == defaults.l1)
+            and row["density"] in (None, CompeftOptions().density) and mix_of(row) == PACKAGE.mix
+            and budget_of(row) == PACKAGE.budget and start_of(row) == PACKAGE.start
+            and l1_of(row) == PACKAGE.l1)
 
 
 def paired_differences(rows: list[dict], label) -> dict:
@@ -289,7 +296,7 @@ def print_table(rows: list[dict], title: str) -> None:
                        + ("" if r["method"] == "zeroshot" or budget_of(r) == "40"
                           else f" budget={budget_of(r)}")
                        + ("" if start_of(r) == "zero" else f" start={start_of(r)}")
-                       + ("" if l1_of(r) == ComposeConfig().l1 else f" l1={l1_of(r):g}"))
+                       + ("" if l1_of(r) == PACKAGE.l1 else f" l1={l1_of(r):g}"))
     print(f"\n### {title} (mean EM over the held-out zoo tasks)\n")
     print("| method | seed average | mean per-task seed std | loss-picked seed | oracle seed | "
           "s per cell |\n|---|---|---|---|---|---|")
@@ -335,7 +342,7 @@ def main(argv=None):
     parser.add_argument("--starts", default="zero",
                         help="comma-separated starts of the search to run each setting with "
                              "(zero: w = 0, LoraHub's; best: the best expert alone)")
-    parser.add_argument("--l1", default=str(ComposeConfig().l1),
+    parser.add_argument("--l1", default=str(PACKAGE.l1),
                         help="comma-separated weights of the search's regularizer l1 * mean|w| "
                              "to run each setting with (default: the package's)")
     parser.add_argument("--seeds", type=parse_seeds, required=True)
@@ -351,13 +358,9 @@ def main(argv=None):
         parser.error("seeds 1-5 are the demo's; validate on others, e.g. 101-105")
     path = Path(args.rows)
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    # A row's setting: method, N, density and the ComPEFT alpha (None without ComPEFT experts;
-    # rows written before alpha was recorded match no setting and are computed again).
-    # The mix: each setting once per mix asked for (zero-shot mixes nothing: "factors"); the
-    # budget, the start and the regularizer's l1 as well.
-    setting = lambda r: (r["method"], r["n"], r["density"], r.get("alpha", "unrecorded"),
-                         mix_of(r), budget_of(r), start_of(r), l1_of(r))
-    seen = {(r["task"], r["seed"], *setting(r)) for r in done}
+    # Each setting (setting_of) once per mix, budget, start and l1 asked for (zero-shot mixes
+    # nothing: "factors").
+    seen = {(r["task"], r["seed"], *setting_of(r)) for r in done}
     alpha_of = lambda k: None if k is None else args.alpha
     densities = [float(k) for k in args.densities.split(",")]
     ns = [int(n) for n in args.ns.split(",")]
@@ -386,7 +389,7 @@ def main(argv=None):
                for mix in (["factors"] if m == "zeroshot" else mixes)
                for b in (["40"] if m == "zeroshot" else budgets)
                for st in (["zero"] if m == "zeroshot" else starts)
-               for l1 in ([ComposeConfig().l1] if m == "zeroshot" else l1s)]
+               for l1 in ([PACKAGE.l1] if m == "zeroshot" else l1s)]
     zoo = Zoo.load()
     tasks = task_names("heldout") if args.tasks == "all" else args.tasks.split(",")
     libraries: dict = {}
@@ -414,7 +417,7 @@ def main(argv=None):
     labels = set(budgets) | {label for r in done for label in r.get("derived", {})}
     wanted = {(m, n, k, alpha_of(k), mix, b, st, l1) for m, n, k, mix, _, st, l1 in configs
               for b in (labels if m != "zeroshot" else ["40"])}
-    rows = [r for r in done if setting(r) in wanted
+    rows = [r for r in done if setting_of(r) in wanted
             and r["task"] in tasks and r["seed"] in args.seeds]
     print_table(rows, f"{args.split} split, seeds {','.join(map(str, args.seeds))}")
 
