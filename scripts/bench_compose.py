@@ -256,7 +256,7 @@ def run_ours(spec: dict, compressed: bool, forward_options: dict, libraries: boo
     # releases the decoded copy. Whatever the expert objects still hold counts with the stack.
     experts = [load_expert(p) for p in spec["compeft"]] if compressed else spec["experts"]
     options = dict(n_experts=spec["n"], seed=spec["seed"], objective="lorahub", mix=spec["mix"],
-                   progress=False)
+                   threads=spec["threads"], progress=False)
     start = time.perf_counter()
     result = compose(experts, spec["examples"], model=spec["base"], budget=spec["budget"],
                      **options, **forward_options)
@@ -300,7 +300,7 @@ def run_select(spec: dict) -> dict:
     result = compose(library, spec["examples"], model=spec["base"], names=names,
                      n_experts=spec["select_n"], select="loss", seed=spec["seed"],
                      budget=spec["select_budget"], objective="lorahub", mix=spec["mix"],
-                     progress=False)
+                     threads=spec["threads"], progress=False)
     wall = time.perf_counter() - start
     t = result.timings
     search = t["mix"] + t["forward"] + t["optimizer"]
@@ -452,7 +452,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--density", type=float, default=0.1, help="ComPEFT density of the experts")
     parser.add_argument("--library-sizes", default="20,50,200")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of every method")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of every method (ours get it as compose(threads=...), "
+                             "not left to the load-aware default)")
     parser.add_argument("--reference-path", default=os.environ.get("LORAHUB_REF_PATH"),
                         help="a directory holding the lorahub package (default: $LORAHUB_REF_PATH, "
                              "else a plain import)")

@@ -192,8 +192,10 @@ def test_threads_follow_the_idle_cores_without_threads(monkeypatch):
     import os
 
     from lorahub_compeft.cli import options as cli
+    from lorahub_compeft.io import threads
     from lorahub_compeft.io.threads import idle_cores  # the rule compose() applies too
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(threads, "cpu_ticks", lambda: None)  # the load average's path
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     try:
         torch.set_num_threads(4)

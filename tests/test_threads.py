@@ -1,11 +1,13 @@
 """compose() picks torch's threads by the same load-aware rule as the command line
-(io/threads.py) and gives the caller's setting back after, also when it fails."""
+(io/threads.py) and gives the caller's setting back after, also when it fails; the rule counts
+the cores other processes keep busy, not this one."""
 import os
 
 import pytest
 import torch
 
 import support
+from lorahub_compeft.io import threads
 from lorahub_compeft.io.threads import idle_cores
 from lorahub_compeft.compose.composer import compose
 
@@ -20,14 +22,63 @@ def threads_seen(seen: list):
 
 @pytest.fixture
 def busy_four_cores(monkeypatch):
-    """4 cores, a 1-minute load of 2.6: one core idle."""
+    """4 cores, 2.6 of them kept busy by other processes: one core idle."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 2.6)
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     yield
     torch.set_num_threads(before)
+
+
+def samples(*values):
+    """A reader that returns `values` one call after another."""
+    it = iter(values)
+    return lambda: next(it)
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_cores_busy_elsewhere_leave_out_this_processs_own_time(monkeypatch, four_cores):
+    # over the sample the 4 cores ran 40 ticks, 30 of them busy, 20 of those this process's
+    monkeypatch.setattr(threads, "cpu_ticks", samples((100, 1000), (130, 1040)))
+    monkeypatch.setattr(threads, "own_ticks", samples(50.0, 70.0))
+    assert threads.busy_elsewhere() == pytest.approx(1.0)
+    monkeypatch.setattr(threads, "cpu_ticks", samples((100, 1000), (130, 1040)))
+    monkeypatch.setattr(threads, "own_ticks", samples(50.0, 70.0))
+    assert idle_cores() == 3
+    # all the busy time this process's own (it just loaded a model): the machine is quiet
+    monkeypatch.setattr(threads, "cpu_ticks", samples((100, 1000), (140, 1040)))
+    monkeypatch.setattr(threads, "own_ticks", samples(50.0, 90.0))
+    assert idle_cores() is None
+
+
+def test_without_proc_stat_the_load_average_is_the_measure(monkeypatch, four_cores):
+    monkeypatch.setattr(threads, "cpu_ticks", lambda: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.busy_elsewhere() == 2.6 and idle_cores() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert idle_cores() is None
+
+
+def test_cpu_ticks_sum_the_cores_this_process_may_use_with_steal_as_busy(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  99 99 99 99 99 99 99 99 0 0\n"
+                    "cpu0 10 1 2 100 3 1 1 4 7 0\n"  # user nice system idle iowait irq softirq steal guest
+                    "cpu1 500 0 0 5 0 0 0 0 0 0\n"
+                    "cpu2 20 0 5 50 5 0 0 0 0 0\n"
+                    "intr 1 2 3\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})
+    assert threads.cpu_ticks(stat) == (10 + 1 + 2 + 1 + 1 + 4 + 20 + 5, 122 + 80)
+    assert threads.cpu_ticks(tmp_path / "missing") is None
 
 
 def test_without_threads_a_busy_machine_gets_only_its_idle_cores(lora_dir, busy_four_cores):
@@ -40,7 +91,7 @@ def test_without_threads_a_busy_machine_gets_only_its_idle_cores(lora_dir, busy_
 
 
 def test_without_threads_a_quiet_machine_keeps_the_callers_setting(lora_dir, monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
     before = torch.get_num_threads()
     seen = []
     compose([str(lora_dir)], support.constant_task("red"), budget=2, loss_fn=threads_seen(seen),

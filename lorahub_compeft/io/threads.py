@@ -3,13 +3,19 @@
 On a shared machine threads that wait for busy cores cost far more than they give: on a busy
 2-core machine `demo` on one task took 346 s with 2 threads and 43 s with 1, and 8 search steps
 1.0 s quiet against 22-30 s while one other process kept one core busy. So without an explicit
-number, only the cores other processes leave idle are used.
+number, only the cores other processes leave idle are used. Other processes only: the load
+average counts this one too, and after it has just loaded a model that alone made a quiet
+2-core machine look half busy and halved the threads of the search that followed.
 """
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
+
+SAMPLE_S = 0.1  # 10 clock ticks per core at the usual 100 Hz: a tenth of a core's resolution
 
 
 def machine_cores() -> int:
@@ -20,15 +26,57 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
-def idle_cores() -> int | None:
-    """The cores other processes leave idle (1-minute load average), when fewer than torch's
-    threads; None when the machine is quiet or its load is unknown."""
-    import torch
+def cpu_ticks(stat: Path = Path("/proc/stat")) -> tuple[float, float] | None:
+    """(busy, all) clock ticks since boot of the cores this process may run on (steal counts
+    as busy: a virtual machine's host took it), or None where `stat` is unreadable."""
     try:
-        load = os.getloadavg()[0]
+        lines = stat.read_text().splitlines()
+        cores = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         return None
-    idle = max(1, round(machine_cores() - load))
+    busy = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name[3:].isdigit() and name.startswith("cpu") and int(name[3:]) in cores:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
+            total += user + nice + system + idle + iowait + irq + softirq + steal
+            busy += user + nice + system + irq + softirq + steal
+    return (busy, total) if total else None
+
+
+def own_ticks() -> float:
+    """The clock ticks of CPU time this process (all its threads) has used."""
+    times = os.times()
+    return (times.user + times.system) * os.sysconf("SC_CLK_TCK")
+
+
+def busy_elsewhere() -> float | None:
+    """How many cores other processes keep busy: measured over SAMPLE_S as the cores' busy
+    time less this process's own, else (no /proc/stat) the 1-minute load average, which
+    counts this process too; None when unknown."""
+    first, own = cpu_ticks(), own_ticks()
+    if first is not None:
+        time.sleep(SAMPLE_S)
+        second, own_after = cpu_ticks(), own_ticks()
+        if second is not None and second[1] > first[1]:
+            others = (second[0] - first[0]) - (own_after - own)
+            return max(0.0, machine_cores() * others / (second[1] - first[1]))
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def idle_cores() -> int | None:
+    """The cores other processes leave idle, when fewer than torch's threads; None when the
+    machine is quiet or its load is unknown."""
+    import torch
+    if torch.get_num_threads() == 1:  # nothing fewer to choose: skip the measurement
+        return None
+    busy = busy_elsewhere()
+    if busy is None:
+        return None
+    idle = max(1, round(machine_cores() - busy))
     return idle if idle < torch.get_num_threads() else None
 
 
