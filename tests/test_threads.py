@@ -63,6 +63,7 @@ def test_the_cores_busy_elsewhere_leave_out_this_processs_own_time(monkeypatch, 
 
 def test_without_proc_stat_the_load_average_is_the_measure(monkeypatch, four_cores):
     monkeypatch.setattr(threads, "cpu_ticks", lambda: None)
+    monkeypatch.delattr(os, "sysconf")  # as on Windows: nothing but the load average is read
     monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
     assert threads.busy_elsewhere() == 2.6 and idle_cores() == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))

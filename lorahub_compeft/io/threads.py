@@ -54,8 +54,9 @@ def busy_elsewhere() -> float | None:
     """How many cores other processes keep busy: measured over SAMPLE_S as the cores' busy
     time less this process's own, else (no /proc/stat) the 1-minute load average, which
     counts this process too; None when unknown."""
-    first, own = cpu_ticks(), own_ticks()
+    first = cpu_ticks()
     if first is not None:
+        own = own_ticks()
         time.sleep(SAMPLE_S)
         second, own_after = cpu_ticks(), own_ticks()
         if second is not None and second[1] > first[1]:
