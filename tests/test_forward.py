@@ -212,6 +212,35 @@ def test_threads_follow_the_idle_cores_without_threads(monkeypatch):
         torch.set_num_threads(1)
 
 
+def test_local_workers_share_the_cores_without_threads(monkeypatch):
+    import os
+
+    from lorahub_compeft.cli import options as cli
+    from lorahub_compeft.io import threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+
+    def threads_for(busy, **args):
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda: busy)
+        torch.set_num_threads(4)
+        cli.apply_threads(type("Args", (), {"threads": None, "workers": 1, "backend": "local",
+                                            **args})())
+        assert os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # what workers read
+        return torch.get_num_threads()
+    try:
+        assert threads_for(0.0, workers=2) == 2  # quiet: 4 cores, 2 each
+        assert threads_for(0.0, workers=3) == 1
+        assert threads_for(0.0, workers=8) == 1  # at least one
+        assert threads_for(1.0, workers=2) == 1  # 3 idle cores, 1 each
+        assert threads_for(0.0, workers=2, threads=3) == 3  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(4)
+        cli.apply_threads(type("Args", (), {"threads": None, "workers": 2, "backend": "ray"})())
+        assert torch.get_num_threads() == 4  # Ray sets its actors' threads (num_cpus=1 each)
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_int8_scores_through_int8_copies_and_returns_the_fp32_model(experts):
     """dtype="int8": the search's losses come from int8 copies of the base's linear layers
     (close to fp32's, not equal), LoRA factors, the output embeddings and T5's `wo` stay fp32,

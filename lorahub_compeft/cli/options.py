@@ -25,7 +25,7 @@ def add_dtype_option(p: argparse.ArgumentParser) -> None:
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=thread_count, metavar="N",
                    help="torch's intra-op threads (default: one per core, but only the idle "
-                        "cores when other processes keep the machine busy)")
+                        "cores when other processes keep the machine busy, shared by --workers)")
 
 
 # --- numbers: every numeric flag is read by one of these, so that a value out of range is
@@ -85,11 +85,17 @@ def thread_count(text: str) -> int:
 
 def apply_threads(args) -> None:
     """Set torch's threads from --threads (else from the idle cores: io/threads.py), here and,
-    through OMP_NUM_THREADS, in the worker processes a command starts."""
+    through OMP_NUM_THREADS, in the worker processes a command starts; without --threads,
+    --workers N processes on this machine share those cores (at least one thread each), since
+    N processes of a thread per core each make the threads wait for each other."""
     import os
 
     import torch
-    count = choose_threads(getattr(args, "threads", None))
+    requested = getattr(args, "threads", None)
+    count = choose_threads(requested)
+    workers = getattr(args, "workers", 1) if getattr(args, "backend", "local") == "local" else 1
+    if requested is None and workers > 1:
+        count = max(1, (count or torch.get_num_threads()) // workers)
     if count is None:
         return
     logging.getLogger(__name__).info("using %d torch thread(s)", count)
