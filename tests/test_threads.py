@@ -76,9 +76,13 @@ def test_cpu_ticks_sum_the_cores_this_process_may_use_with_steal_as_busy(tmp_pat
                     "cpu0 10 1 2 100 3 1 1 4 7 0\n"  # user nice system idle iowait irq softirq steal guest
                     "cpu1 500 0 0 5 0 0 0 0 0 0\n"
                     "cpu2 20 0 5 50 5 0 0 0 0 0\n"
+                    "\n"
+                    "cpu3 1 1 1 1 1 1 1\n"  # an old kernel's: no steal column
                     "intr 1 2 3\n")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})
     assert threads.cpu_ticks(stat) == (10 + 1 + 2 + 1 + 1 + 4 + 20 + 5, 122 + 80)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert threads.cpu_ticks(stat) == (5, 7)
     assert threads.cpu_ticks(tmp_path / "missing") is None
 
 

@@ -36,9 +36,11 @@ def cpu_ticks(stat: Path = Path("/proc/stat")) -> tuple[float, float] | None:
         return None
     busy = total = 0
     for line in lines:
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if name[3:].isdigit() and name.startswith("cpu") and int(name[3:]) in cores:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
+            # kernels before 2.6.11 have no steal column: pad the missing ones with 0
+            padded = (fields + ["0"] * 8)[:8]
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, padded)
             total += user + nice + system + idle + iowait + irq + softirq + steal
             busy += user + nice + system + irq + softirq + steal
     return (busy, total) if total else None
