@@ -95,9 +95,11 @@ def test_without_threads_a_busy_machine_gets_only_its_idle_cores(lora_dir, busy_
     assert torch.get_num_threads() == 4  # the caller's setting, back
 
 
-def test_without_threads_a_quiet_machine_keeps_the_callers_setting(lora_dir, monkeypatch):
+def test_without_threads_a_quiet_machine_keeps_the_callers_setting(lora_dir, monkeypatch,
+                                                                    four_cores):
     monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
     before = torch.get_num_threads()
+    assert before == 4  # the fixture's: a machine of 4 cores whatever this one has
     seen = []
     compose([str(lora_dir)], support.constant_task("red"), budget=2, loss_fn=threads_seen(seen),
             progress=False)
