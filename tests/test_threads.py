@@ -72,8 +72,9 @@ def test_without_proc_stat_the_load_average_is_the_measure(monkeypatch, four_cor
 
 def test_cpu_ticks_sum_the_cores_this_process_may_use_with_steal_as_busy(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
+    # the columns: user nice system idle iowait irq softirq steal guest guest_nice
     stat.write_text("cpu  99 99 99 99 99 99 99 99 0 0\n"
-                    "cpu0 10 1 2 100 3 1 1 4 7 0\n"  # user nice system idle iowait irq softirq steal guest
+                    "cpu0 10 1 2 100 3 1 1 4 7 0\n"
                     "cpu1 500 0 0 5 0 0 0 0 0 0\n"
                     "cpu2 20 0 5 50 5 0 0 0 0 0\n"
                     "\n"
@@ -132,3 +133,39 @@ def test_the_callers_threads_are_restored_when_composing_fails(lora_dir):
 def test_a_bad_threads_value_is_refused_before_any_work():
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         compose(["does-not-matter"], [{"input": "a", "target": "b"}], threads=0)
+
+
+def test_the_runners_local_workers_share_the_cores_unless_omp_num_threads_is_set(monkeypatch,
+                                                                                 four_cores):
+    """run(..., workers=N) from Python gets the command line's rule: each spawned worker is
+    given its share of the idle cores, unless OMP_NUM_THREADS (which it reads) says otherwise."""
+    import multiprocessing
+
+    from lorahub_compeft.eval import runner
+    given = []
+
+    class Pool:  # records what each worker would be initialized with
+        def __init__(self, processes, initializer, initargs):
+            given.append(initargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def imap_unordered(self, fn, cells):
+            return iter(())
+
+    context = type("Context", (), {"Pool": Pool})
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: context)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    list(runner._execute(["a cell"], 2, "local", None, None, 16, None))
+    assert given[-1] == (16, 2)  # 4 quiet cores, 2 workers: 2 threads each
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 1.0)
+    list(runner._execute(["a cell"], 2, "local", None, None, 16, None))
+    assert given[-1] == (16, 1)  # 3 idle: 1 each
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    list(runner._execute(["a cell"], 2, "local", None, None, 16, None))
+    assert given[-1] == (16, None)  # the workers read OMP_NUM_THREADS themselves

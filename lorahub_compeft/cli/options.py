@@ -91,11 +91,8 @@ def apply_threads(args) -> None:
     import os
 
     import torch
-    requested = getattr(args, "threads", None)
-    count = choose_threads(requested)
     workers = getattr(args, "workers", 1) if getattr(args, "backend", "local") == "local" else 1
-    if requested is None and workers > 1:
-        count = max(1, (count or torch.get_num_threads()) // workers)
+    count = choose_threads(getattr(args, "threads", None), workers)
     if count is None:
         return
     logging.getLogger(__name__).info("using %d torch thread(s)", count)

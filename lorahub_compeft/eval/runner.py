@@ -28,6 +28,7 @@ from lorahub_compeft.eval.worker import Worker, pool_init, pool_run
 from lorahub_compeft.io.adapters import is_finite_number
 from lorahub_compeft.io.files import (MAX_JSONL_BYTES, OutputExistsError, atomic_write_text,
                                       read_json, read_text)
+from lorahub_compeft.io.threads import choose_threads
 
 RESULTS, PREDICTIONS, CONFIG = "results.jsonl", "predictions.jsonl", "config.json"
 REPORT, PLOT = "report.md", "report.png"
@@ -292,7 +293,10 @@ def _execute(cells, workers, backend, address, gpus_per_cell, batch_size, worker
         yield from run_on_ray(cells, workers, address, gpus_per_cell, batch_size)
     elif workers > 1:
         import multiprocessing as mp
-        with mp.get_context("spawn").Pool(workers, pool_init, (batch_size,)) as pool:
+        # Threads a worker reads from OMP_NUM_THREADS where it is set (the command line's
+        # --threads, or the caller's); else the workers share this machine's idle cores.
+        threads = None if "OMP_NUM_THREADS" in os.environ else choose_threads(None, workers)
+        with mp.get_context("spawn").Pool(workers, pool_init, (batch_size, threads)) as pool:
             yield from pool.imap_unordered(pool_run, cells)
     else:
         worker = worker or Worker(batch_size)

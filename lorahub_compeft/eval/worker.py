@@ -62,8 +62,11 @@ def _peak_rss() -> int | None:
 _WORKER: Worker | None = None
 
 
-def pool_init(batch_size: int) -> None:
+def pool_init(batch_size: int, threads: int | None = None) -> None:
     global _WORKER
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
     _WORKER = Worker(batch_size)
 
 

@@ -83,9 +83,17 @@ def idle_cores() -> int | None:
     return idle if idle < torch.get_num_threads() else None
 
 
-def choose_threads(requested: int | None) -> int | None:
-    """`requested`, else idle_cores(); None: keep torch's setting."""
-    return requested or idle_cores()
+def choose_threads(requested: int | None, processes: int = 1) -> int | None:
+    """`requested`, else idle_cores(); None: keep torch's setting. Without a request, each of
+    `processes` processes on this machine gets a share of those cores (of torch's threads when
+    quiet), at least one: N processes of a thread per core each make the threads wait."""
+    if requested:
+        return requested
+    count = idle_cores()
+    if processes > 1:
+        import torch
+        count = max(1, (count or torch.get_num_threads()) // processes)
+    return count
 
 
 @contextmanager
