@@ -260,7 +260,7 @@ def setting_of(row: dict, budget: str | None = None) -> tuple:
 
 
 def is_package_default(row: dict) -> bool:
-    """Whether a selection row ran the package's defaults (N, density, mix, budget, start)."""
+    """Whether a selection row ran the package's defaults (N, density, mix, budget, start, l1)."""
     return (row["method"].startswith("select") and row["n"] == DEFAULT_N["loss"]
             and row["density"] in (None, CompeftOptions().density) and mix_of(row) == PACKAGE.mix
             and budget_of(row) == PACKAGE.budget and start_of(row) == PACKAGE.start
